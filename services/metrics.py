@@ -1,0 +1,120 @@
+"""Every Prometheus metric of the service, in one place.
+
+They are `ray.util.metrics` objects so that Ray actors and Serve replicas export
+them through Ray's metrics endpoint (`--metrics-port`); a module-level
+prometheus_client registry inside a replica would never be scraped. Ray prefixes
+each name with `ray_`: the scrape config in deploy/ strips it, so Prometheus
+stores `promptrec_*`.
+
+Objects are created lazily, once per process, because they must be created
+inside the actor or replica that records them.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+_LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]
+
+
+@functools.cache
+def events_consumed():
+    from ray.util.metrics import Counter
+
+    return Counter("promptrec_events_consumed_total",
+                   description="Kafka click events consumed, by result (ok, invalid, duplicate) "
+                               "and invalid reason",
+                   tag_keys=("result", "reason"))
+
+
+@functools.cache
+def consumer_lag():
+    from ray.util.metrics import Gauge
+
+    return Gauge("promptrec_consumer_lag",
+                 description="Records behind the high watermark, per partition",
+                 tag_keys=("partition",))
+
+
+@functools.cache
+def event_to_state_seconds():
+    from ray.util.metrics import Histogram
+
+    return Histogram("promptrec_event_to_state_seconds",
+                     description="From Kafka record timestamp to applied in the user's shard",
+                     boundaries=_LATENCY_BUCKETS, tag_keys=())
+
+
+@functools.cache
+def users_held():
+    from ray.util.metrics import Gauge
+
+    return Gauge("promptrec_users_held", description="Users with state, per shard",
+                 tag_keys=("shard",))
+
+
+@functools.cache
+def training_rounds():
+    from ray.util.metrics import Counter
+
+    return Counter("promptrec_training_rounds_total",
+                   description="Training rounds by outcome (published, rejected, failed, skipped)",
+                   tag_keys=("outcome",))
+
+
+@functools.cache
+def training_loss():
+    from ray.util.metrics import Gauge
+
+    return Gauge("promptrec_training_loss", description="Mean training loss of the last round",
+                 tag_keys=())
+
+
+@functools.cache
+def serving_prompt_version():
+    from ray.util.metrics import Gauge
+
+    return Gauge("promptrec_serving_prompt_version",
+                 description="Prompt version each replica serves", tag_keys=("replica",))
+
+
+@functools.cache
+def swap_seconds():
+    from ray.util.metrics import Histogram
+
+    return Histogram("promptrec_swap_seconds",
+                     description="Replica swap: from registry push received to new version live",
+                     boundaries=_LATENCY_BUCKETS, tag_keys=())
+
+
+@functools.cache
+def request_seconds():
+    from ray.util.metrics import Histogram
+
+    return Histogram("promptrec_request_seconds", description="HTTP request latency by route",
+                     boundaries=_LATENCY_BUCKETS, tag_keys=("route",))
+
+
+@functools.cache
+def requests():
+    from ray.util.metrics import Counter
+
+    return Counter("promptrec_requests_total", description="HTTP requests by route and status",
+                   tag_keys=("route", "status"))
+
+
+_SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?P<labels>\{[^}]*\})?\s+(?P<value>\S+)")
+
+
+def parse_prometheus(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """Exposition text -> {metric name: [(labels, value)]}; `ray_` prefixes removed."""
+    out: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for line in text.splitlines():
+        match = _SAMPLE.match(line)
+        if not match or line.startswith("#"):
+            continue
+        name = match["name"].removeprefix("ray_")
+        labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', match["labels"] or ""))
+        out.setdefault(name, []).append((labels, float(match["value"])))
+    return out

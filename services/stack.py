@@ -1,0 +1,149 @@
+"""The whole service in one process's hands: start, use, stop.
+
+The only module of `services` besides `cli` that imports the planes (the entry
+point). Start order: broker -> Ray -> topics -> catalog -> registry (+ initial
+prompt) -> shards + consumers -> Serve -> training runner.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import httpx
+import ray
+
+from services.catalog import Catalog, load_catalog
+from services.config import Settings
+from services.embedded import EmbeddedBroker, check_kafka, ensure_topics, start_ray
+from services.model import (
+    PromptConfig,
+    initial_prompt_state,
+    load_backbone,
+    prompt_to_bytes,
+    resolve_backbone_path,
+)
+from services.naming import SERVE_APP
+from services.registry import start_registry
+
+log = logging.getLogger("promptrec")
+
+
+@dataclass
+class Stack:
+    settings: Settings
+    progress: bool = True
+    broker: EmbeddedBroker | None = None
+    bootstrap: str = ""
+    catalog: Catalog | None = None
+    registry: object = None
+    streaming: object = None
+    runner: object = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.settings.http_host}:{self.settings.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.settings.metrics_port}/metrics"
+
+    def _step(self, name: str, started: float) -> None:
+        self.timings[name] = time.monotonic() - started
+        log.info("%-28s %.1f s", name, self.timings[name])
+
+    def start(self) -> Stack:
+        from serving.app import build_app
+        from streaming.plane import start_streaming
+        from training.round import RoundRunner
+
+        s = self.settings
+        s.root.mkdir(parents=True, exist_ok=True)
+        t = time.monotonic()
+        if s.kafka_bootstrap:
+            check_kafka(s.kafka_bootstrap)
+            self.bootstrap = s.kafka_bootstrap
+        else:
+            self.broker = EmbeddedBroker(log_path=s.root / "broker.log").start()
+            self.bootstrap = self.broker.bootstrap
+        ensure_topics(self.bootstrap, {s.topic_clicks: s.partitions, s.topic_dlq: 1})
+        self._step(f"kafka ready ({self.bootstrap})", t)
+
+        t = time.monotonic()
+        start_ray(s)
+        self._step("ray ready", t)
+
+        t = time.monotonic()
+        backbone = resolve_backbone_path(s.backbone_path)
+        self.catalog = load_catalog(s.dataset, backbone, s.root, progress=self.progress)
+        self._step(f"catalog ready ({len(self.catalog)} items)", t)
+
+        t = time.monotonic()
+        self.registry = start_registry(s, hidden_size=self.catalog.vectors.shape[1])
+        if ray.get(self.registry.serving_version.remote()) == 0:
+            tokenizer, encoder = load_backbone(backbone)
+            state = initial_prompt_state(tokenizer, encoder,
+                                         PromptConfig(s.prompt_len, s.prompt_init_text))
+            ray.get(self.registry.publish.remote(prompt_to_bytes(state),
+                                                 {"source": "initial", "text": s.prompt_init_text}))
+        self.streaming = start_streaming(s, self.bootstrap, list(self.catalog.index))
+        self._step("registry, shards, consumers", t)
+
+        t = time.monotonic()
+        from ray import serve
+
+        serve.start(http_options={"host": s.http_host, "port": s.http_port})
+        serve.run(build_app(s), name=SERVE_APP, route_prefix="/", blocking=False)
+        self.wait_healthy()
+        self._step(f"serve ready ({s.num_replicas} replicas)", t)
+        self.runner = RoundRunner(s, self.catalog, self.registry)
+        return self
+
+    def wait_healthy(self, timeout_s: float = 180) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.base_url}/healthz", timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"Serve did not become healthy at {self.base_url} in {timeout_s} s")
+
+    def wait_handled(self, expected: int, timeout_s: float = 300) -> dict:
+        """Block until consumers have handled `expected` records (ok+invalid+duplicate)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            stats = self.streaming.stats()
+            if stats["handled"] >= expected or time.monotonic() > deadline:
+                return stats
+            time.sleep(0.2)
+
+    def wait_all_replicas(self, version: int, timeout_s: float = 60) -> float:
+        """Poll /version until every replica serves `version`; returns seconds waited."""
+        started = time.monotonic()
+        seen: dict[str, int] = {}
+        while time.monotonic() - started < timeout_s:
+            body = httpx.get(f"{self.base_url}/version", timeout=5).json()
+            seen[body["replica"]] = body["prompt_version"]
+            if len(seen) >= self.settings.num_replicas and all(
+                    v == version for v in seen.values()):
+                return time.monotonic() - started
+            time.sleep(0.02)
+        raise TimeoutError(f"replicas {seen} not all on version {version}")
+
+    def stop(self) -> None:
+        from ray import serve
+
+        if ray.is_initialized():
+            try:
+                serve.shutdown()
+            except Exception:  # noqa: BLE001 - best effort on the way out
+                log.exception("serve shutdown")
+            if self.streaming:
+                self.streaming.stop()
+            ray.shutdown()
+        if self.broker:
+            self.broker.stop()

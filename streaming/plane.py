@@ -1,0 +1,48 @@
+"""Start the streaming plane: named shard actors and one consumer group of ingest actors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import ray
+
+from services.config import Settings
+from services.naming import shard_actor
+from streaming.consumer import IngestConsumer
+from streaming.shard import UserStateShard
+
+
+@dataclass
+class StreamingPlane:
+    shards: list
+    consumers: list
+
+    def stats(self) -> dict:
+        shard_stats = ray.get([s.stats.remote() for s in self.shards])
+        consumer_stats = ray.get([c.stats.remote() for c in self.consumers])
+        totals: dict[str, int] = {}
+        for c in consumer_stats:
+            for key, n in c["counts"].items():
+                totals[key] = totals.get(key, 0) + n
+        return {"shards": shard_stats, "consumers": consumer_stats, "totals": totals,
+                "users": sum(s["users"] for s in shard_stats),
+                "handled": sum(totals.values())}
+
+    def stop(self) -> None:
+        ray.get([c.stop.remote() for c in self.consumers])
+        for actor in self.consumers + self.shards:
+            ray.kill(actor)
+
+
+def start_streaming(settings: Settings, bootstrap: str, known_items: list[str]) -> StreamingPlane:
+    shard_cls = ray.remote(UserStateShard)
+    shards = [shard_cls.options(name=shard_actor(i), namespace=settings.namespace,
+                                num_cpus=0.25, max_concurrency=1).remote(
+        i, settings.history_len, settings.dedupe_window) for i in range(settings.num_shards)]
+    consumer_cls = ray.remote(IngestConsumer)
+    # max_concurrency=4: stats()/stop() must run while the poll loop's thread is busy.
+    consumers = [consumer_cls.options(num_cpus=0.25, max_concurrency=4).remote(
+        settings.to_dict(), i, shards, known_items, bootstrap)
+        for i in range(settings.num_consumers)]
+    ray.get([c.start.remote() for c in consumers])
+    return StreamingPlane(shards=shards, consumers=consumers)

@@ -1,0 +1,43 @@
+"""Replay a MovieLens data set into Kafka as click events, in timestamp order."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from services.data import Interactions
+from services.events import ClickEvent
+
+
+def make_producer(bootstrap: str):
+    from kafka import KafkaProducer
+
+    # enable_idempotence=False: an idempotent producer cannot survive a broker that
+    # restarts with empty (memory) storage, which the embedded broker does.
+    return KafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=False, acks=1,
+                         linger_ms=10, batch_size=256 * 1024, client_id="promptrec-replay")
+
+
+def send_events(producer, topic: str, events: Iterable[ClickEvent]) -> int:
+    sent = 0
+    for event in events:
+        producer.send(topic, key=event.user_id.encode(), value=event.to_json())
+        sent += 1
+    producer.flush()
+    return sent
+
+
+def replay(bootstrap: str, topic: str, interactions: Interactions, dataset: str,
+           start: int = 0, stop: int | None = None, progress: bool = True) -> int:
+    """Produce events [start, stop) of `interactions`; returns how many were sent."""
+    stop = len(interactions) if stop is None else min(stop, len(interactions))
+    indices: Iterable[int] = range(start, stop)
+    if progress:
+        from tqdm import tqdm
+
+        indices = tqdm(indices, desc=f"replaying {dataset} into {topic}", unit="ev",
+                       unit_scale=True, mininterval=0.5)
+    producer = make_producer(bootstrap)
+    try:
+        return send_events(producer, topic, (interactions.event(i, dataset) for i in indices))
+    finally:
+        producer.close()
