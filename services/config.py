@@ -40,6 +40,8 @@ class Settings:
     ray_num_cpus: float = field(default=8.0, metadata=_help(
         "logical CPUs of the local Ray (actors use fractions of them)"))
     namespace: str = field(default="promptrec", metadata=_help("Ray namespace of named actors"))
+    ray_log_to_driver: bool = field(default=False, metadata=_help(
+        "stream Ray worker logs to this terminal (they are always in Ray's session logs)"))
     data_dir: str = field(default=".promptrec", metadata=_help(
         "where caches, the event log, prompt versions and Ray Train results live"))
 

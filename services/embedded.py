@@ -136,7 +136,7 @@ def start_ray(settings) -> None:
     if settings.ray_address:
         try:
             ray.init(address=settings.ray_address, namespace=settings.namespace,
-                     log_to_driver=True)
+                     log_to_driver=settings.ray_log_to_driver)
         except Exception as err:  # ray raises ConnectionError, RuntimeError, ValueError ...
             raise InfrastructureError(
                 f"cannot reach Ray at {settings.ray_address} (setting ray_address / "
@@ -146,4 +146,4 @@ def start_ray(settings) -> None:
         return
     ray.init(include_dashboard=False, num_cpus=settings.ray_num_cpus,
              namespace=settings.namespace, _metrics_export_port=settings.metrics_port,
-             log_to_driver=True, configure_logging=True, logging_level=logging.WARNING)
+             log_to_driver=settings.ray_log_to_driver, logging_level=logging.WARNING)

@@ -56,7 +56,8 @@ class EventLogWriter:
         if not self._rows:
             return None
         table = pa.table({
-            "event_id": [e.event_id for e in self._rows], "user_id": [e.user_id for e in self._rows],
+            "event_id": [e.event_id for e in self._rows],
+            "user_id": [e.user_id for e in self._rows],
             "item_id": [e.item_id for e in self._rows], "ts": [e.ts for e in self._rows],
             "type": [e.type for e in self._rows], "value": [e.value for e in self._rows],
             "ingest_ts": self._ingest,

@@ -94,7 +94,8 @@ class Stack:
         t = time.monotonic()
         from ray import serve
 
-        serve.start(http_options={"host": s.http_host, "port": s.http_port})
+        serve.start(http_options={"host": s.http_host, "port": s.http_port},
+                    logging_config={"log_level": "WARNING", "enable_access_log": False})
         serve.run(build_app(s), name=SERVE_APP, route_prefix="/", blocking=False)
         self.wait_healthy()
         self._step(f"serve ready ({s.num_replicas} replicas)", t)

@@ -28,8 +28,13 @@ from services import metrics
 from services.catalog import load_catalog
 from services.config import Settings
 from services.events import MAX_ID_CHARS
-from services.model import PromptRecModel, load_backbone, prompt_from_bytes, resolve_backbone_path, \
-    top_k
+from services.model import (
+    PromptRecModel,
+    load_backbone,
+    prompt_from_bytes,
+    resolve_backbone_path,
+    top_k,
+)
 from services.naming import REGISTRY_ACTOR, shard_actor, shard_for_user
 
 log = logging.getLogger("ray.serve")

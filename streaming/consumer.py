@@ -24,8 +24,8 @@ from collections import Counter as Tally
 
 from services import metrics
 from services.config import Settings
-from services.events import InvalidEvent, decode_event
 from services.eventlog import EventLogWriter
+from services.events import InvalidEvent, decode_event
 from services.naming import shard_for_user
 
 log = logging.getLogger(__name__)

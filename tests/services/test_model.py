@@ -1,0 +1,74 @@
+import math
+
+import pytest
+import torch
+
+from services.model import (
+    BadPromptWeights,
+    PromptConfig,
+    PromptRecModel,
+    default_backbone_path,
+    init_soft_prompt,
+    initial_prompt_state,
+    load_backbone,
+    prompt_from_bytes,
+    prompt_to_bytes,
+    top_k,
+)
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return load_backbone(default_backbone_path())
+
+
+def test_backbone_is_frozen(backbone):
+    _, encoder = backbone
+    assert not any(p.requires_grad for p in encoder.parameters())
+
+
+def test_soft_prompt_starts_from_task_text(backbone):
+    tokenizer, encoder = backbone
+    prompt = init_soft_prompt(tokenizer, encoder, PromptConfig(prompt_len=5, init_text="movie"))
+    movie_id = tokenizer("movie", add_special_tokens=False)["input_ids"][0]
+    assert prompt.shape == (5, 384)
+    assert torch.equal(prompt[3], encoder.get_input_embeddings().weight[movie_id])
+
+
+def test_user_encoding_shapes_and_only_the_prompt_trains(backbone):
+    tokenizer, encoder = backbone
+    model = PromptRecModel(encoder, initial_prompt_state(tokenizer, encoder, PromptConfig(8)))
+    history = torch.randn(3, 4, 384)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [0, 0, 0, 0]])
+    users = model.encode_users(history, mask)
+    assert users.shape == (3, 384)
+    assert torch.allclose(users.norm(dim=1), torch.ones(3), atol=1e-5)
+    # Padding must not change a user's vector.
+    alone = model.encode_users(history[1:2, :2], mask[1:2, :2])
+    assert torch.allclose(alone[0], users[1], atol=1e-5)
+    # A cold-start user (no history at all) is encoded by the prompt alone.
+    assert model.encode_users(torch.zeros(1, 0, 384), torch.zeros(1, 0)).shape == (1, 384)
+    assert model.trainable_parameters() == 8 * 384 + 1
+    logits = model.logits(users, torch.nn.functional.normalize(torch.randn(10, 384), dim=1))
+    assert logits.shape == (3, 10)
+    assert logits.abs().max() <= math.exp(float(model.logit_scale)) + 1e-4
+
+
+def test_prompt_bytes_round_trip_and_refusals():
+    state = {"soft_prompt": torch.randn(4, 384), "logit_scale": torch.tensor(2.0)}
+    back = prompt_from_bytes(prompt_to_bytes(state), hidden_size=384)
+    assert torch.equal(back["soft_prompt"], state["soft_prompt"])
+    with pytest.raises(BadPromptWeights, match="non-finite"):
+        prompt_from_bytes(prompt_to_bytes({**state, "soft_prompt": torch.full((4, 384), math.nan)}))
+    with pytest.raises(BadPromptWeights, match="shape"):
+        prompt_from_bytes(prompt_to_bytes(state), hidden_size=768)
+    with pytest.raises(BadPromptWeights, match="safetensors"):
+        prompt_from_bytes(b"garbage")
+
+
+def test_top_k_masks_seen_items_and_caps_k():
+    scores = torch.tensor([0.9, 0.8, 0.1, 0.5])
+    idx, _ = top_k(scores, 2, exclude=torch.tensor([0]))
+    assert idx.tolist() == [1, 3]
+    idx, _ = top_k(scores, 10, exclude=torch.tensor([0, 1]))
+    assert idx.tolist() == [3, 2]

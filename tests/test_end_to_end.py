@@ -1,0 +1,228 @@
+"""End to end against the real parts: Tansu broker, local Ray, Ray Train, Ray Serve.
+
+One stack for the module (starting it costs ~40 s); tests run in file order.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+import ray
+
+from services.config import Settings
+from services.data import load_interactions
+from services.embedded import free_port
+from services.events import ClickEvent
+from services.metrics import parse_prometheus
+from services.model import prompt_to_bytes
+from services.stack import Stack
+from streaming.replay import make_producer, replay, send_events
+
+pytestmark = pytest.mark.slow
+
+TOKEN = "s3cret-token"
+REPLAYED = 3000
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    settings = Settings.from_sources(env={}, overrides={
+        "data_dir": str(tmp_path_factory.mktemp("promptrec")), "http_port": free_port(),
+        "metrics_port": free_port(), "partitions": 2, "num_consumers": 2, "num_shards": 2,
+        "num_replicas": 2, "train_workers": 2, "train_steps": 4, "batch_size": 16,
+        "val_users": 30, "gate_margin": 1.0, "admin_token": TOKEN, "log_flush_s": 0.2,
+        "namespace": "promptrec-e2e"})
+    stack = Stack(settings, progress=False).start()
+    sent = replay(stack.bootstrap, settings.topic_clicks, load_interactions("ml-100k", REPLAYED),
+                  "ml-100k", progress=False)
+    assert stack.wait_handled(sent, timeout_s=120)["handled"] == sent
+    yield stack
+    stack.stop()
+
+
+def _get(stack, path, **params):
+    return httpx.get(f"{stack.base_url}{path}", params=params, timeout=30)
+
+
+def _produce(stack, events):
+    producer = make_producer(stack.bootstrap)
+    send_events(producer, stack.settings.topic_clicks, events)
+    producer.close()
+
+
+def test_replayed_events_reach_user_state(stack):
+    stats = stack.streaming.stats()
+    assert stats["totals"]["ok"] == REPLAYED
+    assert stats["users"] > 10
+    body = _get(stack, "/recommend", user_id="196", k=5).json()
+    assert body["state_version"] > 0 and not body["cold_start"]
+    assert len(body["items"]) == 5 and all(i["title"] for i in body["items"])
+
+
+def test_a_click_changes_state_and_recommendations(stack):
+    user = "e2e-user"
+    before = _get(stack, "/recommend", user_id=user, k=10).json()
+    assert before["cold_start"] and before["state_version"] == 0
+    clicked = before["items"][0]["item_id"]
+    _produce(stack, [ClickEvent("e2e-1", user, clicked, time.time(), "click")])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        after = _get(stack, "/recommend", user_id=user, k=10).json()
+        if after["state_version"] == 1:
+            break
+        time.sleep(0.1)
+    assert after["state_version"] == 1 and not after["cold_start"]
+    assert clicked not in [i["item_id"] for i in after["items"]]  # seen items are masked
+    assert after["items"] != before["items"]
+    # The same event again (at-least-once redelivery) changes nothing.
+    _produce(stack, [ClickEvent("e2e-1", user, clicked, time.time(), "click")])
+    time.sleep(1.0)
+    assert _get(stack, "/recommend", user_id=user).json()["state_version"] == 1
+
+
+def test_malformed_events_go_to_the_dead_letter_topic(stack):
+    from kafka import KafkaConsumer, KafkaProducer
+
+    producer = KafkaProducer(bootstrap_servers=stack.bootstrap, enable_idempotence=False)
+    bad = [(b"u1", b"{broken"), (None, ClickEvent("x1", "u1", "1", 1.0, "click").to_json()),
+           (b"u1", b'{"event_id":"x2","user_id":"u1","item_id":"1","ts":1,"type":"hover"}')]
+    for key, value in bad:
+        producer.send(stack.settings.topic_clicks, key=key, value=value)
+    producer.close()
+    dlq = KafkaConsumer(stack.settings.topic_dlq, bootstrap_servers=stack.bootstrap,
+                        auto_offset_reset="earliest", consumer_timeout_ms=15000,
+                        enable_auto_commit=False)
+    reasons = []
+    for record in dlq:
+        reasons.append(dict(record.headers)["reason"].decode())
+        if len(reasons) >= 3:
+            break
+    dlq.close()
+    assert sorted(reasons) == ["missing_key", "not_json", "unknown_type"]
+    totals = stack.streaming.stats()["totals"]
+    assert totals["invalid:not_json"] == 1 and totals["invalid:unknown_type"] == 1
+
+
+def test_offsets_are_committed_after_apply(stack):
+    from kafka import KafkaAdminClient
+
+    admin = KafkaAdminClient(bootstrap_servers=stack.bootstrap)
+    deadline = time.monotonic() + 20
+    handled = stack.streaming.stats()["handled"]
+    committed = 0
+    while time.monotonic() < deadline:
+        offsets = admin.list_consumer_group_offsets(stack.settings.consumer_group)
+        committed = sum(o.offset for tp, o in offsets.items()
+                        if tp.topic == stack.settings.topic_clicks)
+        if committed == handled:
+            break
+        time.sleep(0.2)
+    admin.close()
+    assert committed == handled
+
+
+def test_bad_http_input_gets_a_json_4xx(stack):
+    cases = [{}, {"user_id": ""}, {"user_id": "x" * 200}, {"user_id": "a\x01b"},
+             {"user_id": "1", "k": "0"}, {"user_id": "1", "k": "5000"},
+             {"user_id": "1", "k": "many"}, {"user_id": "1", "k": "2.5"}]
+    for params in cases:
+        response = httpx.get(f"{stack.base_url}/recommend", params=params, timeout=30)
+        assert response.status_code == 400, params
+        assert "error" in response.json()
+    assert _get(stack, "/nope").status_code == 404
+
+
+def test_training_round_hot_swaps_while_serving(stack):
+    old = _get(stack, "/version").json()["prompt_version"]
+    results: list[tuple[int, int | None]] = []
+    stop = threading.Event()
+
+    def client():
+        with httpx.Client(timeout=30) as http:
+            for n in range(5000):  # bounded in count and time
+                if stop.is_set():
+                    break
+                try:
+                    r = http.get(f"{stack.base_url}/recommend",
+                                 params={"user_id": ["196", "186", "22"][n % 3], "k": 10})
+                    version = r.json().get("prompt_version") if r.status_code == 200 else None
+                    results.append((r.status_code, version))
+                except httpx.HTTPError:
+                    results.append((0, None))
+                time.sleep(0.02)
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    try:
+        result = stack.runner.run()
+        assert result.outcome == "published", result
+        waited = stack.wait_all_replicas(result.version)
+        time.sleep(1.0)  # some requests after the swap
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    print(f"\npublish -> all {stack.settings.num_replicas} replicas serving: "
+          f"{waited * 1000:.0f} ms (polled); round {result.seconds:.1f} s, fit "
+          f"{result.fit_seconds:.1f} s")
+    statuses = {status for status, _ in results}
+    versions = [v for _, v in results]
+    assert statuses == {200}, f"failed requests: {[r for r in results if r[0] != 200][:5]}"
+    assert old in versions and result.version in versions
+    # Once a replica moved on, nothing older comes back after the all-replicas point.
+    assert versions[-1] == result.version
+    assert result.version > old
+    assert result.candidate_ndcg10 is not None and result.train_examples > 0
+
+
+def test_gate_rejects_non_finite_weights(stack):
+    import torch
+
+    from training.examples import Examples
+    from training.round import RoundResult
+
+    before = ray.get(stack.registry.serving_version.remote())
+    bad = prompt_to_bytes({"soft_prompt": torch.full((16, 384), float("nan")),
+                           "logit_scale": torch.tensor(1.0)})
+    result = RoundResult(round=99, outcome="", reason="", version=None, serving_version=before,
+                         train_examples=0, val_examples=0, loss=None, candidate_ndcg10=None,
+                         serving_ndcg10=None, candidate_hr10=None, serving_hr10=None,
+                         fit_seconds=0, seconds=0)
+    serving = ray.get(stack.registry.serving.remote())
+    no_validation = Examples(np.zeros((0, 30), np.int32), np.zeros(0, np.int32))
+    stack.runner._gate(result, bad, serving, no_validation)
+    assert result.outcome == "rejected" and "non-finite" in result.reason
+    assert ray.get(stack.registry.serving_version.remote()) == before
+
+
+def test_admin_rollback_needs_the_token(stack):
+    url = f"{stack.base_url}/admin/rollback"
+    assert httpx.post(url, json={"version": 1}).status_code == 401
+    assert httpx.post(url, json={"version": 1},
+                      headers={"Authorization": "Bearer wrong"}).status_code == 403
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    assert httpx.post(url, json={"version": 999}, headers=auth).status_code == 404
+    assert httpx.post(url, content=b"nope", headers=auth).status_code == 400
+    response = httpx.post(url, json={"version": 1}, headers=auth)
+    assert response.status_code == 200 and response.json()["prompt_version"] == 1
+    stack.wait_all_replicas(1)
+    assert _get(stack, "/recommend", user_id="196").json()["prompt_version"] == 1
+
+
+def test_metrics_endpoint_exports_the_service_metrics(stack):
+    wanted = {"promptrec_events_consumed_total", "promptrec_serving_prompt_version",
+              "promptrec_request_seconds_bucket"}
+    deadline = time.monotonic() + 40  # Ray exports every few seconds
+    while time.monotonic() < deadline:
+        scraped = parse_prometheus(httpx.get(stack.metrics_url, timeout=10).text)
+        if wanted <= set(scraped):
+            break
+        time.sleep(1)
+    assert wanted <= set(scraped), sorted(k for k in scraped if k.startswith("promptrec"))
+    ok = sum(v for labels, v in scraped["promptrec_events_consumed_total"]
+             if labels.get("result") == "ok")
+    assert ok >= REPLAYED
+    assert {v for _, v in scraped["promptrec_serving_prompt_version"]} >= {1.0}

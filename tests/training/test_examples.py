@@ -1,0 +1,50 @@
+import numpy as np
+import pyarrow as pa
+
+from services.eventlog import SCHEMA
+from training.examples import PAD, Examples, build_examples
+
+
+def _log(rows):
+    cols = {name: [r.get(name) for r in rows] for name in SCHEMA.names}
+    return pa.table(cols, schema=SCHEMA)
+
+
+def _ev(eid, user, item, ts, ingest=100.0):
+    return {"event_id": eid, "user_id": user, "item_id": item, "ts": ts, "type": "click",
+            "value": None, "ingest_ts": ingest}
+
+
+INDEX = {"a": 0, "b": 1, "c": 2, "d": 3}
+
+
+def test_next_item_examples_use_only_the_past():
+    log = _log([_ev("3", "u", "c", 3.0), _ev("1", "u", "a", 1.0), _ev("2", "u", "b", 2.0),
+                _ev("2", "u", "b", 2.0)])  # a replayed duplicate
+    train, val = build_examples(log, INDEX, history_len=2, val_users=0)
+    assert len(val) == 0
+    assert train.target.tolist() == [1, 2]
+    assert train.history.tolist() == [[0, PAD], [0, 1]]
+
+
+def test_validation_users_hold_out_their_last_event():
+    rows = [_ev(f"{u}-{i}", f"user{u}", "abcd"[i], float(i)) for u in range(50) for i in range(4)]
+    train, val = build_examples(_log(rows), INDEX, history_len=3, val_users=10)
+    assert 0 < len(val) < 50
+    assert (val.target == 3).all()  # the last item of a validation user
+    assert len(train) + len(val) == 50 * 3
+
+
+def test_window_filters_targets_but_keeps_history():
+    rows = [_ev("1", "u", "a", 1.0, ingest=10), _ev("2", "u", "b", 2.0, ingest=10),
+            _ev("3", "u", "c", 3.0, ingest=20)]
+    train, _ = build_examples(_log(rows), INDEX, history_len=3, since_ingest_ts=15, val_users=0)
+    assert train.target.tolist() == [2]
+    assert train.history.tolist() == [[0, 1, PAD]]
+
+
+def test_examples_save_and_load(tmp_path):
+    ex = Examples(np.array([[1, PAD]], np.int32), np.array([2], np.int32))
+    ex.save(str(tmp_path / "x.npz"))
+    back = Examples.load(str(tmp_path / "x.npz"))
+    assert back.history.tolist() == [[1, PAD]] and back.target.tolist() == [2]
