@@ -35,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-events", type=int, default=None,
                       help="replay only the first N events (default: all)")
     demo.add_argument("--users", default="1,7,42", help="users whose recommendations to show")
+    demo.add_argument("--keep-state", action="store_true",
+                      help="keep prompt versions and event log of earlier runs in data_dir")
     demo.add_argument("--serve-forever", action="store_true",
                       help="keep serving (with scheduled rounds) after the demo, until Ctrl-C")
     Settings.add_arguments(demo)
@@ -89,10 +91,10 @@ def run_demo(settings: Settings, args: argparse.Namespace) -> int:
     stack = Stack(settings)
     try:
         print("== starting the stack")
-        stack.start()
+        stack.start(fresh=not args.keep_state)
         print("\n== recommendations before any event (prompt only)")
         for user in users:
-            _show(stack, user, "no history")
+            _show(stack, user, "no history yet")
 
         interactions = load_interactions(settings.dataset, limit=args.max_events)
         print(f"\n== replaying {len(interactions):,} {settings.dataset} events into Kafka "
@@ -107,9 +109,9 @@ def run_demo(settings: Settings, args: argparse.Namespace) -> int:
         print(f"   consumed {stats['handled']:,} records in {time.monotonic() - t:.1f} s: "
               f"{stats['totals']}; {stats['users']} users held")
 
-        print("\n== recommendations after the events (history, initial prompt)")
+        print("\n== recommendations after the events (history in state, same prompt)")
         for user in users:
-            _show(stack, user, "history, v1 prompt")
+            _show(stack, user, "after events")
 
         print(f"\n== training round ({settings.train_workers} Ray Train workers, "
               f"{settings.train_steps} steps)")
@@ -117,12 +119,12 @@ def run_demo(settings: Settings, args: argparse.Namespace) -> int:
         print(f"   {result.outcome}: {result.reason} (loss {result.loss}, "
               f"fit {result.fit_seconds:.1f} s, round {result.seconds:.1f} s)")
         if result.version:
-            waited = stack.wait_all_replicas(result.version)
-            print(f"   all {settings.num_replicas} replicas serve v{result.version} "
-                  f"{waited * 1000:.0f} ms after publish returned")
-            print("\n== recommendations after the training round")
+            live = stack.wait_all_replicas(result.version)
+            print(f"   all {len(live)} replicas serve v{result.version}; publish -> live per "
+                  f"replica: {', '.join(f'{ms:.0f} ms' for ms in live.values())}")
+            print("\n== recommendations after the training round (new prompt version)")
             for user in users:
-                _show(stack, user, f"history, v{result.version} prompt")
+                _show(stack, user, "after training round")
 
         metrics_text = httpx.get(stack.metrics_url, timeout=10).text
         from services.metrics import parse_prometheus

@@ -8,6 +8,7 @@ prompt) -> shards + consumers -> Serve -> training runner.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 
@@ -54,12 +55,17 @@ class Stack:
         self.timings[name] = time.monotonic() - started
         log.info("%-28s %.1f s", name, self.timings[name])
 
-    def start(self) -> Stack:
+    def start(self, fresh: bool = False) -> Stack:
+        """Start everything; `fresh` first deletes prompt versions, event log and train runs
+        under data_dir (the embedded broker starts empty, so old state would not match it)."""
         from serving.app import build_app
         from streaming.plane import start_streaming
         from training.round import RoundRunner
 
         s = self.settings
+        if fresh:
+            for name in ("registry", "eventlog", "train"):
+                shutil.rmtree(s.root / name, ignore_errors=True)
         s.root.mkdir(parents=True, exist_ok=True)
         t = time.monotonic()
         if s.kafka_bootstrap:
@@ -122,16 +128,20 @@ class Stack:
                 return stats
             time.sleep(0.2)
 
-    def wait_all_replicas(self, version: int, timeout_s: float = 60) -> float:
-        """Poll /version until every replica serves `version`; returns seconds waited."""
+    def wait_all_replicas(self, version: int, timeout_s: float = 60) -> dict[str, float]:
+        """Poll /version until every replica serves `version`.
+
+        Returns {replica: ms from publish to that replica serving it}, as each replica
+        measured it (registry publish time -> its swap done).
+        """
         started = time.monotonic()
-        seen: dict[str, int] = {}
+        seen: dict[str, dict] = {}
         while time.monotonic() - started < timeout_s:
             body = httpx.get(f"{self.base_url}/version", timeout=5).json()
-            seen[body["replica"]] = body["prompt_version"]
+            seen[body["replica"]] = body
             if len(seen) >= self.settings.num_replicas and all(
-                    v == version for v in seen.values()):
-                return time.monotonic() - started
+                    b["prompt_version"] == version for b in seen.values()):
+                return {r: b["publish_to_live_ms"] for r, b in seen.items()}
             time.sleep(0.02)
         raise TimeoutError(f"replicas {seen} not all on version {version}")
 

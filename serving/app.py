@@ -9,7 +9,6 @@ wholly by one version, and names it.
 Routes: GET /recommend?user_id=&k=, GET /healthz, GET /version, POST /admin/rollback.
 """
 
-from __future__ import annotations
 
 import asyncio
 import hmac
