@@ -219,14 +219,20 @@ def test_admin_rollback_needs_the_token(stack):
 def test_metrics_endpoint_exports_the_service_metrics(stack):
     wanted = {"promptrec_events_consumed_total", "promptrec_serving_prompt_version",
               "promptrec_request_seconds_bucket"}
-    deadline = time.monotonic() + 40  # Ray exports every few seconds
+    serving = ray.get(stack.registry.serving_version.remote())  # 1, after the rollback test
+
+    def replica_versions(scraped):
+        return {v for _, v in scraped.get("promptrec_serving_prompt_version", [])}
+
+    deadline = time.monotonic() + 60  # Ray exports every few seconds
     while time.monotonic() < deadline:
         scraped = parse_prometheus(httpx.get(stack.metrics_url, timeout=10).text)
-        if wanted <= set(scraped):
+        if wanted <= set(scraped) and replica_versions(scraped) == {float(serving)}:
             break
         time.sleep(1)
     assert wanted <= set(scraped), sorted(k for k in scraped if k.startswith("promptrec"))
+    assert replica_versions(scraped) == {float(serving)}
     ok = sum(v for labels, v in scraped["promptrec_events_consumed_total"]
              if labels.get("result") == "ok")
     assert ok >= REPLAYED
-    assert {v for _, v in scraped["promptrec_serving_prompt_version"]} >= {1.0}
+    assert len(scraped["promptrec_serving_prompt_version"]) == stack.settings.num_replicas

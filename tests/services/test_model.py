@@ -51,7 +51,7 @@ def test_user_encoding_shapes_and_only_the_prompt_trains(backbone):
     assert model.trainable_parameters() == 8 * 384 + 1
     logits = model.logits(users, torch.nn.functional.normalize(torch.randn(10, 384), dim=1))
     assert logits.shape == (3, 10)
-    assert logits.abs().max() <= math.exp(float(model.logit_scale)) + 1e-4
+    assert logits.abs().max() <= math.exp(model.logit_scale.item()) + 1e-4
 
 
 def test_prompt_bytes_round_trip_and_refusals():
