@@ -57,6 +57,6 @@ def build_catalog(items: list[Item], backbone_path: Path, cache_dir: Path,
     return Catalog(items, vectors)
 
 
-def load_catalog(dataset: str, backbone_path: Path, data_dir: Path,
+def load_catalog(dataset: str, backbone_path: Path, cache_dir: Path,
                  progress: bool = False) -> Catalog:
-    return build_catalog(load_items(dataset), backbone_path, data_dir / "cache", progress)
+    return build_catalog(load_items(dataset), backbone_path, cache_dir, progress)

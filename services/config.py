@@ -45,6 +45,9 @@ class Settings:
     data_dir: str = field(default=".promptrec", metadata=_help(
         "where caches, the event log, prompt versions and Ray Train results live"))
 
+    cache_dir: str = field(default="", metadata=_help(
+        "where frozen item embeddings are cached; empty means <data_dir>/cache"))
+
     # --- streaming ---
     topic_clicks: str = field(default="promptrec.clicks", metadata=_help("click-event topic"))
     topic_dlq: str = field(default="promptrec.clicks.dlq", metadata=_help("dead-letter topic"))
@@ -55,6 +58,10 @@ class Settings:
     history_len: int = field(default=30, metadata=_help("recent items kept per user"))
     dedupe_window: int = field(default=200_000, metadata=_help(
         "event_ids remembered per shard for idempotent apply"))
+    personal_alpha: float = field(default=0.1, metadata=_help(
+        "how far one event moves a user's personal prompt toward the item (EMA rate)"))
+    snapshot_every_s: float = field(default=10.0, metadata=_help(
+        "seconds between shard snapshots (parquet, with the offsets they cover)"))
     poll_max_records: int = field(default=2000, metadata=_help("records per consumer poll"))
     log_flush_s: float = field(default=1.0, metadata=_help(
         "seconds between event-log flushes (offsets are committed after each flush)"))
@@ -99,7 +106,8 @@ class Settings:
         for name in positive_ints:
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
-        for name in ["learning_rate", "replica_cpus", "ray_num_cpus", "log_flush_s"]:
+        for name in ["learning_rate", "replica_cpus", "ray_num_cpus", "log_flush_s",
+                     "personal_alpha", "snapshot_every_s"]:
             if not getattr(self, name) > 0:
                 raise ConfigError(name, f"must be > 0, got {getattr(self, name)}")
         for name in ["gate_margin", "train_every_events", "train_every_s"]:
@@ -111,6 +119,8 @@ class Settings:
         if self.num_consumers > self.partitions:
             raise ConfigError("num_consumers", f"{self.num_consumers} consumers for "
                               f"{self.partitions} partitions would leave consumers idle")
+        if self.personal_alpha > 1:
+            raise ConfigError("personal_alpha", f"must be in (0, 1], got {self.personal_alpha}")
         if self.dataset not in ("ml-100k", "ml-1m"):
             raise ConfigError("dataset", f"must be ml-100k or ml-1m, got {self.dataset!r}")
         if self.backbone_path and not (Path(self.backbone_path) / "config.json").is_file():
@@ -126,6 +136,10 @@ class Settings:
     @property
     def root(self) -> Path:
         return Path(self.data_dir).resolve()
+
+    @property
+    def cache(self) -> Path:
+        return Path(self.cache_dir).resolve() if self.cache_dir else self.root / "cache"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

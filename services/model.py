@@ -20,6 +20,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load as st_load
@@ -108,6 +109,42 @@ def initial_prompt_state(tokenizer, encoder: nn.Module, config: PromptConfig
             "logit_scale": torch.tensor(math.log(20.0))}
 
 
+# How much one event moves a user's personal prompt, by event type (ratings count as clicks).
+EVENT_WEIGHTS = {"view": 0.5, "click": 1.0, "rating": 1.0, "purchase": 2.0}
+
+
+def personal_prompt_update(personal: np.ndarray | None, item_vector: np.ndarray, event_type: str,
+                           alpha: float) -> np.ndarray:
+    """The online update rule of a user's personal prompt (one vector in item space, [H]).
+
+    The first event sets it to the item's vector; each later one moves it toward the
+    item: p <- p + min(1, alpha * w(type)) * (v - p), an exponential moving average.
+    """
+    if personal is None:
+        return item_vector.astype(np.float32, copy=True)
+    rate = min(1.0, alpha * EVENT_WEIGHTS.get(event_type, 1.0))
+    return (personal + np.float32(rate) * (item_vector - personal)).astype(np.float32)
+
+
+def personal_from_history(history: torch.Tensor, mask: torch.Tensor, alpha: float
+                          ) -> torch.Tensor:
+    """The same rule replayed over a history window (training has no shard state).
+
+    history [B, L, H] oldest first, mask [B, L] -> personal [B, H] (zeros if no history).
+    """
+    personal = torch.zeros(history.shape[0], history.shape[2], dtype=history.dtype,
+                           device=history.device)
+    started = torch.zeros(history.shape[0], dtype=torch.bool, device=history.device)
+    for t in range(history.shape[1]):
+        valid = mask[:, t].bool()
+        step = torch.where(started, torch.full_like(personal[:, 0], min(1.0, alpha)),
+                           torch.ones_like(personal[:, 0]))
+        moved = personal + step[:, None] * (history[:, t] - personal)
+        personal = torch.where(valid[:, None], moved, personal)
+        started = started | valid
+    return personal
+
+
 class PromptRecModel(nn.Module):
     """Frozen encoder + trainable soft prompt; encodes users and scores items."""
 
@@ -121,16 +158,24 @@ class PromptRecModel(nn.Module):
     def hidden_size(self) -> int:
         return self.soft_prompt.shape[1]
 
-    def encode_users(self, history: torch.Tensor, history_mask: torch.Tensor) -> torch.Tensor:
-        """history [B, L, H] item vectors (oldest first), history_mask [B, L] -> users [B, H].
+    def encode_users(self, history: torch.Tensor, history_mask: torch.Tensor,
+                     personal: torch.Tensor | None = None) -> torch.Tensor:
+        """history [B, L] item vectors (oldest first) [B, L, H], history_mask [B, L],
+        personal [B, H] personal prompts (an all-zero row = none) -> users [B, H].
 
+        Input sequence: [shared soft prompt] + [personal prompt] + [history].
         L may be 0 (cold-start users): then the prompt alone encodes the user.
         """
         batch = history.shape[0]
         prompt = self.soft_prompt.unsqueeze(0).expand(batch, -1, -1)
-        inputs = torch.cat([prompt, history.to(prompt.dtype)], dim=1)
-        mask = torch.cat([torch.ones(batch, prompt.shape[1], dtype=torch.long,
-                                     device=inputs.device), history_mask.long()], dim=1)
+        parts = [prompt]
+        masks = [torch.ones(batch, prompt.shape[1], dtype=torch.long, device=prompt.device)]
+        if personal is not None:
+            parts.append(personal.to(prompt.dtype).unsqueeze(1))
+            masks.append((personal.abs().sum(-1, keepdim=True) > 0).long())
+        parts.append(history.to(prompt.dtype))
+        masks.append(history_mask.long())
+        inputs, mask = torch.cat(parts, dim=1), torch.cat(masks, dim=1)
         hidden = self.encoder(inputs_embeds=inputs, attention_mask=mask).last_hidden_state
         return F.normalize(mean_pool(hidden, mask), dim=-1)
 
@@ -139,8 +184,8 @@ class PromptRecModel(nn.Module):
         return self.logit_scale.exp() * users @ items.T
 
     def forward(self, history: torch.Tensor, history_mask: torch.Tensor,
-                items: torch.Tensor) -> torch.Tensor:
-        return self.logits(self.encode_users(history, history_mask), items)
+                items: torch.Tensor, personal: torch.Tensor | None = None) -> torch.Tensor:
+        return self.logits(self.encode_users(history, history_mask, personal), items)
 
     def prompt_state(self) -> dict[str, torch.Tensor]:
         return {"soft_prompt": self.soft_prompt.detach().cpu().clone(),

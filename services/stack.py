@@ -64,7 +64,7 @@ class Stack:
 
         s = self.settings
         if fresh:
-            for name in ("registry", "eventlog", "train"):
+            for name in ("registry", "eventlog", "train", "snapshots"):
                 shutil.rmtree(s.root / name, ignore_errors=True)
         s.root.mkdir(parents=True, exist_ok=True)
         t = time.monotonic()
@@ -83,7 +83,7 @@ class Stack:
 
         t = time.monotonic()
         backbone = resolve_backbone_path(s.backbone_path)
-        self.catalog = load_catalog(s.dataset, backbone, s.root, progress=self.progress)
+        self.catalog = load_catalog(s.dataset, backbone, s.cache, progress=self.progress)
         self._step(f"catalog ready ({len(self.catalog)} items)", t)
 
         t = time.monotonic()
@@ -94,7 +94,8 @@ class Stack:
                                          PromptConfig(s.prompt_len, s.prompt_init_text))
             ray.get(self.registry.publish.remote(prompt_to_bytes(state),
                                                  {"source": "initial", "text": s.prompt_init_text}))
-        self.streaming = start_streaming(s, self.bootstrap, list(self.catalog.index))
+        self.streaming = start_streaming(s, self.bootstrap, list(self.catalog.index),
+                                         self.catalog.vectors.numpy())
         self._step("registry, shards, consumers", t)
 
         t = time.monotonic()

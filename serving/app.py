@@ -109,7 +109,7 @@ class Recommender:
         torch.set_num_threads(1)  # replicas share cores; one thread each scales better
         backbone = resolve_backbone_path(self.settings.backbone_path)
         _, self.encoder = load_backbone(backbone)
-        self.catalog = load_catalog(self.settings.dataset, backbone, self.settings.root)
+        self.catalog = load_catalog(self.settings.dataset, backbone, self.settings.cache)
         self.registry = ray.get_actor(REGISTRY_ACTOR, namespace=self.settings.namespace)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self._shards: dict[int, object] = {}
@@ -174,8 +174,10 @@ class Recommender:
             return cached[2]
         history = self.catalog.indices(state["history"]) if state else []
         vectors = self.catalog.vectors[history].unsqueeze(0)  # [1, L, H]
+        personal = state.get("personal") if state else None
+        personal = None if personal is None else torch.as_tensor(personal)[None]  # [1, H]
         with torch.no_grad():
-            user = active.model.encode_users(vectors, torch.ones(1, len(history)))[0]
+            user = active.model.encode_users(vectors, torch.ones(1, len(history)), personal)[0]
         self._user_cache[user_id] = (state_version, active.version, user)
         if len(self._user_cache) > USER_CACHE_SIZE:
             self._user_cache.popitem(last=False)

@@ -1,17 +1,21 @@
 """IngestConsumer: Kafka -> validate -> route by user -> shards, then commit.
 
-Delivery: at-least-once from Kafka, idempotent apply in the shards by event_id,
-so the per-user state is effectively-once. The loop, per poll:
+Delivery: at-least-once from Kafka; the shards apply exactly once (by offset, then by
+event_id), so per-user state is effectively-once. The loop, per poll:
 
-1. decode each record; invalid ones go to the dead-letter topic with the reason
-   in a header (and are counted), they never stop the consumer;
-2. valid events, grouped by shard: one actor call per shard, all awaited;
+1. decode each record; invalid ones go to the dead-letter topic with the reason in a
+   header (and are counted), they never stop the consumer;
+2. every shard gets one call for the batch: its events plus the offset range the batch
+   spans per partition; a shard that restarted from an older snapshot answers with a
+   rewind offset and the consumer seeks back there (other shards skip the replay);
 3. valid events are buffered for the event log;
-4. every `log_flush_s` the log buffer is written, the DLQ producer flushed, and
-   only then offsets committed (commit = last handled offset + 1).
+4. every `log_flush_s` the log buffer is written, the DLQ producer flushed, and only
+   then offsets committed (commit = last handled offset + 1).
 
-A crash between 2 and 4 replays those records: the shards drop them as
-duplicates and the log gets them again (readers dedupe by event_id).
+Offsets are qualified by the topic's id (its epoch): a topic recreated under the same
+name (the embedded broker keeps data in memory; a restart empties it) restarts offsets
+at 0. A consumer that sees the id change seeks to the beginning, and shards treat the
+new epoch's offsets as new.
 """
 
 from __future__ import annotations
@@ -44,6 +48,9 @@ class IngestConsumer:
         self.error: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.epoch = ""  # the topic id seen last
+        self.rewinds = self.epoch_changes = 0
+        self.start()  # also on an actor restart after a crash: ingestion resumes by itself
 
     # --- control (called as actor methods while the loop runs in its thread) ---
     def start(self) -> bool:
@@ -62,7 +69,9 @@ class IngestConsumer:
 
     def stats(self) -> dict:
         return {"consumer": self.index, "counts": dict(self.counts), "lag": dict(self.lag),
-                "alive": bool(self._thread and self._thread.is_alive()), "error": self.error}
+                "alive": bool(self._thread and self._thread.is_alive()), "error": self.error,
+                "rewinds": self.rewinds, "epoch": self.epoch,
+                "epoch_changes": self.epoch_changes}
 
     # --- the loop ---
     def _run_forever(self) -> None:
@@ -80,24 +89,37 @@ class IngestConsumer:
         from kafka import KafkaConsumer, KafkaProducer, TopicPartition
         from kafka.structs import OffsetAndMetadata
 
+        from services.embedded import ensure_topics
+
         s = self.settings
+        # A broker that restarted empty has no topics: recreate them (idempotent).
+        ensure_topics(self.bootstrap, {s.topic_clicks: s.partitions, s.topic_dlq: 1})
         consumer = KafkaConsumer(
             s.topic_clicks, bootstrap_servers=self.bootstrap, group_id=s.consumer_group,
             client_id=f"promptrec-ingest-{self.index}", enable_auto_commit=False,
             auto_offset_reset="earliest", session_timeout_ms=6000, heartbeat_interval_ms=1500,
             max_poll_records=s.poll_max_records, fetch_max_wait_ms=100)
+        # Oversized events (> 1 MiB, refused by validation) still go to the DLQ whole.
         dlq = KafkaProducer(bootstrap_servers=self.bootstrap, enable_idempotence=False,
-                            linger_ms=5, client_id=f"promptrec-dlq-{self.index}")
+                            linger_ms=5, client_id=f"promptrec-dlq-{self.index}",
+                            max_request_size=16 << 20)
         event_log = EventLogWriter(str(s.root / "eventlog"), f"consumer{self.index}")
         pending: dict[TopicPartition, int] = {}
         last_flush = time.monotonic()
         try:
             while not self._stop.is_set():
+                self._follow_topic_epoch(consumer, pending)
                 batches = consumer.poll(timeout_ms=100, max_records=s.poll_max_records)
-                for tp, records in batches.items():
-                    valid = self._handle(records, dlq, tp)
+                if batches:
+                    valid, rewind = self._handle(batches, dlq)
                     event_log.append(valid)
-                    pending[tp] = records[-1].offset + 1
+                    for tp, records in batches.items():
+                        if tp.partition in rewind:
+                            consumer.seek(tp, rewind[tp.partition])
+                            pending.pop(tp, None)
+                            self.rewinds += 1
+                        else:
+                            pending[tp] = records[-1].offset + 1
                 if pending and (time.monotonic() - last_flush >= s.log_flush_s
                                 or len(event_log) >= 50_000):
                     event_log.flush()
@@ -117,31 +139,62 @@ class IngestConsumer:
             consumer.close()
             dlq.close()
 
-    def _handle(self, records: list, dlq, tp) -> list:
-        """Validate, dead-letter the bad, apply the good to shards; returns the good."""
+    def _handle(self, batches: dict, dlq) -> tuple[list, dict[int, int]]:
+        """Validate, dead-letter the bad, apply the good to every shard.
+
+        Returns (valid events, rewind {partition: offset} requested by any shard).
+        """
         import ray
 
-        valid, by_shard = [], {}
-        for record in records:
-            try:
-                event = decode_event(record.key, record.value, self.known_items)
-            except InvalidEvent as bad:
-                dlq.send(self.settings.topic_dlq, key=record.key, value=record.value,
-                         headers=[("reason", bad.reason.encode()),
-                                  ("detail", bad.detail[:512].encode("utf-8", "replace")),
-                                  ("source", f"{tp.topic}/{tp.partition}/{record.offset}"
-                                   .encode())])
-                self._count("invalid", bad.reason)
-                continue
-            valid.append(event)
-            shard = shard_for_user(event.user_id, len(self.shards))
-            by_shard.setdefault(shard, []).append(
-                (event.event_id, event.user_id, event.item_id, event.ts, record.timestamp or 0))
-        refs = [self.shards[i].apply.remote(batch) for i, batch in by_shard.items()]
+        valid: list = []
+        by_shard: dict[int, list] = {i: [] for i in range(len(self.shards))}
+        ranges: dict[int, tuple[int, int]] = {}
+        for tp, records in batches.items():
+            ranges[tp.partition] = (self.epoch, records[0].offset, records[-1].offset + 1)
+            for record in records:
+                try:
+                    event = decode_event(record.key, record.value, self.known_items)
+                except InvalidEvent as bad:
+                    dlq.send(self.settings.topic_dlq, key=record.key, value=record.value,
+                             headers=[("reason", bad.reason.encode()),
+                                      ("detail", bad.detail[:512].encode("utf-8", "replace")),
+                                      ("source", f"{tp.topic}/{tp.partition}/{record.offset}"
+                                       .encode())])
+                    self._count("invalid", bad.reason)
+                    continue
+                valid.append(event)
+                by_shard[shard_for_user(event.user_id, len(self.shards))].append(
+                    (tp.partition, record.offset, event.event_id, event.user_id, event.item_id,
+                     event.ts, event.type, record.timestamp or 0))
+        refs = [self.shards[i].apply.remote(batch, ranges)
+                for i, batch in by_shard.items()]
+        rewind: dict[int, int] = {}
         for result in ray.get(refs):
             self._count("ok", "", result["applied"])
-            self._count("duplicate", "", result["duplicates"])
-        return valid
+            self._count("duplicate", "event_id", result["duplicates"])
+            self._count("duplicate", "redelivery", result["replayed"])
+            for partition, offset in result["rewind"].items():
+                rewind[partition] = min(offset, rewind.get(partition, offset))
+        if rewind:
+            log.warning("consumer %d: shards asked to rewind %s", self.index, rewind)
+        return valid, rewind
+
+    def _follow_topic_epoch(self, consumer, pending: dict) -> None:
+        # kafka-python 3 has no public accessor for topic ids (KIP-516); the cluster
+        # metadata of the consumer's client holds them.
+        topic_id = consumer._client.cluster.topic_id(self.settings.topic_clicks)
+        current = str(topic_id) if topic_id else ""
+        if current and self.epoch and current != self.epoch:
+            log.warning("consumer %d: topic %s was recreated (id %s -> %s); reading it from "
+                        "the beginning", self.index, self.settings.topic_clicks, self.epoch,
+                        current)
+            assigned = list(consumer.assignment())
+            if assigned:
+                consumer.seek_to_beginning(*assigned)
+            pending.clear()
+            self.epoch_changes += 1
+        if current:
+            self.epoch = current
 
     def _count(self, result: str, reason: str, n: int = 1) -> None:
         if n:

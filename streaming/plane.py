@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import ray
 
 from services.config import Settings
@@ -26,7 +27,8 @@ class StreamingPlane:
                 totals[key] = totals.get(key, 0) + n
         return {"shards": shard_stats, "consumers": consumer_stats, "totals": totals,
                 "users": sum(s["users"] for s in shard_stats),
-                "handled": sum(totals.values())}
+                "handled": sum(totals.values()),
+                "applied": sum(s["applied"] for s in shard_stats)}
 
     def stop(self) -> None:
         ray.get([c.stop.remote() for c in self.consumers])
@@ -34,15 +36,26 @@ class StreamingPlane:
             ray.kill(actor)
 
 
-def start_streaming(settings: Settings, bootstrap: str, known_items: list[str]) -> StreamingPlane:
+def start_streaming(settings: Settings, bootstrap: str, item_ids: list[str],
+                    item_vectors: np.ndarray | None = None) -> StreamingPlane:
+    """Shards restore their latest snapshot under data_dir/snapshots, if any.
+
+    Both kinds of actor restart after a crash (max_restarts=-1); a shard call in flight
+    is retried on the restarted shard, which then asks for a rewind to its snapshot.
+    """
+    vectors_ref = ray.put(item_vectors)
     shard_cls = ray.remote(UserStateShard)
     shards = [shard_cls.options(name=shard_actor(i), namespace=settings.namespace,
-                                num_cpus=0.25, max_concurrency=1).remote(
-        i, settings.history_len, settings.dedupe_window) for i in range(settings.num_shards)]
+                                num_cpus=0.25, max_concurrency=1, max_restarts=-1,
+                                max_task_retries=-1).remote(
+        i, settings.history_len, settings.dedupe_window, vectors_ref, item_ids,
+        settings.personal_alpha, str(settings.root / "snapshots"), settings.snapshot_every_s)
+        for i in range(settings.num_shards)]
     consumer_cls = ray.remote(IngestConsumer)
     # max_concurrency=4: stats()/stop() must run while the poll loop's thread is busy.
-    consumers = [consumer_cls.options(num_cpus=0.25, max_concurrency=4).remote(
-        settings.to_dict(), i, shards, known_items, bootstrap)
+    consumers = [consumer_cls.options(num_cpus=0.25, max_concurrency=4, max_restarts=-1,
+                                      max_task_retries=-1).remote(
+        settings.to_dict(), i, shards, item_ids, bootstrap)
         for i in range(settings.num_consumers)]
-    ray.get([c.start.remote() for c in consumers])
+    ray.get([c.stats.remote() for c in consumers])  # constructed (and polling)
     return StreamingPlane(shards=shards, consumers=consumers)

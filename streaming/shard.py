@@ -1,28 +1,57 @@
 """UserStateShard: the per-user prompt state of the users routed to one shard.
 
-State per user: the most recent `history_len` items, ordered by event time
-(late events are inserted in place, not appended), and a `state_version` that
-grows with every applied event, so caches downstream know when to refresh.
-Apply is idempotent: an `event_id` already seen within the dedupe window is
-counted as a duplicate and changes nothing.
+State per user:
+- `history`: the most recent `history_len` items, ordered by event time (late events
+  are inserted in place, not appended);
+- `personal`: a personal prompt vector [H], moved toward each event's item by the rule
+  in `services.model.personal_prompt_update` (online, no training round needed);
+- `state_version`: +1 per applied event, so caches downstream know when to refresh.
+
+Exactly-once apply, two guards:
+- offsets: the shard records, per partition, the next offset it expects (`covered`),
+  with the topic's id as the epoch (a recreated topic restarts offsets at 0).
+  Every consumer batch states the offset range it spans for each partition, and every
+  shard is called for every batch (with or without events for it). A replay (range
+  starts below `covered`) skips what was applied; a gap (range starts above
+  `covered`: this shard restarted from an older snapshot) is refused with a rewind
+  request, and the consumer seeks back.
+- event ids: an `event_id` seen within the dedupe window (a producer's duplicate sent
+  as a new record) is counted as a duplicate and changes nothing.
+
+Snapshots (parquet) hold the state with the `covered` offsets it reflects; a restarted
+shard restores the latest one and asks consumers to rewind to it.
 """
 
 from __future__ import annotations
 
 import bisect
+import json
+import logging
+import shutil
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from services.model import personal_prompt_update
+
+log = logging.getLogger(__name__)
 
 # One event as shipped from a consumer to a shard (a tuple keeps Ray's pickling cheap):
-# (event_id, user_id, item_id, ts, kafka_timestamp_ms)
-WireEvent = tuple[str, str, str, float, int]
+# (partition, offset, event_id, user_id, item_id, ts, type, kafka_timestamp_ms)
+WireEvent = tuple[int, int, str, str, str, float, str, int]
+KEEP_SNAPSHOTS = 2
 
 
 @dataclass
 class UserState:
     history: list[tuple[float, str, str]] = field(default_factory=list)  # (ts, event_id, item)
     state_version: int = 0
+    personal: np.ndarray | None = None  # [H] float32
 
     def add(self, ts: float, event_id: str, item_id: str, history_len: int) -> None:
         bisect.insort(self.history, (ts, event_id, item_id))
@@ -32,51 +61,173 @@ class UserState:
 
 
 class UserStateShard:
-    def __init__(self, shard_index: int, history_len: int, dedupe_window: int):
+    def __init__(self, shard_index: int, history_len: int, dedupe_window: int,
+                 item_vectors: np.ndarray | None = None, item_ids: list[str] | None = None,
+                 personal_alpha: float = 0.1, snapshot_dir: str | None = None,
+                 snapshot_every_s: float = 10.0):
         self.shard_index = shard_index
         self.history_len = history_len
         self.dedupe_window = dedupe_window
+        self.item_vectors = item_vectors  # [N, H] frozen catalog vectors, or None
+        self.item_index = {item: i for i, item in enumerate(item_ids or [])}
+        self.personal_alpha = personal_alpha
+        self.snapshot_dir = Path(snapshot_dir) / f"shard-{shard_index}" if snapshot_dir else None
+        self.snapshot_every_s = snapshot_every_s
         self.users: dict[str, UserState] = {}
+        self.covered: dict[int, tuple[str, int]] = {}  # partition -> (epoch, next offset)
         self._seen: OrderedDict[str, None] = OrderedDict()
-        self.applied = 0
-        self.duplicates = 0
+        self.applied = self.duplicates = self.replayed = 0
+        self.latencies_ms: list[float] = []  # bounded sample for benchmarks
+        self._last_snapshot = time.monotonic()
+        self._snapshot_seq = 0
+        self.restored_from: str | None = self._restore()
 
-    def apply(self, events: list[WireEvent]) -> dict[str, int]:
-        """Apply a batch; returns counts so the consumer can report them."""
+    # --- applying events -------------------------------------------------
+    def _next_offset(self, partition: int, epoch: str) -> int:
+        known_epoch, offset = self.covered.get(partition, (epoch, 0))
+        return offset if known_epoch == epoch else 0  # a new topic epoch starts at 0
+
+    def apply(self, events: list[WireEvent], ranges: dict[int, tuple[str, int, int]]) -> dict:
+        """Apply one consumer batch.
+
+        ranges: partition -> (topic epoch, first offset, last offset + 1) of the whole batch.
+        Returns counts and `rewind` {partition: offset} for ranges this shard cannot take.
+        """
         from services import metrics
 
-        applied = duplicates = 0
+        expected = {p: self._next_offset(p, epoch) for p, (epoch, _, _) in ranges.items()}
+        rewind = {p: expected[p] for p, (_, low, _) in ranges.items() if low > expected[p]}
+        applied = duplicates = replayed = 0
         now_ms = time.time() * 1000
         latency = metrics.event_to_state_seconds()
-        for event_id, user_id, item_id, ts, kafka_ms in events:
+        for partition, offset, event_id, user_id, item_id, ts, kind, kafka_ms in events:
+            if partition in rewind:
+                continue
+            if offset < expected[partition]:
+                replayed += 1
+                continue
             if event_id in self._seen:
                 duplicates += 1
                 continue
-            self._seen[event_id] = None
-            if len(self._seen) > self.dedupe_window:
-                self._seen.popitem(last=False)
-            self.users.setdefault(user_id, UserState()).add(ts, event_id, item_id,
-                                                            self.history_len)
+            self._remember(event_id)
+            self._apply_one(user_id, item_id, ts, event_id, kind)
             applied += 1
             if kafka_ms > 0:
                 latency.observe(max(0.0, now_ms - kafka_ms) / 1000)
+                if len(self.latencies_ms) < 200_000:
+                    self.latencies_ms.append(now_ms - kafka_ms)
+        for partition, (epoch, _, high) in ranges.items():
+            if partition not in rewind:
+                self.covered[partition] = (epoch, max(expected[partition], high))
         self.applied += applied
         self.duplicates += duplicates
+        self.replayed += replayed
         metrics.users_held().set(len(self.users), tags={"shard": str(self.shard_index)})
-        return {"applied": applied, "duplicates": duplicates}
+        if self.snapshot_dir and time.monotonic() - self._last_snapshot >= self.snapshot_every_s:
+            self.snapshot()
+        return {"applied": applied, "duplicates": duplicates, "replayed": replayed,
+                "rewind": rewind}
 
+    def _remember(self, event_id: str) -> None:
+        self._seen[event_id] = None
+        if len(self._seen) > self.dedupe_window:
+            self._seen.popitem(last=False)
+
+    def _apply_one(self, user_id: str, item_id: str, ts: float, event_id: str,
+                   kind: str) -> None:
+        state = self.users.setdefault(user_id, UserState())
+        state.add(ts, event_id, item_id, self.history_len)
+        index = self.item_index.get(item_id)
+        if self.item_vectors is not None and index is not None:
+            state.personal = personal_prompt_update(state.personal, self.item_vectors[index],
+                                                    kind, self.personal_alpha)
+
+    # --- reads --------------------------------------------------------------
     def get_user(self, user_id: str) -> dict | None:
-        """{"history": [item_id, oldest first], "state_version": n} or None if unknown."""
+        """{"history": [item_id, oldest first], "state_version": n, "personal": [H] or None}."""
         state = self.users.get(user_id)
         if state is None:
             return None
         return {"history": [item for _, _, item in state.history],
-                "state_version": state.state_version}
+                "state_version": state.state_version, "personal": state.personal}
 
-    def stats(self) -> dict[str, int]:
+    def covered_offsets(self) -> dict[int, int]:
+        return {p: offset for p, (_, offset) in self.covered.items()}
+
+    def stats(self) -> dict:
         return {"shard": self.shard_index, "users": len(self.users), "applied": self.applied,
-                "duplicates": self.duplicates}
+                "duplicates": self.duplicates, "replayed": self.replayed,
+                "covered": self.covered_offsets(), "restored_from": self.restored_from}
 
-    def dump(self) -> dict[str, list[str]]:
-        """Every user's history (tests compare it across runs)."""
-        return {user: [item for _, _, item in s.history] for user, s in self.users.items()}
+    def latency_sample(self, clear: bool = False) -> list[float]:
+        sample = list(self.latencies_ms)
+        if clear:
+            self.latencies_ms.clear()
+        return sample
+
+    def dump(self) -> dict[str, dict]:
+        """Every user's state (tests compare it across runs)."""
+        return {user: {"history": [item for _, _, item in s.history],
+                       "state_version": s.state_version,
+                       "personal": None if s.personal is None else s.personal.tolist()}
+                for user, s in self.users.items()}
+
+    # --- snapshots ------------------------------------------------------------
+    def snapshot(self) -> str | None:
+        """Write state + covered offsets atomically (a temp dir renamed into place)."""
+        if not self.snapshot_dir:
+            return None
+        self.snapshot_dir.mkdir(parents=True, exist_ok=True)
+        users = list(self.users)
+        states = [self.users[u] for u in users]
+        table = pa.table({
+            "user_id": users,
+            "hist_ts": [[h[0] for h in s.history] for s in states],
+            "hist_event": [[h[1] for h in s.history] for s in states],
+            "hist_item": [[h[2] for h in s.history] for s in states],
+            "state_version": pa.array([s.state_version for s in states], pa.int64()),
+            "personal": pa.array([None if s.personal is None else s.personal.tolist()
+                                  for s in states], pa.list_(pa.float32())),
+        })
+        self._snapshot_seq += 1
+        name = f"snap-{time.time_ns():020d}-{self._snapshot_seq:06d}"
+        tmp = self.snapshot_dir / f"tmp-{name}"
+        tmp.mkdir()
+        pq.write_table(table, tmp / "state.parquet")
+        pq.write_table(pa.table({"event_id": list(self._seen)}), tmp / "seen.parquet")
+        (tmp / "meta.json").write_text(json.dumps({
+            "covered": {str(p): list(c) for p, c in self.covered.items()},
+            "applied": self.applied,
+            "duplicates": self.duplicates, "users": len(users), "created": time.time()}))
+        final = self.snapshot_dir / name
+        tmp.rename(final)
+        for old in sorted(self.snapshot_dir.glob("snap-*"))[:-KEEP_SNAPSHOTS]:
+            shutil.rmtree(old, ignore_errors=True)
+        self._last_snapshot = time.monotonic()
+        return str(final)
+
+    def _restore(self) -> str | None:
+        if not self.snapshot_dir or not self.snapshot_dir.exists():
+            return None
+        for tmp in self.snapshot_dir.glob("tmp-*"):  # a crash mid-write leaves these
+            shutil.rmtree(tmp, ignore_errors=True)
+        complete = [d for d in sorted(self.snapshot_dir.glob("snap-*"))
+                    if (d / "meta.json").exists()]
+        if not complete:
+            return None
+        latest = complete[-1]
+        meta = json.loads((latest / "meta.json").read_text())
+        self.covered = {int(p): (c[0], c[1]) for p, c in meta["covered"].items()}
+        self.applied, self.duplicates = meta["applied"], meta["duplicates"]
+        for row in pq.read_table(latest / "state.parquet").to_pylist():
+            state = UserState(history=list(zip(row["hist_ts"], row["hist_event"],
+                                               row["hist_item"], strict=True)),
+                              state_version=row["state_version"],
+                              personal=None if row["personal"] is None
+                              else np.asarray(row["personal"], np.float32))
+            self.users[row["user_id"]] = state
+        for event_id in pq.read_table(latest / "seen.parquet")["event_id"].to_pylist():
+            self._seen[event_id] = None
+        log.info("shard %d restored %d users from %s (covered %s)", self.shard_index,
+                 len(self.users), latest.name, self.covered)
+        return latest.name

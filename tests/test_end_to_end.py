@@ -21,6 +21,7 @@ from services.metrics import parse_prometheus
 from services.model import prompt_to_bytes
 from services.stack import Stack
 from streaming.replay import make_producer, replay, send_events
+from tests.conftest import TEST_CACHE
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +37,7 @@ def stack(tmp_path_factory):
         "metrics_port": free_port(), "partitions": 2, "num_consumers": 2, "num_shards": 2,
         "num_replicas": 2, "train_workers": 2, "train_steps": 4, "batch_size": 16,
         "val_users": 30, "gate_margin": 1.0, "admin_token": TOKEN, "log_flush_s": 0.2,
-        "namespace": "promptrec-e2e"})
+        "namespace": "promptrec-e2e", "cache_dir": str(TEST_CACHE)})
     stack = Stack(settings, progress=False).start(fresh=True)
     interactions = load_interactions("ml-100k", REPLAYED)
     sent = replay(stack.bootstrap, settings.topic_clicks, interactions, "ml-100k", progress=False)

@@ -84,7 +84,7 @@ def train_loop_per_worker(config: dict) -> None:
     for step in range(config["steps"]):
         batch = train.subset(rng.choice(mine, size=min(config["batch_size"], len(mine)),
                                         replace=False))
-        losses.append(train_step(model, optimizer, batch, items))
+        losses.append(train_step(model, optimizer, batch, items, config["personal_alpha"]))
         if rank == 0 and (step + 1) % max(1, config["steps"] // 4) == 0:
             print(f"[train round {config['round']}] step {step + 1}/{config['steps']} "
                   f"loss {np.mean(losses[-10:]):.3f}", flush=True)
@@ -116,7 +116,8 @@ class RoundRunner:
             _, encoder = load_backbone(self._backbone_path)
             self._gate_model = PromptRecModel(encoder, state)
         self._gate_model.load_prompt_state(state)
-        return evaluate(self._gate_model, examples, self.catalog.vectors)
+        return evaluate(self._gate_model, examples, self.catalog.vectors,
+                        personal_alpha=self.settings.personal_alpha)
 
     def run(self, since_ingest_ts: float | None = None) -> RoundResult:
         """One round; never raises for a bad round (it is counted and reported)."""
@@ -168,7 +169,8 @@ class RoundRunner:
             train_loop_config={"inputs_ref": inputs_ref, "backbone_path": self._backbone_path,
                                "steps": s.train_steps, "batch_size": s.batch_size,
                                "learning_rate": s.learning_rate, "seed": self.round,
-                               "round": self.round, "threads": 1},
+                               "round": self.round, "threads": 1,
+                               "personal_alpha": s.personal_alpha},
             scaling_config=ScalingConfig(num_workers=s.train_workers, use_gpu=s.use_gpu,
                                          resources_per_worker={"CPU": 1}),
             run_config=RunConfig(name=f"round-{self.round}-{int(time.time())}",

@@ -13,7 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from services.model import personal_from_history
 from training.examples import PAD, Examples
+
+# The personal-prompt rate of the shards (settings.personal_alpha); examples carry no shard
+# state, so training replays the rule over each example's history window.
+DEFAULT_PERSONAL_ALPHA = 0.1
 
 
 def collate(history: np.ndarray, item_vectors: torch.Tensor, device: torch.device | str = "cpu"
@@ -26,7 +31,8 @@ def collate(history: np.ndarray, item_vectors: torch.Tensor, device: torch.devic
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Examples,
-               item_vectors: torch.Tensor) -> float:
+               item_vectors: torch.Tensor, personal_alpha: float = DEFAULT_PERSONAL_ALPHA
+               ) -> float:
     """One step of full-softmax cross-entropy over the whole catalog; returns the loss.
 
     model(history [B,L,H], mask [B,L], items [N,H]) -> logits [B, N].
@@ -34,7 +40,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Exampl
     device = item_vectors.device
     history, mask = collate(batch.history, item_vectors, device)
     target = torch.as_tensor(batch.target, dtype=torch.long, device=device)
-    logits = model(history, mask, item_vectors)
+    personal = personal_from_history(history, mask, personal_alpha)
+    logits = model(history, mask, item_vectors, personal)
     loss = F.cross_entropy(logits, target)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -44,7 +51,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Exampl
 
 @torch.no_grad()
 def evaluate(model, examples: Examples, item_vectors: torch.Tensor, k: int = 10,
-             batch_size: int = 128) -> dict[str, float]:
+             batch_size: int = 128, personal_alpha: float = DEFAULT_PERSONAL_ALPHA
+             ) -> dict[str, float]:
     """Full ranking over the catalog, history items masked -> HR@k, NDCG@k.
 
     `model` needs encode_users(history, mask) and logits(users, items).
@@ -55,7 +63,8 @@ def evaluate(model, examples: Examples, item_vectors: torch.Tensor, k: int = 10,
     for start in range(0, len(examples), batch_size):
         chunk = examples.subset(np.arange(start, min(start + batch_size, len(examples))))
         history, mask = collate(chunk.history, item_vectors, item_vectors.device)
-        scores = model.logits(model.encode_users(history, mask), item_vectors)
+        personal = personal_from_history(history, mask, personal_alpha)
+        scores = model.logits(model.encode_users(history, mask, personal), item_vectors)
         scores = mask_seen(scores, chunk.history)
         target = torch.as_tensor(chunk.target, dtype=torch.long, device=scores.device)
         target_scores = scores.gather(1, target[:, None])
