@@ -88,27 +88,34 @@ def test_a_click_changes_state_and_recommendations(stack):
     assert _get(stack, "/recommend", user_id=user).json()["state_version"] == 1
 
 
-def test_malformed_events_go_to_the_dead_letter_topic(stack):
+def test_the_bad_input_corpus_goes_to_the_dead_letter_topic(stack):
     from kafka import KafkaConsumer, KafkaProducer
 
-    producer = KafkaProducer(bootstrap_servers=stack.bootstrap, enable_idempotence=False)
-    bad = [(b"u1", b"{broken"), (None, ClickEvent("x1", "u1", "1", 1.0, "click").to_json()),
-           (b"u1", b'{"event_id":"x2","user_id":"u1","item_id":"1","ts":1,"type":"hover"}')]
-    for key, value in bad:
+    from tests.services.test_events import BAD
+
+    producer = KafkaProducer(bootstrap_servers=stack.bootstrap, enable_idempotence=False,
+                             max_request_size=8 << 20)
+    sendable = [(k, v, r) for k, v, r in BAD if v is not None]
+    for key, value, _ in sendable:
         producer.send(stack.settings.topic_clicks, key=key, value=value)
     producer.close()
     dlq = KafkaConsumer(stack.settings.topic_dlq, bootstrap_servers=stack.bootstrap,
-                        auto_offset_reset="earliest", consumer_timeout_ms=15000,
-                        enable_auto_commit=False)
-    reasons = []
+                        auto_offset_reset="earliest", consumer_timeout_ms=20000,
+                        enable_auto_commit=False, fetch_max_bytes=64 << 20,
+                        max_partition_fetch_bytes=16 << 20)
+    dead = []
     for record in dlq:
-        reasons.append(dict(record.headers)["reason"].decode())
-        if len(reasons) >= 3:
+        dead.append((record.value, dict(record.headers)))
+        if len(dead) >= len(sendable):
             break
     dlq.close()
-    assert sorted(reasons) == ["missing_key", "not_json", "unknown_type"]
+    assert sorted(h["reason"].decode() for _, h in dead) == sorted(r for _, _, r in sendable)
+    assert all(h["source"].startswith(stack.settings.topic_clicks.encode()) for _, h in dead)
+    # Nothing is lost: the oversized payload is dead-lettered whole.
+    assert max(len(v) for v, _ in dead) > 1 << 20
     totals = stack.streaming.stats()["totals"]
-    assert totals["invalid:not_json"] == 1 and totals["invalid:unknown_type"] == 1
+    assert totals["invalid:not_json"] == 1 and totals["invalid:unknown_item"] == 1
+    assert sum(n for k, n in totals.items() if k.startswith("invalid:")) == len(sendable)
 
 
 def test_offsets_are_committed_after_apply(stack):
@@ -236,4 +243,5 @@ def test_metrics_endpoint_exports_the_service_metrics(stack):
     ok = sum(v for labels, v in scraped["promptrec_events_consumed_total"]
              if labels.get("result") == "ok")
     assert ok >= REPLAYED
-    assert len(scraped["promptrec_serving_prompt_version"]) == stack.settings.num_replicas
+    replicas = {labels.get("replica") for labels, _ in scraped["promptrec_serving_prompt_version"]}
+    assert replicas and all(replicas)  # labelled by replica
