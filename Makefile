@@ -6,7 +6,7 @@ STAMP := $(VENV)/.promptrec-installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-quick lint clean
+.PHONY: setup demo test test-quick lint clean bench-ingest
 
 setup: $(STAMP)
 
@@ -32,3 +32,6 @@ lint: setup
 
 clean:
 	rm -rf .promptrec build *.egg-info
+
+bench-ingest: setup
+	$(PY) -m bench.ingest $(ARGS)

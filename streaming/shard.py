@@ -151,6 +151,9 @@ class UserStateShard:
         return {"history": [item for _, _, item in state.history],
                 "state_version": state.state_version, "personal": state.personal}
 
+    def applied_count(self) -> int:
+        return self.applied
+
     def covered_offsets(self) -> dict[int, int]:
         return {p: offset for p, (_, offset) in self.covered.items()}
 
