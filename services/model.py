@@ -117,13 +117,16 @@ def personal_prompt_update(personal: np.ndarray | None, item_vector: np.ndarray,
                            alpha: float) -> np.ndarray:
     """The online update rule of a user's personal prompt (one vector in item space, [H]).
 
+    `personal` (float32) is updated in place and returned.
+
     The first event sets it to the item's vector; each later one moves it toward the
     item: p <- p + min(1, alpha * w(type)) * (v - p), an exponential moving average.
     """
     if personal is None:
         return item_vector.astype(np.float32, copy=True)
-    rate = min(1.0, alpha * EVENT_WEIGHTS.get(event_type, 1.0))
-    return (personal + np.float32(rate) * (item_vector - personal)).astype(np.float32)
+    rate = np.float32(min(1.0, alpha * EVENT_WEIGHTS.get(event_type, 1.0)))
+    personal += rate * (item_vector - personal)  # in place: this runs once per event
+    return personal
 
 
 def personal_from_history(history: torch.Tensor, mask: torch.Tensor, alpha: float
