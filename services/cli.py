@@ -3,6 +3,7 @@
     promptrec demo      the whole pipeline on the embedded defaults, then stop
     promptrec serve     start the stack and keep serving (training rounds on a schedule)
     promptrec replay    push a MovieLens data set into a Kafka topic
+    promptrec eval offline   leave-one-out quality against popularity
 """
 
 from __future__ import annotations
@@ -51,6 +52,21 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("--start", type=int, default=0, help="first event index")
     replay.add_argument("--stop", type=int, default=None, help="stop before this event index")
     Settings.add_arguments(replay)
+
+    evaluate = sub.add_parser("eval", help="measure recommendation quality")
+    kinds = evaluate.add_subparsers(dest="eval_kind", required=True)
+    offline = kinds.add_parser(
+        "offline", help="leave-one-out, full ranking, vs popularity in the same run",
+        description="Train the prompt on the training portion, pick weights on validation, "
+        "report test HR@10/NDCG@10, popularity and cold-start HR@10; writes "
+        "bench/results/quality_<dataset>.json.")
+    offline.add_argument("--steps", type=int, default=300, help="training steps")
+    offline.add_argument("--eval-every", type=int, default=100,
+                         help="validation checkpoints (the best one is kept)")
+    offline.add_argument("--max-users", type=int, default=None,
+                         help="evaluate the first N users only (quick runs)")
+    offline.add_argument("--out", default=None, help="result file (default bench/results/…)")
+    Settings.add_arguments(offline)
     return parser
 
 
@@ -144,6 +160,30 @@ def run_demo(settings: Settings, args: argparse.Namespace) -> int:
         stack.stop()
 
 
+def run_offline_eval(settings: Settings, args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from services.catalog import load_catalog
+    from services.data import load_interactions
+    from services.model import resolve_backbone_path
+    from training.offline import run_offline
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    backbone = resolve_backbone_path(settings.backbone_path)
+    catalog = load_catalog(settings.dataset, backbone, settings.cache, progress=True)
+    result = run_offline(settings.dataset, catalog, load_interactions(settings.dataset),
+                         str(backbone), steps=args.steps, batch_size=settings.batch_size,
+                         learning_rate=settings.learning_rate,
+                         history_len=settings.history_len, prompt_len=settings.prompt_len,
+                         personal_alpha=settings.personal_alpha, eval_every=args.eval_every,
+                         max_users=args.max_users, out=Path(args.out) if args.out else None)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
                         datefmt="%H:%M:%S")
@@ -167,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 stack.stop()
             return 0
+        if args.command == "eval":
+            return run_offline_eval(settings, args)
         if args.command == "replay":
             from services.data import load_interactions
             from services.embedded import check_kafka

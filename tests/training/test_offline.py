@@ -1,0 +1,66 @@
+import json
+
+import numpy as np
+import torch
+
+from services.catalog import Catalog
+from services.data import Interactions, Item
+from services.model import default_backbone_path
+from training.examples import PAD
+from training.offline import Popularity, is_cold, leave_one_out, run_offline
+
+
+def _catalog(n: int) -> Catalog:
+    items = [Item(f"i{k}", f"Movie {k}", "1990", "Drama") for k in range(n)]
+    return Catalog(items, torch.nn.functional.normalize(torch.randn(n, 384), dim=1))
+
+
+def _interactions(rows):
+    users, items, ts = zip(*rows, strict=True)
+    n = len(rows)
+    return Interactions(np.array(users, dtype=object), np.array(items, dtype=object),
+                        np.array(ts, float), np.ones(n, np.float32), np.arange(n))
+
+
+def test_leave_one_out_holds_out_last_two_and_cold_items():
+    catalog = _catalog(40)
+    cold = next(k for k in range(40) if is_cold(f"i{k}"))
+    warm = [k for k in range(40) if not is_cold(f"i{k}")]
+    a, b, c, d = warm[:4]
+    rows = [("u", f"i{a}", 1), ("u", f"i{b}", 2), ("u", f"i{cold}", 3), ("u", f"i{c}", 4),
+            ("u", f"i{d}", 5), ("v", f"i{a}", 1), ("v", f"i{b}", 2), ("v", f"i{cold}", 3)]
+    split = leave_one_out(_interactions(rows[::-1]), catalog, history_len=4)
+    # u: train sees a, b, (cold dropped); validation target c; test target d.
+    assert split.train.target.tolist() == [b]
+    assert split.train.history.tolist() == [[a, PAD, PAD, PAD]]
+    assert sorted(split.val.target.tolist()) == sorted([c, b])
+    assert sorted(split.test.target.tolist()) == sorted([d, cold])
+    assert split.test_cold.target.tolist() == [cold]
+    assert split.train_item_counts[cold] == 0 and split.train_item_counts[a] == 2
+
+
+def test_popularity_scores_are_the_same_for_everyone():
+    pop = Popularity(np.array([3, 0, 9]))
+    scores = pop.logits(pop.encode_users(torch.zeros(2, 1, 384), None), None)
+    assert scores.shape == (2, 3) and scores[0].argmax() == 2 and torch.equal(scores[0], scores[1])
+
+
+def test_offline_eval_writes_the_result_contract(tmp_path):
+    from services.catalog import load_catalog
+    from services.data import load_interactions
+    from tests.conftest import TEST_CACHE
+
+    catalog = load_catalog("ml-100k", default_backbone_path(), TEST_CACHE)
+    out = tmp_path / "quality_ml-100k.json"
+    result = run_offline("ml-100k", catalog, load_interactions("ml-100k"),
+                         str(default_backbone_path()), steps=2, batch_size=8, max_users=60,
+                         progress=False, out=out)
+    assert json.loads(out.read_text()) == result
+    for key in ("ndcg10", "hr10", "pop_ndcg10", "pop_hr10", "trainable_params",
+                "backbone_params", "per_user_state_floats", "train_seconds", "protocol",
+                "cold_hr10"):
+        assert key in result
+    assert 0 <= result["ndcg10"] <= result["hr10"] <= 1
+    assert 0 < result["pop_hr10"] <= 1  # popularity finds some test items among 60 users
+    assert result["trainable_params"] < 0.01 * result["backbone_params"]
+    assert result["test_users"] == 60
