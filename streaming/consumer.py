@@ -7,7 +7,8 @@ event_id), so per-user state is effectively-once. The loop, per poll:
    header (and are counted), they never stop the consumer;
 2. every shard gets one call for the batch: its events plus the offset range the batch
    spans per partition; a shard that restarted from an older snapshot answers with a
-   rewind offset and the consumer seeks back there (other shards skip the replay);
+   rewind offset and the consumer seeks back there (other shards skip the replay).
+   One batch is in flight while the next is fetched and decoded;
 3. valid events are buffered for the event log;
 4. every `log_flush_s` the log buffer is written, the DLQ producer flushed, and only
    then offsets committed (commit = last handled offset + 1).
@@ -25,6 +26,7 @@ import threading
 import time
 import traceback
 from collections import Counter as Tally
+from dataclasses import dataclass, field
 
 from services import metrics
 from services.config import Settings
@@ -33,6 +35,22 @@ from services.events import InvalidEvent, decode_event
 from services.naming import shard_for_user
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Part:
+    """One partition's share of a poll."""
+
+    low: int  # first offset
+    high: int  # last offset + 1
+    valid: list = field(default_factory=list)  # ClickEvent, for the event log
+    wire: list = field(default_factory=list)  # (shard index, WireEvent)
+
+
+@dataclass
+class _InFlight:
+    refs: list
+    batch: dict  # TopicPartition -> _Part
 
 
 class IngestConsumer:
@@ -105,52 +123,72 @@ class IngestConsumer:
                             max_request_size=16 << 20)
         event_log = EventLogWriter(str(s.root / "eventlog"), f"consumer{self.index}")
         pending: dict[TopicPartition, int] = {}
+        inflight: _InFlight | None = None
         last_flush = time.monotonic()
+
+        def settle() -> dict[int, int]:
+            """Wait for the batch in flight; seek back where a shard asked to."""
+            nonlocal inflight
+            rewind = self._collect(inflight)
+            for tp, part in inflight.batch.items():
+                if tp.partition in rewind:
+                    consumer.seek(tp, rewind[tp.partition])
+                    pending.pop(tp, None)
+                    self.rewinds += 1
+                else:
+                    event_log.append(part.valid)
+                    pending[tp] = part.high
+            inflight = None
+            return rewind
+
+        def commit() -> None:
+            event_log.flush()
+            dlq.flush()
+            self._commit(consumer, {tp: OffsetAndMetadata(off, "", -1)
+                                    for tp, off in pending.items()})
+            pending.clear()
+
         try:
             while not self._stop.is_set():
-                self._follow_topic_epoch(consumer, pending)
-                batches = consumer.poll(timeout_ms=100, max_records=s.poll_max_records)
-                if batches:
-                    valid, rewind = self._handle(batches, dlq)
-                    event_log.append(valid)
-                    for tp, records in batches.items():
-                        if tp.partition in rewind:
-                            consumer.seek(tp, rewind[tp.partition])
-                            pending.pop(tp, None)
-                            self.rewinds += 1
-                        else:
-                            pending[tp] = records[-1].offset + 1
-                if pending and (time.monotonic() - last_flush >= s.log_flush_s
-                                or len(event_log) >= 50_000):
-                    event_log.flush()
-                    dlq.flush()
-                    self._commit(consumer, {tp: OffsetAndMetadata(off, "", -1)
-                                            for tp, off in pending.items()})
+                new_epoch = self._new_topic_epoch(consumer)
+                if new_epoch:
+                    if inflight:
+                        settle()
                     pending.clear()
+                    assigned = list(consumer.assignment())
+                    if assigned:
+                        consumer.seek_to_beginning(*assigned)
+                    self.epoch = new_epoch
+                batches = consumer.poll(timeout_ms=100, max_records=s.poll_max_records)
+                prepared = self._decode(batches, dlq) if batches else {}
+                # One batch in flight: the shards apply batch k while this consumer fetches
+                # and decodes batch k+1 (Ray runs one caller's calls to an actor in order).
+                if inflight:
+                    rewind = settle()
+                    for tp in [tp for tp in prepared if tp.partition in rewind]:
+                        del prepared[tp]  # fetched past the rewind point: it is re-read
+                if prepared:
+                    inflight = self._submit(prepared)
+                # `pending` holds settled batches only, so a batch in flight never commits.
+                if pending and time.monotonic() - last_flush >= s.log_flush_s:
+                    commit()
                     last_flush = time.monotonic()
                 self._update_lag(consumer)
         finally:
             # Stopping cleanly: keep what was applied, logged and committed.
+            if inflight:
+                settle()
             if pending:
-                event_log.flush()
-                dlq.flush()
-                self._commit(consumer, {tp: OffsetAndMetadata(off, "", -1)
-                                        for tp, off in pending.items()})
+                commit()
             consumer.close()
             dlq.close()
 
-    def _handle(self, batches: dict, dlq) -> tuple[list, dict[int, int]]:
-        """Validate, dead-letter the bad, apply the good to every shard.
-
-        Returns (valid events, rewind {partition: offset} requested by any shard).
-        """
-        import ray
-
-        valid: list = []
-        by_shard: dict[int, list] = {i: [] for i in range(len(self.shards))}
-        ranges: dict[int, tuple[int, int]] = {}
+    def _decode(self, batches: dict, dlq) -> dict:
+        """Validate a poll's records; dead-letter the bad -> {tp: _Part}."""
+        parts = {}
+        n_shards = len(self.shards)
         for tp, records in batches.items():
-            ranges[tp.partition] = (self.epoch, records[0].offset, records[-1].offset + 1)
+            part = _Part(low=records[0].offset, high=records[-1].offset + 1)
             for record in records:
                 try:
                     event = decode_event(record.key, record.value, self.known_items)
@@ -162,14 +200,30 @@ class IngestConsumer:
                                        .encode())])
                     self._count("invalid", bad.reason)
                     continue
-                valid.append(event)
-                by_shard[shard_for_user(event.user_id, len(self.shards))].append(
-                    (tp.partition, record.offset, event.event_id, event.user_id, event.item_id,
-                     event.ts, event.type, record.timestamp or 0))
-        refs = [self.shards[i].apply.remote(batch, ranges)
-                for i, batch in by_shard.items()]
+                part.valid.append(event)
+                part.wire.append((shard_for_user(event.user_id, n_shards), (
+                    tp.partition, record.offset, event.event_id, event.user_id, event.item_id,
+                    event.ts, event.type, record.timestamp or 0)))
+            parts[tp] = part
+        return parts
+
+    def _submit(self, batch: dict) -> _InFlight:
+        """One call per shard, events or not: every shard learns every batch's ranges."""
+        by_shard: dict[int, list] = {i: [] for i in range(len(self.shards))}
+        ranges = {}
+        for tp, part in batch.items():
+            ranges[tp.partition] = (self.epoch, part.low, part.high)
+            for shard, wire in part.wire:
+                by_shard[shard].append(wire)
+        refs = [self.shards[i].apply.remote(events, ranges) for i, events in by_shard.items()]
+        return _InFlight(refs=refs, batch=batch)
+
+    def _collect(self, inflight: _InFlight) -> dict[int, int]:
+        """Results of a submitted batch -> rewind {partition: offset} asked by any shard."""
+        import ray
+
         rewind: dict[int, int] = {}
-        for result in ray.get(refs):
+        for result in ray.get(inflight.refs):
             self._count("ok", "", result["applied"])
             self._count("duplicate", "event_id", result["duplicates"])
             self._count("duplicate", "redelivery", result["replayed"])
@@ -177,24 +231,23 @@ class IngestConsumer:
                 rewind[partition] = min(offset, rewind.get(partition, offset))
         if rewind:
             log.warning("consumer %d: shards asked to rewind %s", self.index, rewind)
-        return valid, rewind
+        return rewind
 
-    def _follow_topic_epoch(self, consumer, pending: dict) -> None:
+    def _new_topic_epoch(self, consumer) -> str | None:
+        """The topic's new id if it was recreated since we last looked, else None."""
         # kafka-python 3 has no public accessor for topic ids (KIP-516); the cluster
         # metadata of the consumer's client holds them.
         topic_id = consumer._client.cluster.topic_id(self.settings.topic_clicks)
         current = str(topic_id) if topic_id else ""
-        if current and self.epoch and current != self.epoch:
-            log.warning("consumer %d: topic %s was recreated (id %s -> %s); reading it from "
-                        "the beginning", self.index, self.settings.topic_clicks, self.epoch,
-                        current)
-            assigned = list(consumer.assignment())
-            if assigned:
-                consumer.seek_to_beginning(*assigned)
-            pending.clear()
-            self.epoch_changes += 1
-        if current:
-            self.epoch = current
+        if not current or current == self.epoch:
+            return None
+        if not self.epoch:
+            self.epoch = current  # first sight, not a change
+            return None
+        log.warning("consumer %d: topic %s was recreated (id %s -> %s); reading it from the "
+                    "beginning", self.index, self.settings.topic_clicks, self.epoch, current)
+        self.epoch_changes += 1
+        return current
 
     def _count(self, result: str, reason: str, n: int = 1) -> None:
         if n:
