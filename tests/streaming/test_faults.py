@@ -131,11 +131,15 @@ def test_killed_consumer_loses_nothing(tmp_path, ray_session, broker, catalog, e
 
 def test_killed_shard_restores_and_replays(tmp_path, ray_session, broker, catalog, events):
     def kill_shard(plane, settings, half):
+        _wait_applied(plane, 1)
+        ray.get(plane.shards[0].snapshot.remote())  # what the shard applies after this is lost
         _wait_applied(plane, half)
-        time.sleep(0.5)  # let a snapshot happen, then lose what came after it
         ray.kill(plane.shards[0], no_restart=False)
-        stats = ray.get(plane.shards[0].stats.remote())  # blocks until restarted
-        assert stats["restored_from"] is not None
+        # ray.kill is asynchronous: the old incarnation may still answer for a moment.
+        deadline = time.monotonic() + 60
+        while ray.get(plane.shards[0].stats.remote())["restored_from"] is None:
+            assert time.monotonic() < deadline, "the shard never restored a snapshot"
+            time.sleep(0.2)
     _run_with_fault(tmp_path, broker, catalog, events, kill_shard)
 
 
