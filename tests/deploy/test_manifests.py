@@ -7,6 +7,7 @@ import copy
 import json
 import re
 import shlex
+import subprocess
 from dataclasses import fields
 
 import pytest
@@ -180,7 +181,12 @@ def test_configmap_is_valid_settings_that_agree_with_the_serve_config():
 def test_driver_runs_the_real_cli_against_the_cluster():
     deployment = load_all(DRIVER)["Deployment/promptrec-driver"]
     assert deployment["spec"]["replicas"] == 1
-    script = deployment["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    (submitter,) = deployment["spec"]["template"]["spec"]["containers"]
+    # The job gets its settings from this pod's environment (the ConfigMap).
+    assert {"configMapRef": {"name": "promptrec-settings"}} in submitter["envFrom"]
+    script = submitter["args"][0]
+    syntax = subprocess.run(["bash", "-n", "-c", script], capture_output=True, text=True)
+    assert syntax.returncode == 0, syntax.stderr
     submit = re.search(r"ray job submit (.*?) \\\n\s+-- (.*?) ;;", script, re.S)
     assert submit, script
     argv = shlex.split(submit[2])
