@@ -127,10 +127,19 @@ def deploy_config(raw: dict) -> None:
     from ray.serve.schema import ServeDeploySchema
 
     config = ServeDeploySchema.model_validate(raw)
-    client = serve_start(http_options=config.http_options.model_dump(),
-                         proxy_location=config.proxy_location,
-                         grpc_options=config.grpc_options.model_dump(),
-                         global_logging_config=config.logging_config)
+    for attempt in (1, 2):
+        try:
+            client = serve_start(http_options=config.http_options.model_dump(),
+                                 proxy_location=config.proxy_location,
+                                 grpc_options=config.grpc_options.model_dump(),
+                                 global_logging_config=config.logging_config)
+            break
+        except ray.exceptions.ActorDiedError:
+            # On an overloaded machine the first proxy can fail its health checks and be
+            # replaced by the controller (seen here at load 40 on 2 cores); the second
+            # call connects to that controller.
+            if attempt == 2:
+                raise
     client.deploy_apps(config)
 
 
