@@ -6,7 +6,7 @@ STAMP := $(VENV)/.promptrec-installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-quick lint clean bench-ingest
+.PHONY: setup demo test test-quick lint clean prometheus bench-ingest
 
 setup: $(STAMP)
 
@@ -21,8 +21,12 @@ $(STAMP): pyproject.toml requirements-assets.txt
 demo: setup
 	$(VENV)/bin/promptrec demo $(ARGS)
 
-test: setup
+test: setup prometheus
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The Prometheus server of the scrape test (tests/deploy/test_live.py); a no-op once installed.
+prometheus:
+	@bash .ci/install-prometheus
 
 test-quick: setup
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)

@@ -42,6 +42,9 @@ class Settings:
     namespace: str = field(default="promptrec", metadata=_help("Ray namespace of named actors"))
     ray_log_to_driver: bool = field(default=False, metadata=_help(
         "stream Ray worker logs to this terminal (they are always in Ray's session logs)"))
+    deploy_serve: bool = field(default=True, metadata=_help(
+        "deploy the Serve app from this process; off when a Serve config owns it "
+        "(deploy/serve.yaml through `serve deploy` or a KubeRay RayService)"))
     data_dir: str = field(default=".promptrec", metadata=_help(
         "where caches, the event log, prompt versions and Ray Train results live"))
 

@@ -102,26 +102,73 @@ def check_kafka(bootstrap: str, timeout_s: float = 10.0) -> None:
         f"that the port is open from this machine; leave it empty to use the embedded broker")
 
 
-def ensure_topics(bootstrap: str, topics: dict[str, int]) -> None:
-    """Create topics with the given partition counts; existing ones are kept."""
-    from kafka.admin import KafkaAdminClient, NewTopic
+def ensure_topics(bootstrap: str, topics: dict[str, int],
+                  configs: dict[str, dict[str, str]] | None = None,
+                  replication_factor: int = 1) -> dict[str, str]:
+    """Create topics with the given partition counts; existing ones are kept.
+
+    `configs` ({topic: {"retention.ms": ...}}) go into the create request and are also
+    applied to topics that already exist, so re-running a set-up changes retention in
+    place. Returns {topic: "created" | "updated" | "kept"}.
+    """
+    from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient, NewTopic
     from kafka.errors import TopicAlreadyExistsError
 
+    configs = configs or {}
     admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="promptrec-admin")
     try:
         existing = set(admin.list_topics())
-        new = [NewTopic(name, num_partitions=n, replication_factor=1)
+        new = [NewTopic(name, num_partitions=n, replication_factor=replication_factor,
+                        topic_configs=configs.get(name, {}))
                for name, n in topics.items() if name not in existing]
         if new:
             try:
                 admin.create_topics(new)
             except TopicAlreadyExistsError:
                 pass
+        changed = [ConfigResource(ConfigResourceType.TOPIC, name, configs=dict(configs[name]))
+                   for name in topics if name in existing and configs.get(name)]
+        if changed:
+            admin.alter_configs(changed)
     finally:
         admin.close()
+    status = {name: "updated" if configs.get(name) else "kept"
+              for name in topics if name in existing}
+    return status | {topic.name: "created" for topic in new}
 
 
-def start_ray(settings) -> None:
+def topic_settings(bootstrap: str, topics: list[str]) -> dict[str, dict]:
+    """{topic: {"partitions": n, "configs": {name: value}}} as the broker reports them."""
+    from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="promptrec-admin")
+    try:
+        described = {t["name"]: len(t["partitions"]) for t in admin.describe_topics(topics)}
+        # "all": brokers differ in which source they report for create-time configs.
+        found = admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, name) for name in topics],
+            config_filter="all")["topic"]
+    finally:
+        admin.close()
+    return {name: {"partitions": described.get(name, 0),
+                   "configs": {k: v["value"] for k, v in found.get(name, {}).items()}}
+            for name in topics}
+
+
+def ray_endpoint(address: str) -> tuple[str, int] | None:
+    """The (host, port) that must accept TCP for `address`: the client server for
+    ray://host[:port], the GCS for host[:port]; None for `auto` (Ray finds it locally)."""
+    if address == "auto":
+        return None
+    client = address.startswith("ray://")
+    rest = address.removeprefix("ray://").rstrip("/")
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port.isdigit():
+        host, port = rest, ("10001" if client else "6379")
+    return host.strip("[]"), int(port)
+
+
+def start_ray(settings, connect_timeout_s: float = 10.0) -> None:
     """Connect to `ray_address`, or start a local Ray sized for this machine."""
     import os
 
@@ -134,15 +181,25 @@ def start_ray(settings) -> None:
     os.environ["PYTHONPATH"] = os.pathsep.join(
         filter(None, [project_root, os.environ.get("PYTHONPATH", "")]))
     if settings.ray_address:
+        hint = ("Check the head node runs (`ray status` there), the client port (10001 for "
+                "ray://) or GCS port (6379) is open from this machine, and RAY_AUTH_TOKEN if "
+                "token auth is on")
+        endpoint = ray_endpoint(settings.ray_address)
+        # Probe first: ray.init retries an unreachable address for 30-60 s and then names
+        # neither the setting nor the port.
+        if endpoint and not wait_for_port(*endpoint, connect_timeout_s):
+            host, port = endpoint
+            raise InfrastructureError(
+                f"cannot reach Ray at {settings.ray_address} (setting ray_address / "
+                f"PROMPTREC_RAY_ADDRESS): nothing accepts connections on host {host} port "
+                f"{port} after {connect_timeout_s:g} s. {hint}")
         try:
             ray.init(address=settings.ray_address, namespace=settings.namespace,
                      log_to_driver=settings.ray_log_to_driver)
         except Exception as err:  # ray raises ConnectionError, RuntimeError, ValueError ...
             raise InfrastructureError(
                 f"cannot reach Ray at {settings.ray_address} (setting ray_address / "
-                f"PROMPTREC_RAY_ADDRESS): {err}. Check the head node runs (`ray status` there), "
-                f"the client port (10001 for ray://) is open, and RAY_AUTH_TOKEN if token auth "
-                f"is on") from err
+                f"PROMPTREC_RAY_ADDRESS): {err}. {hint}") from err
         return
     ray.init(include_dashboard=False, num_cpus=settings.ray_num_cpus,
              namespace=settings.namespace, _metrics_export_port=settings.metrics_port,

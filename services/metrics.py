@@ -14,8 +14,54 @@ from __future__ import annotations
 
 import functools
 import re
+import threading
+import time
 
 _LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]
+_KEEP_EVERY_S = 5.0
+
+
+class KeptGauge:
+    """A Ray gauge whose last value per tag set is recorded again every few seconds.
+
+    Ray 2.60 drops a gauge series from its export some 20-30 s after the series' last
+    set() (measured here: a gauge set once in an actor was gone from the metrics
+    endpoint within 30 s, a counter stayed). Values that change rarely (users held, the
+    prompt version a replica serves, the last round's loss) would otherwise be missing
+    from Prometheus most of the time. The re-recording thread lives in the recording process,
+    so the series of a dead actor or replica still ages out.
+    """
+
+    _all: list[KeptGauge] = []
+    _lock = threading.Lock()
+    _thread: threading.Thread | None = None
+
+    def __init__(self, gauge):
+        self._gauge = gauge
+        self._last: dict[tuple, tuple[float, dict[str, str] | None]] = {}
+        with KeptGauge._lock:
+            KeptGauge._all.append(self)
+            if KeptGauge._thread is None:
+                KeptGauge._thread = threading.Thread(target=KeptGauge._keep, daemon=True,
+                                                     name="promptrec-kept-gauges")
+                KeptGauge._thread.start()
+
+    def set(self, value: float, tags: dict[str, str] | None = None) -> None:
+        self._gauge.set(value, tags=tags)
+        with KeptGauge._lock:
+            self._last[tuple(sorted((tags or {}).items()))] = (value, tags)
+
+    @classmethod
+    def _keep(cls) -> None:
+        while True:
+            time.sleep(_KEEP_EVERY_S)
+            with cls._lock:
+                pending = [(g._gauge, v, t) for g in cls._all for v, t in g._last.values()]
+            for gauge, value, tags in pending:
+                try:
+                    gauge.set(value, tags=tags)
+                except Exception:  # noqa: BLE001 - e.g. Ray shut down in this process
+                    pass
 
 
 @functools.cache
@@ -50,8 +96,8 @@ def event_to_state_seconds():
 def users_held():
     from ray.util.metrics import Gauge
 
-    return Gauge("promptrec_users_held", description="Users with state, per shard",
-                 tag_keys=("shard",))
+    return KeptGauge(Gauge("promptrec_users_held", description="Users with state, per shard",
+                           tag_keys=("shard",)))
 
 
 @functools.cache
@@ -67,16 +113,17 @@ def training_rounds():
 def training_loss():
     from ray.util.metrics import Gauge
 
-    return Gauge("promptrec_training_loss", description="Mean training loss of the last round",
-                 tag_keys=())
+    return KeptGauge(Gauge("promptrec_training_loss",
+                           description="Mean training loss of the last round", tag_keys=()))
 
 
 @functools.cache
 def serving_prompt_version():
     from ray.util.metrics import Gauge
 
-    return Gauge("promptrec_serving_prompt_version",
-                 description="Prompt version each replica serves", tag_keys=("replica",))
+    return KeptGauge(Gauge("promptrec_serving_prompt_version",
+                           description="Prompt version each replica serves",
+                           tag_keys=("replica",)))
 
 
 @functools.cache

@@ -98,14 +98,17 @@ class Stack:
                                          self.catalog.vectors.numpy())
         self._step("registry, shards, consumers", t)
 
-        t = time.monotonic()
-        from ray import serve
+        if s.deploy_serve:
+            t = time.monotonic()
+            from ray import serve
 
-        serve.start(http_options={"host": s.http_host, "port": s.http_port},
-                    logging_config={"log_level": "WARNING", "enable_access_log": False})
-        serve.run(build_app(s), name=SERVE_APP, route_prefix="/", blocking=False)
-        self.wait_healthy()
-        self._step(f"serve ready ({s.num_replicas} replicas)", t)
+            serve.start(http_options={"host": s.http_host, "port": s.http_port},
+                        logging_config={"log_level": "WARNING", "enable_access_log": False})
+            serve.run(build_app(s), name=SERVE_APP, route_prefix="/", blocking=False)
+            self.wait_healthy()
+            self._step(f"serve ready ({s.num_replicas} replicas)", t)
+        else:
+            log.info("Serve left to its config (deploy_serve off)")
         self.runner = RoundRunner(s, self.catalog, self.registry)
         return self
 
@@ -150,10 +153,13 @@ class Stack:
         from ray import serve
 
         if ray.is_initialized():
-            try:
-                serve.shutdown()
-            except Exception:  # noqa: BLE001 - best effort on the way out
-                log.exception("serve shutdown")
+            # A Serve app that a config deployed belongs to that config (its replicas find
+            # the registry of the next driver by name), not to this process.
+            if self.settings.deploy_serve:
+                try:
+                    serve.shutdown()
+                except Exception:  # noqa: BLE001 - best effort on the way out
+                    log.exception("serve shutdown")
             if self.streaming:
                 self.streaming.stop()
             ray.shutdown()

@@ -132,6 +132,15 @@ class Recommender:
         self.last_publish_to_live_ms = (time.time() - entry["created"]) * 1000
         log.info("replica %s now serves prompt version %d", self.replica, entry["version"])
 
+    def _lookup_registry(self) -> None:
+        # When Serve is deployed from a config, the driver that owns the registry can
+        # restart on its own; its new registry actor has the same name, the old handle
+        # stays dead.
+        try:
+            self.registry = ray.get_actor(REGISTRY_ACTOR, namespace=self.settings.namespace)
+        except ValueError:
+            pass
+
     async def _watch(self) -> None:
         while True:
             known = self.active.version if self.active else 0
@@ -140,6 +149,7 @@ class Recommender:
             except Exception:  # noqa: BLE001 - registry restarting: retry, keep serving
                 log.exception("registry long-poll failed; retrying")
                 await asyncio.sleep(1.0)
+                self._lookup_registry()
                 continue
             if entry:
                 try:
@@ -251,6 +261,28 @@ def build_app(settings: Settings):
     ).bind(settings.to_dict())
 
 
+REGISTRY_WAIT_S = 600.0
+
+
 def app_builder(args: dict):
-    """Import path for a Serve config file: `serving.app:app_builder` (args = settings)."""
-    return build_app(Settings.from_sources(overrides={k: str(v) for k, v in args.items()}))
+    """Import path for a Serve config file: `serving.app:app_builder` (args = settings).
+
+    Waits for the registry actor, which the driver (`promptrec serve --no-deploy-serve`)
+    creates: a RayService applies its Serve config as soon as the cluster is up, and
+    replicas that fail to start because the registry is missing would mark the
+    deployment failed for good.
+    """
+    settings = Settings.from_sources(overrides={k: str(v) for k, v in args.items()})
+    deadline = time.monotonic() + REGISTRY_WAIT_S
+    while True:
+        try:
+            ray.get_actor(REGISTRY_ACTOR, namespace=settings.namespace)
+            break
+        except ValueError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"no registry actor {REGISTRY_ACTOR!r} in namespace {settings.namespace!r} "
+                    f"after {REGISTRY_WAIT_S:.0f} s: start the driver (`promptrec serve "
+                    f"--no-deploy-serve`) against this cluster with the same namespace") from None
+            time.sleep(2.0)
+    return build_app(settings)
