@@ -6,7 +6,7 @@ STAMP := $(VENV)/.promptrec-installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-quick lint clean
+.PHONY: setup demo test test-quick lint clean bench-serve
 
 setup: $(STAMP)
 
@@ -26,6 +26,9 @@ test: setup
 
 test-quick: setup
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench-serve: setup  # writes bench/results/serve.json (~5 min); ARGS="--help" for options
+	$(PY) -m bench.serve $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

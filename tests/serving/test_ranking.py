@@ -5,8 +5,8 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel
 
-from serving.ranking import encode_histories, explain, rank, ranking_mismatch
 from services.model import PromptRecModel
+from serving.ranking import encode_histories, explain, rank, ranking_mismatch
 
 H = 32
 
