@@ -107,7 +107,7 @@ class Background:
     def _run(self, *args) -> None:
         self.results = asyncio.run(open_loop(*args, stop=self._stop))
 
-    def stop(self, timeout_s: float = 60.0) -> list[Result]:
+    def stop(self, timeout_s: float = 180.0) -> list[Result]:
         self._stop.set()
         self._thread.join(timeout_s)
         return self.results
