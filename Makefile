@@ -6,7 +6,11 @@ STAMP := $(VENV)/.promptrec-installed
 ARGS ?=
 PYTEST_ARGS ?=
 
+<<<<<<< HEAD
 .PHONY: setup demo test test-quick lint clean prometheus bench-ingest
+=======
+.PHONY: setup demo test test-quick lint clean bench-serve
+>>>>>>> issue-5-serving
 
 setup: $(STAMP)
 
@@ -30,6 +34,9 @@ prometheus:
 
 test-quick: setup
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench-serve: setup  # writes bench/results/serve.json (~5 min); ARGS="--help" for options
+	$(PY) -m bench.serve $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

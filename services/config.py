@@ -100,12 +100,28 @@ class Settings:
     metrics_port: int = field(default=8090, metadata=_help("Prometheus export port of Ray"))
     admin_token: str = field(default="", metadata=_help(
         "bearer token for /admin routes; empty turns admin routes off"))
+    max_ongoing_requests: int = field(default=16, metadata=_help(
+        "requests one replica works on at once (Ray Serve max_ongoing_requests)"))
+    max_queued_requests: int = field(default=64, metadata=_help(
+        "requests the HTTP proxy holds waiting for a free replica slot before answering 503 "
+        "(Ray Serve max_queued_requests; -1: unbounded)"))
+    retry_after_s: float = field(default=1.0, metadata=_help(
+        "Retry-After seconds sent with an overload 503"))
+    batch_max_size: int = field(default=8, metadata=_help(
+        "users encoded in one backbone pass (serve.batch max_batch_size; 1: no batching)"))
+    batch_wait_ms: float = field(default=2.0, metadata=_help(
+        "how long an encode waits for more cache misses to join its batch"))
+    user_cache_size: int = field(default=10_000, metadata=_help(
+        "user vectors cached per replica, keyed by (state_version, prompt_version); 0: off"))
+    explain_items: int = field(default=3, metadata=_help(
+        "history items listed per recommended item with explain=true"))
 
     # ------------------------------------------------------------------
     def validate(self) -> Settings:
         positive_ints = ["partitions", "num_consumers", "num_shards", "history_len",
                          "dedupe_window", "poll_max_records", "prompt_len", "train_workers",
-                         "train_steps", "batch_size", "val_users", "num_replicas"]
+                         "train_steps", "batch_size", "val_users", "num_replicas",
+                         "max_ongoing_requests", "batch_max_size", "explain_items"]
         for name in positive_ints:
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
@@ -113,12 +129,21 @@ class Settings:
                      "personal_alpha", "snapshot_every_s"]:
             if not getattr(self, name) > 0:
                 raise ConfigError(name, f"must be > 0, got {getattr(self, name)}")
-        for name in ["gate_margin", "train_every_events", "train_every_s"]:
+        for name in ["gate_margin", "train_every_events", "train_every_s", "retry_after_s",
+                     "batch_wait_ms", "user_cache_size"]:
             if getattr(self, name) < 0:
                 raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
         for name in ["http_port", "metrics_port"]:
             if not 0 < getattr(self, name) < 65536:
                 raise ConfigError(name, f"must be a TCP port, got {getattr(self, name)}")
+        if self.max_queued_requests < 1 and self.max_queued_requests != -1:
+            raise ConfigError("max_queued_requests",
+                              f"must be >= 1 or -1 (unbounded), got {self.max_queued_requests}")
+        if self.batch_max_size > self.max_ongoing_requests:
+            # A replica never holds more requests than max_ongoing_requests, so a larger
+            # batch could never fill and only the wait would be paid.
+            raise ConfigError("batch_max_size", f"{self.batch_max_size} is larger than "
+                              f"max_ongoing_requests ({self.max_ongoing_requests})")
         if self.num_consumers > self.partitions:
             raise ConfigError("num_consumers", f"{self.num_consumers} consumers for "
                               f"{self.partitions} partitions would leave consumers idle")

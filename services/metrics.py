@@ -151,6 +151,25 @@ def requests():
                    tag_keys=("route", "status"))
 
 
+@functools.cache
+def user_cache():
+    from ray.util.metrics import Counter
+
+    return Counter("promptrec_user_cache_total",
+                   description="User-vector cache lookups by result (hit, miss); hit rate = "
+                               "hit / (hit + miss)",
+                   tag_keys=("result",))
+
+
+@functools.cache
+def encode_batch_users():
+    from ray.util.metrics import Histogram
+
+    return Histogram("promptrec_encode_batch_users",
+                     description="Users encoded per backbone pass (serve.batch of cache misses)",
+                     boundaries=[1, 2, 3, 4, 6, 8, 12, 16, 32], tag_keys=())
+
+
 _SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?P<labels>\{[^}]*\})?\s+(?P<value>\S+)")
 
 

@@ -38,6 +38,7 @@ class PromptRegistry:
         self.hidden_size = hidden_size
         self._versions: dict[int, dict[str, Any]] = {}
         self._serving: int = 0
+        self._serving_since = time.time()
         self._changed = asyncio.Event()
         self._load_index()
 
@@ -77,6 +78,8 @@ class PromptRegistry:
 
     def _set_serving(self, version: int) -> None:
         self._serving = version
+        # Replicas time their swap from here: "created" is wrong for a rollback.
+        self._serving_since = time.time()
         self._write_index()
         # Wake every waiting replica, then arm a fresh event for the next change.
         self._changed.set()
@@ -107,11 +110,12 @@ class PromptRegistry:
         return self._versions[version]
 
     async def serving(self) -> dict[str, Any]:
-        """Serving version's entry plus its weights under "blob" ({} if none yet)."""
+        """Serving version's entry plus its weights under "blob" and the time it became
+        the serving version under "serving_since" ({} if none yet)."""
         if not self._serving:
             return {}
         entry = self._versions[self._serving]
-        return {**entry, "blob": self._read_checked(entry)}
+        return {**entry, "blob": self._read_checked(entry), "serving_since": self._serving_since}
 
     async def serving_version(self) -> int:
         return self._serving

@@ -132,21 +132,29 @@ class Stack:
                 return stats
             time.sleep(0.2)
 
-    def wait_all_replicas(self, version: int, timeout_s: float = 60) -> dict[str, float]:
+    def wait_all_replicas(self, version: int, timeout_s: float = 60, poll_s: float = 0.02,
+                          prefix: str = "") -> dict[str, float]:
         """Poll /version until every replica serves `version`.
 
         Returns {replica: ms from publish to that replica serving it}, as each replica
-        measured it (registry publish time -> its swap done).
+        measured it (registry made it the serving version -> its swap done). `prefix` is
+        the route prefix of an app other than the main one.
         """
         started = time.monotonic()
         seen: dict[str, dict] = {}
-        while time.monotonic() - started < timeout_s:
-            body = httpx.get(f"{self.base_url}/version", timeout=5).json()
-            seen[body["replica"]] = body
-            if len(seen) >= self.settings.num_replicas and all(
-                    b["prompt_version"] == version for b in seen.values()):
-                return {r: b["publish_to_live_ms"] for r, b in seen.items()}
-            time.sleep(0.02)
+        with httpx.Client(base_url=self.base_url + prefix, timeout=10) as http:
+            while time.monotonic() - started < timeout_s:
+                try:
+                    response = http.get("/version")
+                except httpx.HTTPError:  # a slow poll is retried until timeout_s
+                    continue
+                if response.status_code == 200:  # an overloaded proxy may answer 503
+                    body = response.json()
+                    seen[body["replica"]] = body
+                if len(seen) >= self.settings.num_replicas and all(
+                        b["prompt_version"] == version for b in seen.values()):
+                    return {r: b["publish_to_live_ms"] for r, b in seen.items()}
+                time.sleep(poll_s)
         raise TimeoutError(f"replicas {seen} not all on version {version}")
 
     def stop(self) -> None:

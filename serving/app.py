@@ -3,25 +3,36 @@
 Each `Recommender` replica holds the frozen backbone once and an immutable
 `ActivePrompt` (version + weights). A background task long-polls the registry;
 on a change it builds the new `ActivePrompt` beside the old one and swaps one
-reference. A request reads that reference once at its start, so it is served
-wholly by one version, and names it.
+reference. A request reads that reference once at its start and passes it down
+(to the cache key, the batched encoder and the scorer), so it is served wholly by
+one version, and names it.
 
-Routes: GET /recommend?user_id=&k=, GET /healthz, GET /version, POST /admin/rollback.
+Cache misses of concurrent requests are encoded together (`serve.batch`), one
+backbone pass per prompt version present in the batch.
+
+Routes: GET /recommend?user_id=&k=&explain=, GET /healthz, GET /version,
+POST /admin/rollback. Overload (more than max_ongoing_requests per replica plus
+max_queued_requests waiting) is answered by Ray Serve's proxy with 503 + Retry-After.
 """
 
 
 import asyncio
 import hmac
 import logging
+import re
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import numpy as np
 import ray
 import torch
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
+from ray.serve.config import BackpressureConfig
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services import metrics
 from services.catalog import load_catalog
@@ -32,14 +43,16 @@ from services.model import (
     load_backbone,
     prompt_from_bytes,
     resolve_backbone_path,
-    top_k,
 )
 from services.naming import REGISTRY_ACTOR, shard_actor, shard_for_user
+from serving.ranking import encode_histories, explain, rank
 
 log = logging.getLogger("ray.serve")
 
 MAX_K = 1000
-USER_CACHE_SIZE = 10_000
+RECOMMEND_PARAMS = ("user_id", "k", "explain")
+_K_PATTERN = re.compile(r"[0-9]{1,4}")  # ASCII digits only: int() also takes "1_0", " 5", "٣"
+_TRUE, _FALSE = ("true", "1"), ("false", "0")
 
 app = FastAPI(title="promptrec", description="Recommendations from a hot-swapped soft prompt.")
 
@@ -54,20 +67,53 @@ async def _api_error(_: Request, err: ApiError) -> JSONResponse:
     return JSONResponse({"error": err.error}, status_code=err.status, headers=err.headers)
 
 
-@app.middleware("http")
-async def _observe(request: Request, call_next):
-    started = time.perf_counter()
-    route = request.url.path if request.url.path in _ROUTES else "other"
-    try:
-        response = await call_next(request)
-        status = response.status_code
-    except Exception:  # noqa: BLE001 - answer with JSON, never a bare 500 page
-        log.exception("unhandled error on %s", route)
-        response, status = JSONResponse({"error": "internal error"}, status_code=500), 500
-    metrics.requests().inc(1, tags={"route": route, "status": str(status)})
-    metrics.request_seconds().observe(time.perf_counter() - started, tags={"route": route})
-    return response
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
+    # Unknown paths (404) and wrong methods (405) answer in the same {"error"} shape.
+    return JSONResponse({"error": str(err.detail)}, status_code=err.status_code,
+                        headers=getattr(err, "headers", None))
 
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
+    return JSONResponse({"error": str(err.errors())[:300]}, status_code=400)
+
+
+class ObserveMiddleware:
+    """Counts and times every request by route and status, and turns an unhandled error
+    into a JSON 500. Plain ASGI: Starlette's BaseHTTPMiddleware (`@app.middleware`) costs
+    noticeably more per request, and this runs on every one."""
+
+    def __init__(self, asgi_app):
+        self.app = asgi_app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        path = scope["path"].removeprefix(scope.get("root_path", "").rstrip("/")) or "/"
+        route = path if path in _ROUTES else "other"
+        status = 0
+
+        async def send_observed(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_observed)
+        except Exception:  # noqa: BLE001 - answer with JSON, never a bare 500 page
+            log.exception("unhandled error on %s", route)
+            if not status:
+                status = 500
+                await JSONResponse({"error": "internal error"}, status_code=500)(
+                    scope, receive, send)
+        metrics.requests().inc(1, tags={"route": route, "status": str(status)})
+        metrics.request_seconds().observe(time.perf_counter() - started, tags={"route": route})
+
+
+app.add_middleware(ObserveMiddleware)
 
 _ROUTES = {"/recommend", "/healthz", "/version", "/admin/rollback"}
 
@@ -85,20 +131,60 @@ def parse_user_id(user_id: str | None) -> str:
 def parse_k(k: str | None) -> int:
     if k is None or k == "":
         return 10
-    try:
-        value = int(k)
-    except ValueError:
-        raise ApiError(400, f"k must be an integer, got {k[:20]!r}") from None
+    if not _K_PATTERN.fullmatch(k):
+        raise ApiError(400, f"k must be an integer in 1..{MAX_K}, got {k[:20]!r}")
+    value = int(k)
     if not 1 <= value <= MAX_K:
         raise ApiError(400, f"k must be in 1..{MAX_K}, got {value}")
     return value
 
 
+def parse_explain(explain_flag: str | None) -> bool:
+    if explain_flag is None or explain_flag == "":
+        return False
+    lowered = explain_flag.lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ApiError(400, f"explain must be true or false, got {explain_flag[:20]!r}")
+
+
+@dataclass(frozen=True)
+class RecommendQuery:
+    user_id: str
+    k: int
+    explain: bool
+
+
+def parse_recommend_query(params: list[tuple[str, str]]) -> RecommendQuery:
+    """Query string pairs -> RecommendQuery; unknown or repeated parameters are refused
+    (a typo like `kk=5` must not silently become the default k)."""
+    given: dict[str, str] = {}
+    for name, value in params:
+        if name not in RECOMMEND_PARAMS:
+            raise ApiError(400, f"unknown parameter {name[:40]!r}; allowed: "
+                           + ", ".join(RECOMMEND_PARAMS))
+        if name in given:
+            raise ApiError(400, f"parameter {name!r} given more than once")
+        given[name] = value
+    return RecommendQuery(parse_user_id(given.get("user_id")), parse_k(given.get("k")),
+                          parse_explain(given.get("explain")))
+
+
 @dataclass(frozen=True)
 class ActivePrompt:
     version: int
+    sha256: str
     model: PromptRecModel
-    published_at: float
+    serving_since: float  # registry clock: when this version became the serving one
+
+
+@dataclass(frozen=True)
+class EncodeJob:
+    active: ActivePrompt
+    history: tuple[int, ...]  # catalog indices, oldest first
+    personal: bytes | None = None  # the shard's personal prompt, float32 [H] as bytes
 
 
 @serve.deployment
@@ -113,23 +199,31 @@ class Recommender:
         self.registry = ray.get_actor(REGISTRY_ACTOR, namespace=self.settings.namespace)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self._shards: dict[int, object] = {}
-        self._user_cache: OrderedDict[str, tuple[int, int, torch.Tensor]] = OrderedDict()
+        # user_id -> ((state_version, prompt_version), [H] user vector), least recent first
+        self._user_cache: OrderedDict[str, tuple[tuple[int, int], torch.Tensor]] = OrderedDict()
+        self._cache_counts = {"hit": 0, "miss": 0}
+        self._encode.set_max_batch_size(self.settings.batch_max_size)
+        self._encode.set_batch_wait_timeout_s(self.settings.batch_wait_ms / 1000)
         self.active: ActivePrompt | None = None
         self.last_publish_to_live_ms: float | None = None
+        self.last_swap_ms: float | None = None
         entry = await self.registry.serving.remote()
         if entry:
-            self._swap(entry)
+            self._swap(entry, initial=True)
         self._watcher = asyncio.get_running_loop().create_task(self._watch())
 
     # --- hot swap -------------------------------------------------------
-    def _swap(self, entry: dict) -> None:
+    def _swap(self, entry: dict, initial: bool = False) -> None:
         started = time.perf_counter()
         state = prompt_from_bytes(entry["blob"], self.catalog.vectors.shape[1])
         model = PromptRecModel(self.encoder, state)  # shares the frozen encoder
-        self.active = ActivePrompt(entry["version"], model, entry["created"])  # the one swap
-        metrics.swap_seconds().observe(time.perf_counter() - started)
+        since = entry.get("serving_since", entry["created"])
+        self.active = ActivePrompt(entry["version"], entry["sha256"], model, since)  # the swap
+        self.last_swap_ms = round((time.perf_counter() - started) * 1000, 2)
+        metrics.swap_seconds().observe(self.last_swap_ms / 1000)
         metrics.serving_prompt_version().set(entry["version"], tags={"replica": self.replica})
-        self.last_publish_to_live_ms = (time.time() - entry["created"]) * 1000
+        # At start-up the version was live long before this replica existed: no swap time.
+        self.last_publish_to_live_ms = None if initial else round((time.time() - since) * 1000, 1)
         log.info("replica %s now serves prompt version %d", self.replica, entry["version"])
 
     def _lookup_registry(self) -> None:
@@ -172,49 +266,88 @@ class Recommender:
         except (ValueError, ray.exceptions.RayActorError) as err:
             self._shards.clear()
             raise ApiError(503, f"user state unavailable: {type(err).__name__}",
-                           {"Retry-After": "1"}) from None
+                           {"Retry-After": str(max(1, round(self.settings.retry_after_s)))}
+                           ) from None
 
-    def _user_vector(self, user_id: str, state: dict | None, active: ActivePrompt
-                     ) -> torch.Tensor:
-        """[H] user vector, cached by (state_version, prompt_version)."""
-        state_version = state["state_version"] if state else 0
+    # Batch size and wait are placeholders: __init__ sets them from the settings.
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
+    async def _encode(self, jobs: list[EncodeJob]) -> list[torch.Tensor]:
+        """Cache misses of concurrent requests -> one [H] user vector each.
+
+        Runs on the replica's event loop without awaiting: while a batch computes,
+        misses that arrive meanwhile queue up and form the next batch. Jobs are grouped
+        by prompt version (a batch can straddle a swap) so each user is encoded by the
+        version its request started with; identical histories are encoded once.
+        """
+        out: list[torch.Tensor | None] = [None] * len(jobs)
+        groups: dict[int, dict[tuple[int, ...], list[int]]] = {}
+        for position, job in enumerate(jobs):
+            groups.setdefault(job.active.version, {}).setdefault(
+                (job.history, job.personal), []).append(position)
+        for by_history in groups.values():
+            model = jobs[next(iter(by_history.values()))[0]].active.model
+            histories = list(by_history)
+            users = encode_histories(
+                model, self.catalog.vectors, [list(h) for h, _ in histories],
+                [None if p is None else np.frombuffer(p, np.float32) for _, p in histories])
+            metrics.encode_batch_users().observe(len(histories))
+            for row, history in enumerate(histories):
+                for position in by_history[history]:
+                    out[position] = users[row]
+        return out
+
+    async def _user_vector(self, user_id: str, state_version: int, history: list[int],
+                           personal: np.ndarray | None, active: ActivePrompt) -> torch.Tensor:
+        """[H] user vector for this (state_version, prompt version), cached per user."""
+        key = (state_version, active.version)
         cached = self._user_cache.get(user_id)
-        if cached and cached[0] == state_version and cached[1] == active.version:
+        if cached is not None and cached[0] == key:
             self._user_cache.move_to_end(user_id)
-            return cached[2]
-        history = self.catalog.indices(state["history"]) if state else []
-        vectors = self.catalog.vectors[history].unsqueeze(0)  # [1, L, H]
-        personal = state.get("personal") if state else None
-        personal = None if personal is None else torch.as_tensor(personal)[None]  # [1, H]
-        with torch.no_grad():
-            user = active.model.encode_users(vectors, torch.ones(1, len(history)), personal)[0]
-        self._user_cache[user_id] = (state_version, active.version, user)
-        if len(self._user_cache) > USER_CACHE_SIZE:
-            self._user_cache.popitem(last=False)
+            self._count_cache("hit")
+            return cached[1]
+        self._count_cache("miss")
+        personal_bytes = None if personal is None else np.asarray(personal, np.float32).tobytes()
+        user = await self._encode(EncodeJob(active, tuple(history), personal_bytes))
+        if self.settings.user_cache_size:
+            self._user_cache[user_id] = (key, user)
+            self._user_cache.move_to_end(user_id)
+            if len(self._user_cache) > self.settings.user_cache_size:
+                self._user_cache.popitem(last=False)
         return user
+
+    def _count_cache(self, result: str) -> None:
+        self._cache_counts[result] += 1
+        metrics.user_cache().inc(1, tags={"result": result})
 
     # --- routes -----------------------------------------------------------
     @app.get("/recommend")
-    async def recommend(self, user_id: str | None = None, k: str | None = None) -> dict:
-        user_id, k = parse_user_id(user_id), parse_k(k)
+    async def recommend(self, request: Request) -> dict:
+        query = parse_recommend_query(request.query_params.multi_items())
         active = self.active  # read once: this request is served wholly by this version
         if active is None:
             raise ApiError(503, "no prompt version published yet", {"Retry-After": "1"})
-        state = await self._user_state(user_id)
-        user = self._user_vector(user_id, state, active)
-        with torch.no_grad():
-            scores = active.model.logits(user[None], self.catalog.vectors)[0]
-        seen = torch.tensor(self.catalog.indices(state["history"]) if state else [],
-                            dtype=torch.long)
-        indices, values = top_k(scores, k, exclude=seen)
+        state = await self._user_state(query.user_id)
+        state_version = state["state_version"] if state else 0
+        history = self.catalog.indices(state["history"]) if state else []
+        personal = state.get("personal") if state else None
+        user = await self._user_vector(query.user_id, state_version, history, personal, active)
+        indices, values = rank(active.model, user, self.catalog.vectors, query.k, history)
+        items = self.catalog.items
+        ranked = [{"item_id": items[i].item_id, "title": items[i].title,
+                   "score": round(float(v), 4)}
+                  for i, v in zip(indices.tolist(), values.tolist(), strict=True)]
+        if query.explain:
+            reasons = explain(self.catalog.vectors, history, indices.tolist(),
+                              self.settings.explain_items)
+            for entry, because in zip(ranked, reasons, strict=True):
+                entry["because"] = [{"item_id": items[h].item_id, "title": items[h].title,
+                                     "similarity": sim} for h, sim in because]
         return {
-            "user_id": user_id,
-            "items": [{"item_id": self.catalog.items[i].item_id,
-                       "title": self.catalog.items[i].title, "score": round(float(v), 4)}
-                      for i, v in zip(indices.tolist(), values.tolist(), strict=True)],
+            "user_id": query.user_id,
+            "items": ranked,
             "prompt_version": active.version,
-            "state_version": state["state_version"] if state else 0,
-            "cold_start": state is None,
+            "state_version": state_version,
+            "cold_start": not history,
         }
 
     @app.get("/healthz")
@@ -225,9 +358,13 @@ class Recommender:
 
     @app.get("/version")
     async def version(self) -> dict:
-        return {"prompt_version": self.active.version if self.active else 0,
+        active = self.active
+        return {"prompt_version": active.version if active else 0,
+                "prompt_sha256": active.sha256 if active else None,
                 "replica": self.replica,
-                "publish_to_live_ms": self.last_publish_to_live_ms}
+                "publish_to_live_ms": self.last_publish_to_live_ms,
+                "swap_ms": self.last_swap_ms,
+                "user_cache": {**self._cache_counts, "size": len(self._user_cache)}}
 
     @app.post("/admin/rollback")
     async def rollback(self, request: Request) -> dict:
@@ -253,10 +390,20 @@ class Recommender:
         return {"prompt_version": entry["version"], "status": "rolled back"}
 
 
-def build_app(settings: Settings):
-    """The Serve application for `serve.run` (and `serve deploy` through `app_builder`)."""
+def build_app(settings: Settings, name: str = "Recommender"):
+    """The Serve application for `serve.run` (and `serve deploy` through `app_builder`).
+
+    Overload is bounded here: a replica takes at most max_ongoing_requests, the proxy
+    queues at most max_queued_requests more, and rejects the rest with 503 and
+    Retry-After (Ray Serve's BackpressureConfig) instead of letting latency grow.
+    """
     return Recommender.options(
+        name=name,
         num_replicas=settings.num_replicas,
+        max_ongoing_requests=settings.max_ongoing_requests,
+        max_queued_requests=settings.max_queued_requests,
+        backpressure_config=BackpressureConfig(status_code=503,
+                                               retry_after_s=settings.retry_after_s),
         ray_actor_options={"num_cpus": settings.replica_cpus},
     ).bind(settings.to_dict())
 

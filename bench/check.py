@@ -1,0 +1,65 @@
+"""Recompute what a prompt version must answer, to catch mixed-version responses.
+
+A response names its prompt version; this rebuilds that version's model from the
+registry's weights and checks the returned items and scores are that version's top-k
+for the user's history (serving.ranking.ranking_mismatch). A response built from any
+other version's weights fails the check (different soft prompt and temperature).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from services.catalog import Catalog
+from services.model import PromptRecModel, prompt_from_bytes
+from serving.ranking import encode_histories, ranking_mismatch
+
+
+class VersionChecker:
+    def __init__(self, encoder, catalog: Catalog, fetch_blob: Callable[[int], bytes]):
+        self.encoder, self.catalog, self.fetch_blob = encoder, catalog, fetch_blob
+        self._models: dict[int, PromptRecModel] = {}
+        self._scores: dict[tuple, torch.Tensor] = {}
+
+    def _model(self, version: int) -> PromptRecModel:
+        if version not in self._models:
+            state = prompt_from_bytes(self.fetch_blob(version), self.catalog.vectors.shape[1])
+            self._models[version] = PromptRecModel(self.encoder, state)
+        return self._models[version]
+
+    def expected_scores(self, version: int, history: list[int], personal=None) -> torch.Tensor:
+        """[N] scores this version gives a user with this history and personal prompt [H]
+        (nothing masked)."""
+        key = (version, tuple(history),
+               None if personal is None else np.asarray(personal, np.float32).tobytes())
+        if key not in self._scores:
+            model = self._model(version)
+            user = encode_histories(model, self.catalog.vectors, [history], [personal])
+            with torch.inference_mode():
+                self._scores[key] = model.logits(user, self.catalog.vectors)[0]
+        return self._scores[key]
+
+    def mismatch(self, body: dict, history_ids: list[str], k: int, personal=None) -> str | None:
+        """Why `body` (a /recommend answer for a user with `history_ids` and `personal`
+        prompt) is not what its named prompt version gives, or None."""
+        history = self.catalog.indices(history_ids)
+        try:
+            returned = [(self.catalog.index[i["item_id"]], float(i["score"]))
+                        for i in body["items"]]
+        except KeyError as err:
+            return f"unknown item {err}"
+        return ranking_mismatch(self.expected_scores(body["prompt_version"], history, personal),
+                                history, returned, k)
+
+
+def perturbed_prompt(base: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """A distinct, reproducible prompt version: base soft prompt [P, H] plus seeded noise
+    (so rankings change) and a different temperature (so every score changes)."""
+    gen = torch.Generator().manual_seed(seed)
+    prompt = base["soft_prompt"]
+    noise = torch.randn(prompt.shape, generator=gen) * prompt.std() * 0.5
+    return {"soft_prompt": prompt + noise,
+            "logit_scale": base["logit_scale"] + 0.02 * (1 + seed % 50)}

@@ -1,0 +1,120 @@
+"""HTTP load for benchmarks and load tests: open loop at a fixed rate, or closed loop.
+
+Open loop sends request i at start + i / rps whatever earlier requests are doing (each
+is its own task), so a slow server cannot slow the offered load down and hide its own
+latency. Always bounded: by a request count, a duration, and a stop flag.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import httpx
+
+Request = tuple[str, dict[str, str]]  # (path, query params)
+
+
+@dataclass
+class Result:
+    index: int
+    request: Request
+    status: int  # 0: no HTTP answer (connection error, client timeout)
+    latency_s: float  # from this request's send to its full response
+    lag_s: float  # how late the client sent it against its schedule (client overload)
+    body: dict | None
+    retry_after: str | None
+    error: str = ""
+
+
+async def _one(client: httpx.AsyncClient, index: int, request: Request,
+               scheduled: float) -> Result:
+    path, params = request
+    started = time.perf_counter()
+    try:
+        response = await client.get(path, params=params)
+    except httpx.HTTPError as err:
+        return Result(index, request, 0, time.perf_counter() - started, started - scheduled,
+                      None, None, f"{type(err).__name__}: {err}"[:200])
+    latency = time.perf_counter() - started
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    return Result(index, request, response.status_code, latency, started - scheduled,
+                  body if isinstance(body, dict) else None,
+                  response.headers.get("retry-after"))
+
+
+def _client(base_url: str, timeout_s: float) -> httpx.AsyncClient:
+    return httpx.AsyncClient(base_url=base_url, timeout=timeout_s,
+                             limits=httpx.Limits(max_connections=1000,
+                                                 max_keepalive_connections=1000))
+
+
+async def open_loop(base_url: str, make: Callable[[int], Request], rps: float,
+                    max_requests: int, max_seconds: float,
+                    stop: threading.Event | None = None,
+                    timeout_s: float = 30.0) -> list[Result]:
+    """Request i = make(i) at rate `rps`, until max_requests, max_seconds or `stop`."""
+    tasks: list[asyncio.Task] = []
+    async with _client(base_url, timeout_s) as client:
+        start = time.perf_counter()
+        for index in range(max_requests):
+            scheduled = start + index / rps
+            if scheduled - start > max_seconds or (stop is not None and stop.is_set()):
+                break
+            delay = scheduled - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(_one(client, index, make(index), scheduled)))
+        return list(await asyncio.gather(*tasks))
+
+
+async def closed_loop(base_url: str, make: Callable[[int], Request], concurrency: int,
+                      seconds: float, timeout_s: float = 30.0) -> tuple[list[Result], float]:
+    """`concurrency` clients, each sending its next request when the last one answered,
+    for `seconds`. -> (results, elapsed seconds)."""
+    results: list[Result] = []
+    counter = iter(range(10**9))
+    async with _client(base_url, timeout_s) as client:
+        start = time.perf_counter()
+        deadline = start + seconds
+
+        async def worker() -> None:
+            while time.perf_counter() < deadline:
+                index = next(counter)
+                results.append(await _one(client, index, make(index), time.perf_counter()))
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return results, time.perf_counter() - start
+
+
+class Background:
+    """Runs `open_loop` on its own thread and event loop; `stop()` ends it, returns results."""
+
+    def __init__(self, base_url: str, make: Callable[[int], Request], rps: float,
+                 max_requests: int, max_seconds: float):
+        self._stop = threading.Event()
+        self.results: list[Result] = []
+        self._thread = threading.Thread(target=self._run, daemon=True, args=(
+            base_url, make, rps, max_requests, max_seconds))
+        self._thread.start()
+
+    def _run(self, *args) -> None:
+        self.results = asyncio.run(open_loop(*args, stop=self._stop))
+
+    def stop(self, timeout_s: float = 180.0) -> list[Result]:
+        self._stop.set()
+        self._thread.join(timeout_s)
+        return self.results
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of a non-empty list."""
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
+    return ordered[rank - 1]
