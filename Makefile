@@ -6,11 +6,7 @@ STAMP := $(VENV)/.promptrec-installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-<<<<<<< HEAD
-.PHONY: setup demo test test-quick lint clean prometheus bench-ingest
-=======
-.PHONY: setup demo test test-quick lint clean bench-serve
->>>>>>> issue-5-serving
+.PHONY: setup demo test test-quick lint clean prometheus bench-ingest bench-serve
 
 setup: $(STAMP)
 
