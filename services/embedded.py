@@ -144,6 +144,9 @@ def start_ray(settings) -> None:
                 f"the client port (10001 for ray://) is open, and RAY_AUTH_TOKEN if token auth "
                 f"is on") from err
         return
+    # Read by Serve's proxy and replicas at import: they inherit it from this process.
+    os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = \
+        "1" if settings.serve_throughput_optimized else "0"
     ray.init(include_dashboard=False, num_cpus=settings.ray_num_cpus,
              namespace=settings.namespace, _metrics_export_port=settings.metrics_port,
              log_to_driver=settings.ray_log_to_driver, logging_level=logging.WARNING)
