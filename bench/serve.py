@@ -167,7 +167,9 @@ def _log(msg: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rps", type=float, default=50.0, help="offered load, requests/s")
+    parser.add_argument("--rps", type=float, default=25.0,
+                        help="offered load, requests/s (the swap phase makes nearly every "
+                             "request a cache miss: keep it under the all-miss throughput)")
     parser.add_argument("--seconds", type=float, default=10.0,
                         help="seconds per app per latency round")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved latency rounds")
