@@ -27,6 +27,7 @@ class Result:
     lag_s: float  # how late the client sent it against its schedule (client overload)
     body: dict | None
     retry_after: str | None
+    cache: str | None = None  # the recommender's X-User-Cache header: hit or miss
     error: str = ""
 
 
@@ -46,7 +47,7 @@ async def _one(client: httpx.AsyncClient, index: int, request: Request,
         body = None
     return Result(index, request, response.status_code, latency, started - scheduled,
                   body if isinstance(body, dict) else None,
-                  response.headers.get("retry-after"))
+                  response.headers.get("retry-after"), response.headers.get("x-user-cache"))
 
 
 def _client(base_url: str, timeout_s: float) -> httpx.AsyncClient:

@@ -75,6 +75,15 @@ class Noop:
         return {"prompt_version": 0, "replica": serve.get_replica_context().replica_id.unique_id}
 
 
+# (name, route prefix, settings changed) of the apps deployed beside the recommender.
+SIDE_APPS = [
+    ("noop", "/noop", {}),
+    ("before", "/before", {"user_cache_size": 0, "batch_max_size": 1}),
+    ("nocache", "/nocache", {"user_cache_size": 0}),
+    ("inline", "/inline", {"encode_thread": False}),
+]
+
+
 def _deploy(settings: Settings, name: str, prefix: str, **changes) -> None:
     variant = Settings(**{**settings.to_dict(), **changes}).validate()
     if name == "noop":
@@ -134,6 +143,11 @@ def _summary(results: list[Result], seconds: float | None = None) -> dict:
     if ok:
         out.update(p50_ms=round(percentile(ok, 50), 2), p99_ms=round(percentile(ok, 99), 2),
                    max_ms=round(max(ok), 2))
+    for kind in ("hit", "miss"):
+        split = [r.latency_s * 1000 for r in results if r.status == 200 and r.cache == kind]
+        if split:
+            out[f"cache_{kind}"] = {"ok": len(split), "p50_ms": round(percentile(split, 50), 2),
+                                    "p99_ms": round(percentile(split, 99), 2)}
     if results:
         out["client_lag_p99_ms"] = round(percentile([r.lag_s * 1000 for r in results], 99), 2)
     if seconds:
@@ -200,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         stack.stop()
     if not args.no_compare:
         # Serve's flag is read when Ray starts: the "before" needs a stack of its own.
-        _log("second stack: serve_throughput_optimized off")
+        _log("second stack, same apps: serve_throughput_optimized off")
         plain = _fresh_ports(Settings(**{**settings.to_dict(),
                                          "serve_throughput_optimized": False}))
         stack = Stack(plain, progress=False).start(fresh=True)
@@ -210,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
             stack.stop()
         on = report["details"]
         report["details"]["serve_throughput_optimized_before_after"] = {
-            "before": "serve_throughput_optimized off (a second stack, after the first)",
+            "before": "serve_throughput_optimized off (a second stack with the same apps, "
+                      "run after the first)",
             "off": off,
             "noop_p99_off_over_on": round(off["noop"]["p99_ms"]
                                           / on["latency_phase"]["noop"]["p99_ms"], 2),
@@ -259,9 +274,10 @@ def _prepare(stack: Stack, settings: Settings, args, apps: list[tuple[str, str, 
         shard = ray.get_actor(shard_actor(shard_for_user(user, settings.num_shards)),
                               namespace=settings.namespace)
         histories[user] = ray.get(shard.get_user.remote(user))
-    # Each replica caches on its own and routing is random: several passes warm both.
-    warm = [("/recommend", {"user_id": u, "k": "10"}) for u in pool] * 4
-    asyncio.run(open_loop(stack.base_url, lambda i: warm[i], 40, len(warm), 120))
+    # Each replica caches on its own and routing is random: after 8 passes a user is
+    # uncached on a given replica with probability 1/256.
+    warm = [("/recommend", {"user_id": u, "k": "10"}) for u in pool] * 8
+    asyncio.run(open_loop(stack.base_url, lambda i: warm[i], 40, len(warm), 300))
     make = _requests(pool, seed=2)
     for _, prefix, _ in apps:
         asyncio.run(open_loop(stack.base_url + prefix, make, 20, 40, 10))
@@ -271,7 +287,7 @@ def _prepare(stack: Stack, settings: Settings, args, apps: list[tuple[str, str, 
 
 def _run_latency_throughput(stack: Stack, settings: Settings, args) -> dict:
     """The short comparison run: noop and recommend latency (one round), throughput."""
-    _, _, make = _prepare(stack, settings, args, [("noop", "/noop", {})])
+    _, _, make = _prepare(stack, settings, args, SIDE_APPS)
     base, count = stack.base_url, int(args.rps * args.seconds)
     out = {}
     for name, prefix in (("noop", "/noop"), ("recommend", "")):
@@ -287,11 +303,7 @@ def _run_latency_throughput(stack: Stack, settings: Settings, args) -> dict:
 def _run(stack: Stack, settings: Settings, args) -> dict:
     base = stack.base_url
     replicas = settings.num_replicas
-    pool, histories, make = _prepare(stack, settings, args, [
-        ("noop", "/noop", {}),
-        ("before", "/before", {"user_cache_size": 0, "batch_max_size": 1}),
-        ("nocache", "/nocache", {"user_cache_size": 0}),
-        ("inline", "/inline", {"encode_thread": False})])
+    pool, histories, make = _prepare(stack, settings, args, SIDE_APPS)
 
     # 1. Latency at the offered load, apps interleaved.
     phase: dict[str, list[Result]] = {"noop": [], "recommend": [], "before": [], "inline": []}

@@ -319,14 +319,14 @@ class Recommender:
         return out
 
     async def _user_vector(self, user_id: str, state_version: int, history: list[int],
-                           active: ActivePrompt) -> torch.Tensor:
-        """[H] user vector for this (state_version, prompt version), cached per user."""
+                           active: ActivePrompt) -> tuple[torch.Tensor, bool]:
+        """([H] user vector for this (state_version, prompt version), cache hit?)."""
         key = (state_version, active.version)
         cached = self._user_cache.get(user_id)
         if cached is not None and cached[0] == key:
             self._user_cache.move_to_end(user_id)
             self._count_cache("hit")
-            return cached[1]
+            return cached[1], True
         self._count_cache("miss")
         user = await self._encode(EncodeJob(active, tuple(history)))
         if self.settings.user_cache_size:
@@ -334,7 +334,7 @@ class Recommender:
             self._user_cache.move_to_end(user_id)
             if len(self._user_cache) > self.settings.user_cache_size:
                 self._user_cache.popitem(last=False)
-        return user
+        return user, False
 
     def _count_cache(self, result: str) -> None:
         self._cache_counts[result] += 1
@@ -350,7 +350,7 @@ class Recommender:
         state = await self._user_state(query.user_id)
         state_version = state["state_version"] if state else 0
         history = self.catalog.indices(state["history"]) if state else []
-        user = await self._user_vector(query.user_id, state_version, history, active)
+        user, hit = await self._user_vector(query.user_id, state_version, history, active)
         indices, values = rank(active.model, user, self.catalog.vectors, query.k, history)
         items = self.catalog.items
         ranked = [{"item_id": items[i].item_id, "title": items[i].title,
@@ -369,7 +369,7 @@ class Recommender:
             "prompt_version": active.version,
             "state_version": state_version,
             "cold_start": not history,
-        })
+        }, headers={"X-User-Cache": "hit" if hit else "miss"})
 
     @app.get("/healthz")
     async def healthz(self) -> dict:
