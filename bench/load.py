@@ -27,6 +27,7 @@ class Result:
     lag_s: float  # how late the client sent it against its schedule (client overload)
     body: dict | None
     retry_after: str | None
+    cache: str | None = None  # the recommender's X-User-Cache header: hit or miss
     error: str = ""
 
 
@@ -46,7 +47,7 @@ async def _one(client: httpx.AsyncClient, index: int, request: Request,
         body = None
     return Result(index, request, response.status_code, latency, started - scheduled,
                   body if isinstance(body, dict) else None,
-                  response.headers.get("retry-after"))
+                  response.headers.get("retry-after"), response.headers.get("x-user-cache"))
 
 
 def _client(base_url: str, timeout_s: float) -> httpx.AsyncClient:
@@ -57,21 +58,27 @@ def _client(base_url: str, timeout_s: float) -> httpx.AsyncClient:
 
 async def open_loop(base_url: str, make: Callable[[int], Request], rps: float,
                     max_requests: int, max_seconds: float,
-                    stop: threading.Event | None = None,
-                    timeout_s: float = 30.0) -> list[Result]:
-    """Request i = make(i) at rate `rps`, until max_requests, max_seconds or `stop`."""
+                    stop: threading.Event | None = None, timeout_s: float = 30.0,
+                    into: list[Result] | None = None) -> list[Result]:
+    """Request i = make(i) at rate `rps`, until max_requests, max_seconds or `stop`.
+    Results are appended to `into` (if given) as they complete, in completion order."""
+    results = into if into is not None else []
     tasks: list[asyncio.Task] = []
+
+    async def send(index: int, scheduled: float) -> None:
+        results.append(await _one(client, index, make(index), scheduled))
+
     async with _client(base_url, timeout_s) as client:
         start = time.perf_counter()
         for index in range(max_requests):
             scheduled = start + index / rps
             if scheduled - start > max_seconds or (stop is not None and stop.is_set()):
                 break
-            delay = scheduled - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(_one(client, index, make(index), scheduled)))
-        return list(await asyncio.gather(*tasks))
+            # Always yield, even when behind schedule, so sent requests make progress.
+            await asyncio.sleep(max(0.0, scheduled - time.perf_counter()))
+            tasks.append(asyncio.create_task(send(index, scheduled)))
+        await asyncio.gather(*tasks)
+    return sorted(results, key=lambda r: r.index)
 
 
 async def closed_loop(base_url: str, make: Callable[[int], Request], concurrency: int,
@@ -94,7 +101,8 @@ async def closed_loop(base_url: str, make: Callable[[int], Request], concurrency
 
 
 class Background:
-    """Runs `open_loop` on its own thread and event loop; `stop()` ends it, returns results."""
+    """Runs `open_loop` on its own thread and event loop; `results` fills as answers
+    arrive; `stop()` ends the load and returns every result."""
 
     def __init__(self, base_url: str, make: Callable[[int], Request], rps: float,
                  max_requests: int, max_seconds: float):
@@ -105,12 +113,14 @@ class Background:
         self._thread.start()
 
     def _run(self, *args) -> None:
-        self.results = asyncio.run(open_loop(*args, stop=self._stop))
+        asyncio.run(open_loop(*args, stop=self._stop, into=self.results))
 
     def stop(self, timeout_s: float = 180.0) -> list[Result]:
         self._stop.set()
         self._thread.join(timeout_s)
-        return self.results
+        if self._thread.is_alive():
+            raise TimeoutError(f"load still running {timeout_s} s after stop")
+        return sorted(self.results, key=lambda r: r.index)
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -100,6 +100,9 @@ class Settings:
     metrics_port: int = field(default=8090, metadata=_help("Prometheus export port of Ray"))
     admin_token: str = field(default="", metadata=_help(
         "bearer token for /admin routes; empty turns admin routes off"))
+    serve_throughput_optimized: bool = field(default=True, metadata=_help(
+        "start a local Ray with RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (fewer thread hops per "
+        "request; measured in bench/serve.py); a remote cluster sets it in its own env"))
     max_ongoing_requests: int = field(default=16, metadata=_help(
         "requests one replica works on at once (Ray Serve max_ongoing_requests)"))
     max_queued_requests: int = field(default=64, metadata=_help(
@@ -107,10 +110,13 @@ class Settings:
         "(Ray Serve max_queued_requests; -1: unbounded)"))
     retry_after_s: float = field(default=1.0, metadata=_help(
         "Retry-After seconds sent with an overload 503"))
-    batch_max_size: int = field(default=8, metadata=_help(
+    batch_max_size: int = field(default=4, metadata=_help(
         "users encoded in one backbone pass (serve.batch max_batch_size; 1: no batching)"))
     batch_wait_ms: float = field(default=2.0, metadata=_help(
         "how long an encode waits for more cache misses to join its batch"))
+    encode_thread: bool = field(default=True, metadata=_help(
+        "encode cache misses on a worker thread so the event loop keeps answering cache "
+        "hits (false: on the event loop)"))
     user_cache_size: int = field(default=10_000, metadata=_help(
         "user vectors cached per replica, keyed by (state_version, prompt_version); 0: off"))
     explain_items: int = field(default=3, metadata=_help(

@@ -201,6 +201,9 @@ def start_ray(settings, connect_timeout_s: float = 10.0) -> None:
                 f"cannot reach Ray at {settings.ray_address} (setting ray_address / "
                 f"PROMPTREC_RAY_ADDRESS): {err}. {hint}") from err
         return
+    # Read by Serve's proxy and replicas at import: they inherit it from this process.
+    os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = \
+        "1" if settings.serve_throughput_optimized else "0"
     ray.init(include_dashboard=False, num_cpus=settings.ray_num_cpus,
              namespace=settings.namespace, _metrics_export_port=settings.metrics_port,
              log_to_driver=settings.ray_log_to_driver, logging_level=logging.WARNING)

@@ -20,8 +20,10 @@ import asyncio
 import hmac
 import logging
 import re
+import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -177,7 +179,8 @@ class ActivePrompt:
     version: int
     sha256: str
     model: PromptRecModel
-    serving_since: float  # registry clock: when this version became the serving one
+    swap_ms: float  # weights received -> this reference built
+    publish_to_live_ms: float | None  # registry made it serving -> live here (None at start-up)
 
 
 @dataclass(frozen=True)
@@ -202,28 +205,39 @@ class Recommender:
         # user_id -> ((state_version, prompt_version), [H] user vector), least recent first
         self._user_cache: OrderedDict[str, tuple[tuple[int, int], torch.Tensor]] = OrderedDict()
         self._cache_counts = {"hit": 0, "miss": 0}
+        self._encode_counts = {"passes": 0, "users": 0}  # written by the encoder thread only
+        self._idle_wait_s = self._busy_wait_s = self.settings.batch_wait_ms / 1000
         self._encode.set_max_batch_size(self.settings.batch_max_size)
-        self._encode.set_batch_wait_timeout_s(self.settings.batch_wait_ms / 1000)
+        self._encode.set_batch_wait_timeout_s(self._idle_wait_s)
+        self._encoder = ThreadPoolExecutor(1, thread_name_prefix="encoder")  # torch: 1 thread
         self.active: ActivePrompt | None = None
-        self.last_publish_to_live_ms: float | None = None
-        self.last_swap_ms: float | None = None
         entry = await self.registry.serving.remote()
         if entry:
             self._swap(entry, initial=True)
-        self._watcher = asyncio.get_running_loop().create_task(self._watch())
+        # The watcher has a thread of its own, so a swap never waits for the event loop,
+        # which a batch of encodes keeps busy for tens of milliseconds at a time.
+        self._stopping = threading.Event()
+        threading.Thread(target=self._watch, name="prompt-watcher", daemon=True).start()
+
+    def __del__(self):
+        stopping = getattr(self, "_stopping", None)
+        if stopping is not None:
+            stopping.set()
 
     # --- hot swap -------------------------------------------------------
     def _swap(self, entry: dict, initial: bool = False) -> None:
+        """Build the new version beside the old one, then replace one reference (atomic
+        under the GIL); requests that already read the old one finish on it."""
         started = time.perf_counter()
         state = prompt_from_bytes(entry["blob"], self.catalog.vectors.shape[1])
         model = PromptRecModel(self.encoder, state)  # shares the frozen encoder
+        swap_ms = round((time.perf_counter() - started) * 1000, 2)
         since = entry.get("serving_since", entry["created"])
-        self.active = ActivePrompt(entry["version"], entry["sha256"], model, since)  # the swap
-        self.last_swap_ms = round((time.perf_counter() - started) * 1000, 2)
-        metrics.swap_seconds().observe(self.last_swap_ms / 1000)
-        metrics.serving_prompt_version().set(entry["version"], tags={"replica": self.replica})
         # At start-up the version was live long before this replica existed: no swap time.
-        self.last_publish_to_live_ms = None if initial else round((time.time() - since) * 1000, 1)
+        live_ms = None if initial else round((time.time() - since) * 1000, 1)
+        self.active = ActivePrompt(entry["version"], entry["sha256"], model, swap_ms, live_ms)
+        metrics.swap_seconds().observe(swap_ms / 1000)
+        metrics.serving_prompt_version().set(entry["version"], tags={"replica": self.replica})
         log.info("replica %s now serves prompt version %d", self.replica, entry["version"])
 
     def _lookup_registry(self) -> None:
@@ -235,14 +249,15 @@ class Recommender:
         except ValueError:
             pass
 
-    async def _watch(self) -> None:
-        while True:
+    def _watch(self) -> None:
+        """Long-poll the registry (blocking, on the watcher thread) and swap on a change."""
+        while not self._stopping.is_set():
             known = self.active.version if self.active else 0
             try:
-                entry = await self.registry.wait_for_change.remote(known, 30.0)
+                entry = ray.get(self.registry.wait_for_change.remote(known, 30.0))
             except Exception:  # noqa: BLE001 - registry restarting: retry, keep serving
                 log.exception("registry long-poll failed; retrying")
-                await asyncio.sleep(1.0)
+                time.sleep(1.0)
                 self._lookup_registry()
                 continue
             if entry:
@@ -250,7 +265,7 @@ class Recommender:
                     self._swap(entry)
                 except Exception:  # noqa: BLE001 - a bad version must not kill the replica
                     log.exception("refused prompt version %s", entry.get("version"))
-                    await asyncio.sleep(1.0)
+                    time.sleep(1.0)
 
     # --- user state -----------------------------------------------------
     def _shard(self, user_id: str):
@@ -270,15 +285,35 @@ class Recommender:
                            ) from None
 
     # Batch size and wait are placeholders: __init__ sets them from the settings.
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
+    # Batch size and wait are placeholders: __init__ sets them from the settings.
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.002, max_concurrent_batches=1)
     async def _encode(self, jobs: list[EncodeJob]) -> list[torch.Tensor]:
         """Cache misses of concurrent requests -> one [H] user vector each.
 
-        Runs on the replica's event loop without awaiting: while a batch computes,
-        misses that arrive meanwhile queue up and form the next batch. Jobs are grouped
-        by prompt version (a batch can straddle a swap) so each user is encoded by the
-        version its request started with; identical histories are encoded once.
+        With `encode_thread` the backbone runs on the replica's one encoder thread, so
+        the event loop keeps answering cache hits meanwhile. Ray 2.60's serve.batch
+        forms the next batch as soon as this one starts, which would leave batches of
+        one; so while this batch computes, the next is told to wait about as long for
+        more misses (it could not start earlier anyway), and afterwards the short idle
+        wait applies again. Without `encode_thread` the loop itself computes, and
+        misses that arrive meanwhile queue up behind it.
         """
+        if not self.settings.encode_thread:
+            return self._encode_now(jobs)
+        self._encode.set_batch_wait_timeout_s(max(self._idle_wait_s, self._busy_wait_s))
+        started = time.perf_counter()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._encoder, self._encode_now, jobs)
+        finally:
+            took = time.perf_counter() - started
+            self._busy_wait_s = min(0.1, 0.7 * self._busy_wait_s + 0.3 * took)
+            self._encode.set_batch_wait_timeout_s(self._idle_wait_s)
+
+    def _encode_now(self, jobs: list[EncodeJob]) -> list[torch.Tensor]:
+        """Jobs are grouped by prompt version, since a batch can straddle a swap, so each
+        user is encoded by the version its request started with; identical histories are
+        encoded once. -> one [H] vector per job."""
         out: list[torch.Tensor | None] = [None] * len(jobs)
         groups: dict[int, dict[tuple[int, ...], list[int]]] = {}
         for position, job in enumerate(jobs):
@@ -291,20 +326,23 @@ class Recommender:
                 model, self.catalog.vectors, [list(h) for h, _ in histories],
                 [None if p is None else np.frombuffer(p, np.float32) for _, p in histories])
             metrics.encode_batch_users().observe(len(histories))
+            self._encode_counts["passes"] += 1
+            self._encode_counts["users"] += len(histories)
             for row, history in enumerate(histories):
                 for position in by_history[history]:
                     out[position] = users[row]
         return out
 
     async def _user_vector(self, user_id: str, state_version: int, history: list[int],
-                           personal: np.ndarray | None, active: ActivePrompt) -> torch.Tensor:
-        """[H] user vector for this (state_version, prompt version), cached per user."""
+                           personal: np.ndarray | None,
+                           active: ActivePrompt) -> tuple[torch.Tensor, bool]:
+        """([H] user vector for this (state_version, prompt version), cache hit?)."""
         key = (state_version, active.version)
         cached = self._user_cache.get(user_id)
         if cached is not None and cached[0] == key:
             self._user_cache.move_to_end(user_id)
             self._count_cache("hit")
-            return cached[1]
+            return cached[1], True
         self._count_cache("miss")
         personal_bytes = None if personal is None else np.asarray(personal, np.float32).tobytes()
         user = await self._encode(EncodeJob(active, tuple(history), personal_bytes))
@@ -313,7 +351,7 @@ class Recommender:
             self._user_cache.move_to_end(user_id)
             if len(self._user_cache) > self.settings.user_cache_size:
                 self._user_cache.popitem(last=False)
-        return user
+        return user, False
 
     def _count_cache(self, result: str) -> None:
         self._cache_counts[result] += 1
@@ -321,7 +359,7 @@ class Recommender:
 
     # --- routes -----------------------------------------------------------
     @app.get("/recommend")
-    async def recommend(self, request: Request) -> dict:
+    async def recommend(self, request: Request) -> JSONResponse:
         query = parse_recommend_query(request.query_params.multi_items())
         active = self.active  # read once: this request is served wholly by this version
         if active is None:
@@ -330,7 +368,8 @@ class Recommender:
         state_version = state["state_version"] if state else 0
         history = self.catalog.indices(state["history"]) if state else []
         personal = state.get("personal") if state else None
-        user = await self._user_vector(query.user_id, state_version, history, personal, active)
+        user, hit = await self._user_vector(query.user_id, state_version, history, personal,
+                                            active)
         indices, values = rank(active.model, user, self.catalog.vectors, query.k, history)
         items = self.catalog.items
         ranked = [{"item_id": items[i].item_id, "title": items[i].title,
@@ -342,13 +381,14 @@ class Recommender:
             for entry, because in zip(ranked, reasons, strict=True):
                 entry["because"] = [{"item_id": items[h].item_id, "title": items[h].title,
                                      "similarity": sim} for h, sim in because]
-        return {
+        # Already JSON types: skip FastAPI's recursive jsonable_encoder on every request.
+        return JSONResponse({
             "user_id": query.user_id,
             "items": ranked,
             "prompt_version": active.version,
             "state_version": state_version,
             "cold_start": not history,
-        }
+        }, headers={"X-User-Cache": "hit" if hit else "miss"})
 
     @app.get("/healthz")
     async def healthz(self) -> dict:
@@ -362,9 +402,10 @@ class Recommender:
         return {"prompt_version": active.version if active else 0,
                 "prompt_sha256": active.sha256 if active else None,
                 "replica": self.replica,
-                "publish_to_live_ms": self.last_publish_to_live_ms,
-                "swap_ms": self.last_swap_ms,
-                "user_cache": {**self._cache_counts, "size": len(self._user_cache)}}
+                "publish_to_live_ms": active.publish_to_live_ms if active else None,
+                "swap_ms": active.swap_ms if active else None,
+                "user_cache": {**self._cache_counts, "size": len(self._user_cache)},
+                "encoded": dict(self._encode_counts)}
 
     @app.post("/admin/rollback")
     async def rollback(self, request: Request) -> dict:
@@ -405,6 +446,9 @@ def build_app(settings: Settings, name: str = "Recommender"):
         backpressure_config=BackpressureConfig(status_code=503,
                                                retry_after_s=settings.retry_after_s),
         ray_actor_options={"num_cpus": settings.replica_cpus},
+        # One access-log line per request costs CPU on the hot path; the request metrics
+        # carry the same counts and latencies.
+        logging_config={"enable_access_log": False},
     ).bind(settings.to_dict())
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from services.model import PromptRecModel, top_k
+from services.model import PromptRecModel
 
 
 def encode_histories(model: PromptRecModel, item_vectors: torch.Tensor,
@@ -39,10 +39,14 @@ def encode_histories(model: PromptRecModel, item_vectors: torch.Tensor,
 
 def rank(model: PromptRecModel, user: torch.Tensor, item_vectors: torch.Tensor, k: int,
          seen: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """user [H], item_vectors [N, H] -> (item indices [k'], scores [k']), seen items masked."""
+    """user [H], item_vectors [N, H] -> (item indices [k'], scores [k']), seen items masked;
+    k' = k unless fewer unseen items are left."""
     with torch.inference_mode():
-        scores = model.logits(user[None], item_vectors)[0]
-    return top_k(scores, k, exclude=torch.tensor(seen, dtype=torch.long))
+        scores = model.logits(user[None], item_vectors)[0]  # fresh tensor: mask in place
+        if seen:
+            scores.index_fill_(0, torch.tensor(seen, dtype=torch.long), float("-inf"))
+        values, indices = torch.topk(scores, min(k, len(scores) - len(set(seen))))
+    return indices, values
 
 
 def explain(item_vectors: torch.Tensor, history: list[int], recommended: list[int],
