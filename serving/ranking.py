@@ -32,7 +32,8 @@ def encode_histories(model: PromptRecModel, item_vectors: torch.Tensor,
             batch[row, : len(history)] = item_vectors[history]
             mask[row, : len(history)] = 1
         if personals is not None and personals[row] is not None:
-            personal[row] = torch.as_tensor(personals[row])
+            # A copy: buffers from Ray's object store are read-only.
+            personal[row] = torch.from_numpy(np.array(personals[row], np.float32))
     with torch.inference_mode():
         return model.encode_users(batch, mask, personal)
 

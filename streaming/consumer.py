@@ -10,8 +10,9 @@ event_id), so per-user state is effectively-once. The loop, per poll:
    rewind offset and the consumer seeks back there (other shards skip the replay).
    One batch is in flight while the next is fetched and decoded;
 3. valid events are buffered for the event log;
-4. every `log_flush_s` the log buffer is written, the DLQ producer flushed, and only
-   then offsets committed (commit = last handled offset + 1).
+4. every `log_flush_s` (or after a fifth of it once the consumer has caught up) the log
+   buffer is written, the DLQ producer flushed, and only then offsets committed
+   (commit = last handled offset + 1).
 
 Offsets are qualified by the topic's id (its epoch): a topic recreated under the same
 name (the embedded broker keeps data in memory; a restart empties it) restarts offsets
@@ -21,6 +22,7 @@ new epoch's offsets as new.
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -122,6 +124,10 @@ class IngestConsumer:
                             linger_ms=5, client_id=f"promptrec-dlq-{self.index}",
                             max_request_size=16 << 20)
         event_log = EventLogWriter(str(s.root / "eventlog"), f"consumer{self.index}")
+        # Everything alive now (Ray, kafka-python, pyarrow and their modules) lives as long
+        # as the process: out of the collector's sight, a full collection no longer pauses
+        # ingestion for 200-300 ms (measured in bench.ingest).
+        gc.freeze()
         pending: dict[TopicPartition, int] = {}
         inflight: _InFlight | None = None
         last_flush = time.monotonic()
@@ -170,7 +176,12 @@ class IngestConsumer:
                 if prepared:
                     inflight = self._submit(prepared)
                 # `pending` holds settled batches only, so a batch in flight never commits.
-                if pending and time.monotonic() - last_flush >= s.log_flush_s:
+                # Caught up (nothing fetched, nothing in flight): commit sooner, so a quiet
+                # spell never leaves applied events uncommitted for a whole interval.
+                since_flush = time.monotonic() - last_flush
+                caught_up = not batches and inflight is None
+                if pending and (since_flush >= s.log_flush_s
+                                or (caught_up and since_flush >= s.log_flush_s / 5)):
                     commit()
                     last_flush = time.monotonic()
                 self._update_lag(consumer)

@@ -110,3 +110,32 @@ def test_snapshots_are_pruned_and_half_written_ones_ignored(tmp_path):
     (tmp_path / "shard-0" / "tmp-snap-crashed").mkdir()
     assert _shard(snapshot_dir=str(tmp_path)).covered_offsets() == {0: 4}
     assert not list((tmp_path / "shard-0").glob("tmp-*"))
+
+
+def test_apply_snapshots_a_copy_in_the_background(tmp_path):
+    # snapshot_every_s=0: the first apply starts a background write of the state as it
+    # was then; events applied while it writes must not leak into that snapshot.
+    shard = _shard(snapshot_dir=str(tmp_path), snapshot_every_s=0.0)
+    shard.apply([_ev(0, "e1", "u", "a", 1.0), _ev(1, "e2", "v", "b", 2.0)], {0: ("E", 0, 2)})
+    shard.apply([_ev(2, "e3", "u", "c", 3.0)], {0: ("E", 2, 3)})
+    shard._writer.join()
+    restored = _shard(snapshot_dir=str(tmp_path))
+    assert restored.covered_offsets() in ({0: 2}, {0: 3})  # one of the two captures
+    reference = _shard()
+    reference.apply([_ev(0, "e1", "u", "a", 1.0), _ev(1, "e2", "v", "b", 2.0)],
+                    {0: ("E", 0, 2)})
+    if restored.covered_offsets() == {0: 3}:
+        reference.apply([_ev(2, "e3", "u", "c", 3.0)], {0: ("E", 2, 3)})
+    assert restored.dump() == reference.dump()
+    assert restored.apply([_ev(1, "e2", "v", "b", 2.0)], {0: ("E", 1, 2)})["applied"] == 0
+
+
+def test_snapshot_keeps_users_without_a_personal_prompt(tmp_path):
+    shard = _shard(snapshot_dir=str(tmp_path), snapshot_every_s=3600)
+    shard.apply([_ev(0, "e1", "u", "a", 1.0), _ev(1, "e2", "w", "zz-unknown", 2.0)],
+                {0: ("E", 0, 2)})
+    shard.snapshot()
+    restored = _shard(snapshot_dir=str(tmp_path))
+    assert restored.get_user("w")["personal"] is None
+    assert np.allclose(restored.get_user("u")["personal"], VECTORS[0])
+    assert restored.dump() == shard.dump()
