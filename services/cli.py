@@ -178,7 +178,8 @@ def run_offline_eval(settings: Settings, args: argparse.Namespace) -> int:
                          str(backbone), steps=args.steps, batch_size=settings.batch_size,
                          learning_rate=settings.learning_rate,
                          history_len=settings.history_len, prompt_len=settings.prompt_len,
-                         personal_alpha=settings.personal_alpha, eval_every=args.eval_every,
+                         personal_alpha=settings.personal_alpha, item_bias=settings.item_bias,
+                         eval_every=args.eval_every,
                          max_users=args.max_users, out=Path(args.out) if args.out else None)
     print(json.dumps(result, indent=2))
     return 0

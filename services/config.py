@@ -78,6 +78,8 @@ class Settings:
     prompt_init_text: str = field(
         default="Given the movies this user watched, recommend the next movie.",
         metadata=_help("text whose token embeddings initialise the soft prompt"))
+    item_bias: bool = field(default=False, metadata=_help(
+        "train a bias per catalog item beside the soft prompt (lets scores carry popularity)"))
 
     # --- training ---
     train_workers: int = field(default=2, metadata=_help("Ray Train workers (DDP)"))

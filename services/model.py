@@ -4,11 +4,14 @@ A user is the sequence `[shared soft prompt] + [recent history item vectors]`,
 fed to the frozen backbone as `inputs_embeds`; the mean-pooled, L2-normalised
 output is the user vector. An item's vector is the frozen backbone's embedding
 of its text, so a new item is rankable as soon as its text is known.
-Score(user, item) = exp(logit_scale) * cos(user, item).
+Score(user, item) = exp(logit_scale) * cos(user, item) [+ item_bias[item]].
 
 Trainable weights (the "prompt", versioned by the registry):
     soft_prompt  [P, H]   initialised from the token embeddings of a task text (as PEFT does)
     logit_scale  []       softmax temperature, log-space
+    item_bias    [N]      optional, one float per catalog item (zeros at first): lets the
+                          score carry popularity, which a user-side prompt over frozen text
+                          vectors cannot express
 Everything else is frozen.
 """
 
@@ -27,7 +30,8 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-PROMPT_KEYS = ("soft_prompt", "logit_scale")
+PROMPT_KEYS = ("soft_prompt", "logit_scale")  # always present
+OPTIONAL_PROMPT_KEYS = ("item_bias",)
 
 
 def default_backbone_path() -> Path:
@@ -93,6 +97,7 @@ def embed_texts(tokenizer, encoder: nn.Module, texts: list[str], batch_size: int
 class PromptConfig:
     prompt_len: int = 16
     init_text: str = "Given the movies this user watched, recommend the next movie."
+    item_bias: bool = False  # a trainable bias per catalog item
 
 
 def init_soft_prompt(tokenizer, encoder: nn.Module, config: PromptConfig) -> torch.Tensor:
@@ -103,10 +108,15 @@ def init_soft_prompt(tokenizer, encoder: nn.Module, config: PromptConfig) -> tor
     return table[torch.tensor(ids)].detach().clone()
 
 
-def initial_prompt_state(tokenizer, encoder: nn.Module, config: PromptConfig
-                         ) -> dict[str, torch.Tensor]:
-    return {"soft_prompt": init_soft_prompt(tokenizer, encoder, config),
-            "logit_scale": torch.tensor(math.log(20.0))}
+def initial_prompt_state(tokenizer, encoder: nn.Module, config: PromptConfig,
+                         num_items: int = 0) -> dict[str, torch.Tensor]:
+    state = {"soft_prompt": init_soft_prompt(tokenizer, encoder, config),
+             "logit_scale": torch.tensor(math.log(20.0))}
+    if config.item_bias:
+        if num_items <= 0:
+            raise ValueError("item_bias needs the catalog size (num_items)")
+        state["item_bias"] = torch.zeros(num_items)
+    return state
 
 
 # How much one event moves a user's personal prompt, by event type (ratings count as clicks).
@@ -156,6 +166,8 @@ class PromptRecModel(nn.Module):
         self.encoder = encoder
         self.soft_prompt = nn.Parameter(prompt_state["soft_prompt"].clone().float())
         self.logit_scale = nn.Parameter(prompt_state["logit_scale"].clone().float())
+        bias = prompt_state.get("item_bias")
+        self.item_bias = None if bias is None else nn.Parameter(bias.clone().float())
 
     @property
     def hidden_size(self) -> int:
@@ -183,21 +195,35 @@ class PromptRecModel(nn.Module):
         return F.normalize(mean_pool(hidden, mask), dim=-1)
 
     def logits(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """users [B, H], items [N, H] unit vectors -> [B, N]."""
-        return self.logit_scale.exp() * users @ items.T
+        """users [B, H], items [N, H] unit vectors (the whole catalog, in catalog order,
+        when there is an item bias) -> [B, N]."""
+        scores = self.logit_scale.exp() * users @ items.T
+        if self.item_bias is not None:
+            if self.item_bias.shape[0] != items.shape[0]:
+                raise ValueError(f"item_bias has {self.item_bias.shape[0]} items, the catalog "
+                                 f"{items.shape[0]}")
+            scores = scores + self.item_bias
+        return scores
 
     def forward(self, history: torch.Tensor, history_mask: torch.Tensor,
                 items: torch.Tensor, personal: torch.Tensor | None = None) -> torch.Tensor:
         return self.logits(self.encode_users(history, history_mask, personal), items)
 
     def prompt_state(self) -> dict[str, torch.Tensor]:
-        return {"soft_prompt": self.soft_prompt.detach().cpu().clone(),
-                "logit_scale": self.logit_scale.detach().cpu().clone()}
+        state = {"soft_prompt": self.soft_prompt.detach().cpu().clone(),
+                 "logit_scale": self.logit_scale.detach().cpu().clone()}
+        if self.item_bias is not None:
+            state["item_bias"] = self.item_bias.detach().cpu().clone()
+        return state
 
     def load_prompt_state(self, state: dict[str, torch.Tensor]) -> None:
+        if ("item_bias" in state) != (self.item_bias is not None):
+            raise BadPromptWeights("item_bias present in one of model and weights only")
         with torch.no_grad():
             self.soft_prompt.copy_(state["soft_prompt"])
             self.logit_scale.copy_(state["logit_scale"])
+            if self.item_bias is not None:
+                self.item_bias.copy_(state["item_bias"])
 
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -208,17 +234,24 @@ class BadPromptWeights(ValueError):
 
 
 def prompt_to_bytes(state: dict[str, torch.Tensor]) -> bytes:
-    return st_save({k: state[k].contiguous().float() for k in PROMPT_KEYS})
+    keys = PROMPT_KEYS + tuple(k for k in OPTIONAL_PROMPT_KEYS if k in state)
+    return st_save({k: state[k].contiguous().float() for k in keys})
 
 
-def prompt_from_bytes(blob: bytes, hidden_size: int | None = None) -> dict[str, torch.Tensor]:
+def prompt_from_bytes(blob: bytes, hidden_size: int | None = None,
+                      num_items: int | None = None) -> dict[str, torch.Tensor]:
     """Parse and check weights; raise `BadPromptWeights` rather than serve garbage."""
     try:
         state = st_load(blob)
     except Exception as err:  # safetensors raises several types for corrupt input
         raise BadPromptWeights(f"not a safetensors blob: {err}") from None
-    if set(state) != set(PROMPT_KEYS):
-        raise BadPromptWeights(f"keys {sorted(state)} != {sorted(PROMPT_KEYS)}")
+    if not set(PROMPT_KEYS) <= set(state) <= set(PROMPT_KEYS + OPTIONAL_PROMPT_KEYS):
+        raise BadPromptWeights(f"keys {sorted(state)}: need {sorted(PROMPT_KEYS)}, "
+                               f"may have {sorted(OPTIONAL_PROMPT_KEYS)}")
+    bias = state.get("item_bias")
+    if bias is not None and (bias.ndim != 1 or (num_items is not None
+                                                 and bias.shape[0] != num_items)):
+        raise BadPromptWeights(f"item_bias shape {tuple(bias.shape)}, catalog {num_items}")
     prompt = state["soft_prompt"]
     if prompt.ndim != 2 or (hidden_size is not None and prompt.shape[1] != hidden_size):
         raise BadPromptWeights(f"soft_prompt shape {tuple(prompt.shape)}")

@@ -90,8 +90,9 @@ class Stack:
         self.registry = start_registry(s, hidden_size=self.catalog.vectors.shape[1])
         if ray.get(self.registry.serving_version.remote()) == 0:
             tokenizer, encoder = load_backbone(backbone)
-            state = initial_prompt_state(tokenizer, encoder,
-                                         PromptConfig(s.prompt_len, s.prompt_init_text))
+            state = initial_prompt_state(
+                tokenizer, encoder, PromptConfig(s.prompt_len, s.prompt_init_text, s.item_bias),
+                num_items=len(self.catalog))
             ray.get(self.registry.publish.remote(prompt_to_bytes(state),
                                                  {"source": "initial", "text": s.prompt_init_text}))
         self.streaming = start_streaming(s, self.bootstrap, list(self.catalog.index),

@@ -229,7 +229,8 @@ class Recommender:
         """Build the new version beside the old one, then replace one reference (atomic
         under the GIL); requests that already read the old one finish on it."""
         started = time.perf_counter()
-        state = prompt_from_bytes(entry["blob"], self.catalog.vectors.shape[1])
+        state = prompt_from_bytes(entry["blob"], self.catalog.vectors.shape[1],
+                                  len(self.catalog))
         model = PromptRecModel(self.encoder, state)  # shares the frozen encoder
         swap_ms = round((time.perf_counter() - started) * 1000, 2)
         since = entry.get("serving_since", entry["created"])

@@ -115,6 +115,7 @@ class Popularity:
 def run_offline(dataset: str, catalog: Catalog, interactions: Interactions, backbone_path: str,
                 steps: int, batch_size: int = 64, learning_rate: float = 0.01,
                 history_len: int = 30, prompt_len: int = 16, personal_alpha: float = 0.1,
+                item_bias: bool = False,
                 eval_every: int = 0, max_users: int | None = None, seed: int = 0,
                 progress: bool = True, out: Path | None = None) -> dict:
     torch.manual_seed(seed)
@@ -125,8 +126,9 @@ def run_offline(dataset: str, catalog: Catalog, interactions: Interactions, back
     pop_cold = evaluate(pop, split.test_cold, vectors)
 
     tokenizer, encoder = load_backbone(backbone_path)
-    model = PromptRecModel(encoder, initial_prompt_state(tokenizer, encoder,
-                                                         PromptConfig(prompt_len)))
+    model = PromptRecModel(encoder, initial_prompt_state(
+        tokenizer, encoder, PromptConfig(prompt_len, item_bias=item_bias),
+        num_items=len(catalog)))
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad],
                                  lr=learning_rate)
     rng = np.random.default_rng(seed)
@@ -151,7 +153,8 @@ def run_offline(dataset: str, catalog: Catalog, interactions: Interactions, back
     cold = evaluate(model, split.test_cold, vectors, personal_alpha=personal_alpha)
     backbone_params = sum(p.numel() for p in encoder.parameters())
     result = {
-        "dataset": dataset, "ndcg10": round(test["ndcg10"], 4), "hr10": round(test["hr10"], 4),
+        "dataset": dataset, "item_bias": item_bias,
+        "ndcg10": round(test["ndcg10"], 4), "hr10": round(test["hr10"], 4),
         "pop_ndcg10": round(pop_test["ndcg10"], 4), "pop_hr10": round(pop_test["hr10"], 4),
         "cold_hr10": round(cold["hr10"], 4), "pop_cold_hr10": round(pop_cold["hr10"], 4),
         "cold_test_events": cold["n"], "val_ndcg10": round(best[0], 4),

@@ -115,6 +115,8 @@ class RoundRunner:
         if self._gate_model is None:
             _, encoder = load_backbone(self._backbone_path)
             self._gate_model = PromptRecModel(encoder, state)
+        elif ("item_bias" in state) != (self._gate_model.item_bias is not None):
+            self._gate_model = PromptRecModel(self._gate_model.encoder, state)
         self._gate_model.load_prompt_state(state)
         return evaluate(self._gate_model, examples, self.catalog.vectors,
                         personal_alpha=self.settings.personal_alpha)

@@ -72,3 +72,27 @@ def test_top_k_masks_seen_items_and_caps_k():
     assert idx.tolist() == [1, 3]
     idx, _ = top_k(scores, 10, exclude=torch.tensor([0, 1]))
     assert idx.tolist() == [3, 2]
+
+
+def test_item_bias_is_optional_trainable_and_checked(backbone):
+    tokenizer, encoder = backbone
+    config = PromptConfig(4, item_bias=True)
+    with pytest.raises(ValueError):
+        initial_prompt_state(tokenizer, encoder, config)  # needs the catalog size
+    state = initial_prompt_state(tokenizer, encoder, config, num_items=5)
+    model = PromptRecModel(encoder, state)
+    items = torch.nn.functional.normalize(torch.randn(5, encoder.config.hidden_size), dim=-1)
+    users = torch.nn.functional.normalize(torch.randn(2, encoder.config.hidden_size), dim=-1)
+    with torch.no_grad():
+        model.item_bias[3] = 100.0
+    assert model.logits(users, items).argmax(1).tolist() == [3, 3]
+    with pytest.raises(ValueError):
+        model.logits(users, items[:4])  # a bias per item of another catalog
+    blob = prompt_to_bytes(model.prompt_state())
+    assert prompt_from_bytes(blob, num_items=5)["item_bias"][3] == 100.0
+    with pytest.raises(BadPromptWeights):
+        prompt_from_bytes(blob, num_items=6)
+    plain = PromptRecModel(encoder, initial_prompt_state(tokenizer, encoder, PromptConfig(4)))
+    with pytest.raises(BadPromptWeights):
+        plain.load_prompt_state(model.prompt_state())
+    assert model.trainable_parameters() == plain.trainable_parameters() + 5
