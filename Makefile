@@ -6,7 +6,7 @@ STAMP := $(VENV)/.promptrec-installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-quick lint clean prometheus bench-ingest bench-serve
+.PHONY: setup demo test test-quick lint clean prometheus bench-ingest bench-serve bench-rounds
 
 setup: $(STAMP)
 
@@ -40,5 +40,8 @@ lint: setup
 clean:
 	rm -rf .promptrec build *.egg-info
 
-bench-ingest: setup
+bench-ingest: setup  # writes bench/results/ingest.json (~1 min)
 	$(PY) -m bench.ingest $(ARGS)
+
+bench-rounds: setup  # writes bench/results/rounds.json (~5 min)
+	$(PY) -m bench.rounds $(ARGS)

@@ -162,6 +162,8 @@ class Stack:
         from ray import serve
 
         if ray.is_initialized():
+            if self.runner:
+                self.runner.close()
             # A Serve app that a config deployed belongs to that config (its replicas find
             # the registry of the next driver by name), not to this process.
             if self.settings.deploy_serve:

@@ -202,7 +202,8 @@ def test_gate_rejects_non_finite_weights(stack):
     result = RoundResult(round=99, outcome="", reason="", version=None, serving_version=before,
                          train_examples=0, val_examples=0, loss=None, candidate_ndcg10=None,
                          serving_ndcg10=None, candidate_hr10=None, serving_hr10=None,
-                         fit_seconds=0, seconds=0)
+                         fit_seconds=0, train_seconds=0, started_run=False,
+                         seconds=0)
     serving = ray.get(stack.registry.serving.remote())
     no_validation = Examples(np.zeros((0, 30), np.int32), np.zeros(0, np.int32))
     stack.runner._gate(result, bad, serving, no_validation)
@@ -245,3 +246,14 @@ def test_metrics_endpoint_exports_the_service_metrics(stack):
     assert ok >= REPLAYED
     replicas = {labels.get("replica") for labels, _ in scraped["promptrec_serving_prompt_version"]}
     assert replicas and all(replicas)  # labelled by replica
+
+
+def test_rounds_reuse_one_long_lived_training_run(stack):
+    runner = stack.runner
+    if not runner.trainer.running:  # run alone: the first round starts the run
+        runner.run(since_ingest_ts=0.0)
+    runs = runner.trainer.runs_started
+    result = runner.run(since_ingest_ts=0.0)
+    assert result.outcome in ("published", "rejected"), result
+    assert not result.started_run and runner.trainer.runs_started == runs
+    assert 0 < result.train_seconds <= result.fit_seconds <= result.seconds

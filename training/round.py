@@ -1,22 +1,19 @@
 """One training round: event log -> Ray Train (DDP) -> validation gate -> registry.
 
-    examples from the log  ──►  TorchTrainer(num_workers, use_gpu)  ──►  candidate prompt
-    warm start: serving version       each worker: train_step on its slice     │
-                                                                              ▼
+    examples from the log  ──►  long-lived TorchTrainer run  ──►  candidate prompt
+    warm start: serving version   (training/trainer.py: workers     │
+                                   stay up between rounds)          ▼
     publish if finite and held-out NDCG@10 >= serving's - gate_margin, else reject
 """
 
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import ray
-import torch
 
 from services import metrics
 from services.catalog import Catalog
@@ -27,11 +24,11 @@ from services.model import (
     PromptRecModel,
     load_backbone,
     prompt_from_bytes,
-    prompt_to_bytes,
     resolve_backbone_path,
 )
 from training.examples import Examples, build_examples
-from training.step import evaluate, train_step
+from training.step import evaluate
+from training.trainer import LongLivedTrainer
 
 log = logging.getLogger(__name__)
 
@@ -52,50 +49,18 @@ class RoundResult:
     serving_ndcg10: float | None
     candidate_hr10: float | None
     serving_hr10: float | None
-    fit_seconds: float
+    fit_seconds: float  # posting the round -> candidate back (includes any run start-up)
+    train_seconds: float  # of which in training steps
+    started_run: bool  # this round started the Ray Train run (pays its start-up)
     seconds: float
 
+    @property
+    def overhead_share(self) -> float | None:
+        """Share of the round not spent in training steps (start-up, data, gate)."""
+        return None if not self.seconds else 1 - self.train_seconds / self.seconds
+
     def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def train_loop_per_worker(config: dict) -> None:
-    """Runs in each Ray Train worker. Data and warm-start weights arrive via an object ref."""
-    import ray.train
-    import ray.train.torch
-
-    inputs = ray.get(config["inputs_ref"])
-    torch.manual_seed(config["seed"])
-    torch.set_num_threads(config["threads"])
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
-
-    _, encoder = load_backbone(config["backbone_path"])
-    model = PromptRecModel(encoder, prompt_from_bytes(inputs["prompt_blob"]))
-    model = ray.train.torch.prepare_model(model)  # DDP: gloo on CPU, NCCL on GPU
-    items = torch.as_tensor(inputs["item_vectors"]).to(device)
-    train = Examples(inputs["history"], inputs["target"])
-    mine = np.arange(rank, len(train), world)  # disjoint slice per worker
-    rng = np.random.default_rng(config["seed"] + rank)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad],
-                                 lr=config["learning_rate"])
-    losses = []
-    for step in range(config["steps"]):
-        batch = train.subset(rng.choice(mine, size=min(config["batch_size"], len(mine)),
-                                        replace=False))
-        losses.append(train_step(model, optimizer, batch, items, config["personal_alpha"]))
-        if rank == 0 and (step + 1) % max(1, config["steps"] // 4) == 0:
-            print(f"[train round {config['round']}] step {step + 1}/{config['steps']} "
-                  f"loss {np.mean(losses[-10:]):.3f}", flush=True)
-    report = {"loss": float(np.mean(losses[-10:])), "steps": config["steps"]}
-    if rank == 0:
-        core = model.module if hasattr(model, "module") else model
-        with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / "prompt.safetensors").write_bytes(prompt_to_bytes(core.prompt_state()))
-            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-    else:
-        ray.train.report(report)
+        return {**asdict(self), "overhead_share": self.overhead_share}
 
 
 class RoundRunner:
@@ -109,6 +74,7 @@ class RoundRunner:
         self.last_ingest_ts = 0.0
         self._backbone_path = str(resolve_backbone_path(settings.backbone_path))
         self._gate_model: PromptRecModel | None = None
+        self.trainer = LongLivedTrainer(settings, self._backbone_path)
 
     def _evaluate(self, blob: bytes, examples: Examples) -> dict[str, float]:
         state = prompt_from_bytes(blob)
@@ -135,7 +101,8 @@ class RoundRunner:
                              serving_version=serving.get("version", 0),
                              train_examples=len(train), val_examples=len(val), loss=None,
                              candidate_ndcg10=None, serving_ndcg10=None, candidate_hr10=None,
-                             serving_hr10=None, fit_seconds=0.0, seconds=0.0)
+                             serving_hr10=None, fit_seconds=0.0, train_seconds=0.0,
+                             started_run=False, seconds=0.0)
         try:
             if len(train) < MIN_TRAIN_EXAMPLES or not serving:
                 result.reason = (f"{len(train)} training examples < {MIN_TRAIN_EXAMPLES}"
@@ -143,10 +110,13 @@ class RoundRunner:
                 return result
             newest_ingest = float(np.max(log_table["ingest_ts"].to_numpy()))
             fit_started = time.monotonic()
-            candidate_blob, loss = self._fit(train, serving["blob"])
+            out = self.trainer.train(train, self.catalog.vectors.numpy(), serving["blob"],
+                                     seed=self.round)
             result.fit_seconds = time.monotonic() - fit_started
-            result.loss = loss
-            metrics.training_loss().set(loss)
+            result.train_seconds, result.started_run = out.train_seconds, out.started_run
+            result.loss = out.loss
+            candidate_blob = out.blob
+            metrics.training_loss().set(out.loss)
             self._gate(result, candidate_blob, serving, val)
             self.last_ingest_ts = newest_ingest
         except Exception as err:  # noqa: BLE001 - a failed round must not stop the service
@@ -158,32 +128,9 @@ class RoundRunner:
             log.info("training round %d: %s %s", self.round, result.outcome, result.reason)
         return result
 
-    def _fit(self, train: Examples, warm_blob: bytes) -> tuple[bytes, float]:
-        from ray.train import RunConfig, ScalingConfig
-        from ray.train.torch import TorchTrainer
-
-        s = self.settings
-        inputs_ref = ray.put({"history": train.history, "target": train.target,
-                              "item_vectors": self.catalog.vectors.numpy(),
-                              "prompt_blob": warm_blob})
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config={"inputs_ref": inputs_ref, "backbone_path": self._backbone_path,
-                               "steps": s.train_steps, "batch_size": s.batch_size,
-                               "learning_rate": s.learning_rate, "seed": self.round,
-                               "round": self.round, "threads": 1,
-                               "personal_alpha": s.personal_alpha},
-            scaling_config=ScalingConfig(num_workers=s.train_workers, use_gpu=s.use_gpu,
-                                         resources_per_worker={"CPU": 1}),
-            run_config=RunConfig(name=f"round-{self.round}-{int(time.time())}",
-                                 storage_path=str(s.root / "train")),
-        )
-        fit = trainer.fit()
-        if fit.checkpoint is None:
-            raise RuntimeError(f"training produced no checkpoint: {fit.error}")
-        with fit.checkpoint.as_directory() as directory:
-            blob = (Path(directory) / "prompt.safetensors").read_bytes()
-        return blob, float(fit.metrics.get("loss", float("nan")))
+    def close(self) -> None:
+        """End the long-lived training run (its workers exit after their round)."""
+        self.trainer.stop()
 
     def _gate(self, result: RoundResult, candidate: bytes, serving: dict, val: Examples) -> None:
         try:

@@ -1,0 +1,236 @@
+"""A long-lived Ray Train run that trains one round after another.
+
+`TorchTrainer.fit()` costs ~18 s here before its first step (worker actors, the DDP
+process group, loading the backbone in every worker). Paid every round, it would be most
+of a round. So one `fit()` stays up in a background thread: its workers load the
+backbone and join the process group once, then loop
+
+    wait for the next round on the RoundBoard actor
+    -> warm-start from that round's weights (a fresh optimizer: each round starts from
+       the serving version, not from the last candidate)
+    -> train `steps` steps on a disjoint slice each (DDP: gloo on CPU, NCCL on GPU)
+    -> rank 0 posts the candidate weights back; every rank reports to Ray Train.
+
+If the run dies (a worker crashed, a node left), the round in progress fails and the
+next round starts a new run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+import torch
+
+from services.config import Settings
+from services.model import PromptRecModel, load_backbone, prompt_from_bytes, prompt_to_bytes
+from training.examples import Examples
+from training.step import train_step
+
+log = logging.getLogger(__name__)
+
+ROUND_TIMEOUT_S = 1800.0
+
+
+@dataclass
+class RoundOutput:
+    blob: bytes  # candidate weights (safetensors)
+    loss: float  # mean of the last 10 steps on rank 0
+    train_seconds: float  # rank 0's time in training steps
+    started_run: bool  # this round paid for starting the Ray Train run
+
+
+@ray.remote(num_cpus=0)
+class RoundBoard:
+    """Hands each round's inputs to the workers and takes the candidate back."""
+
+    def __init__(self):
+        self.round = 0
+        self.payload: dict | None = None
+        self.results: dict[int, tuple | None] = {}  # round -> result (None: abandoned)
+        self.stopped = False
+        self._changed = asyncio.Condition()
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def post(self, payload: dict) -> int:
+        self.round += 1
+        self.payload = payload
+        await self._notify()
+        return self.round
+
+    async def next_round(self, after: int, timeout_s: float = 30.0) -> tuple[int, dict | None]:
+        """(round, payload) of an open round newer than `after`; payload None = stop.
+        Returns (after, {}) when nothing came within timeout_s (the worker asks again)."""
+        def ready() -> bool:
+            return self.stopped or (self.round > after and self.round not in self.results)
+
+        async with self._changed:
+            try:
+                await asyncio.wait_for(self._changed.wait_for(ready), timeout_s)
+            except TimeoutError:
+                return after, {}
+        if self.stopped:
+            return after, None
+        return self.round, self.payload
+
+    async def finish(self, round_no: int, blob: bytes, loss: float,
+                     train_seconds: float) -> None:
+        self.results.setdefault(round_no, (blob, loss, train_seconds))
+        await self._notify()
+
+    async def abandon(self, round_no: int) -> None:
+        self.results.setdefault(round_no, None)
+        await self._notify()
+
+    async def result(self, round_no: int, timeout_s: float) -> tuple | None:
+        async with self._changed:
+            try:
+                await asyncio.wait_for(
+                    self._changed.wait_for(lambda: round_no in self.results), timeout_s)
+            except TimeoutError:
+                return None
+        return self.results[round_no]
+
+    async def stop(self) -> None:
+        self.stopped = True
+        await self._notify()
+
+
+def rounds_loop_per_worker(config: dict) -> None:
+    """Runs in each Ray Train worker for the life of the run, one round after another."""
+    import ray.train
+    import ray.train.torch
+
+    board = config["board"]
+    torch.set_num_threads(config["threads"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    _, encoder = load_backbone(config["backbone_path"])
+    core: PromptRecModel | None = None
+    model = None
+    done = 0
+    while True:
+        round_no, payload = ray.get(board.next_round.remote(done))
+        if payload is None:
+            return
+        if not payload:
+            continue  # nothing yet
+        inputs = ray.get(payload["inputs"])
+        state = prompt_from_bytes(inputs["prompt_blob"])
+        if core is None or ("item_bias" in state) != (core.item_bias is not None):
+            core = PromptRecModel(encoder, state).to(device)
+            model = ray.train.torch.prepare_model(core, move_to_device=False)
+        else:
+            core.load_prompt_state(state)  # every rank loads the same weights: in sync
+        items = torch.as_tensor(inputs["item_vectors"]).to(device)
+        train = Examples(inputs["history"], inputs["target"])
+        mine = np.arange(rank, len(train), world)  # disjoint slice per worker
+        rng = np.random.default_rng(payload["seed"] + rank)
+        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad],
+                                     lr=config["learning_rate"])
+        steps, losses = config["steps"], []
+        started = time.perf_counter()
+        for step in range(steps):
+            batch = train.subset(rng.choice(mine, size=min(config["batch_size"], len(mine)),
+                                            replace=False))
+            losses.append(train_step(model, optimizer, batch, items, config["personal_alpha"]))
+            if rank == 0 and (step + 1) % max(1, steps // 4) == 0:
+                print(f"[train round {round_no}] step {step + 1}/{steps} "
+                      f"loss {np.mean(losses[-10:]):.3f}", flush=True)
+        train_seconds = time.perf_counter() - started
+        loss = float(np.mean(losses[-10:]))
+        if rank == 0:
+            ray.get(board.finish.remote(round_no, prompt_to_bytes(core.prompt_state()), loss,
+                                        train_seconds))
+        ray.train.report({"round": round_no, "loss": loss, "train_seconds": train_seconds})
+        done = round_no
+
+
+class LongLivedTrainer:
+    """The driver's side: starts the run when needed, posts rounds, waits for results."""
+
+    def __init__(self, settings: Settings, backbone_path: str):
+        self.settings = settings
+        self.backbone_path = backbone_path
+        self.board = RoundBoard.remote()
+        self.runs_started = 0
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _start_run(self) -> None:
+        from ray.train import RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
+
+        s = self.settings
+        self.runs_started += 1
+        trainer = TorchTrainer(
+            rounds_loop_per_worker,
+            train_loop_config={"board": self.board, "backbone_path": self.backbone_path,
+                               "steps": s.train_steps, "batch_size": s.batch_size,
+                               "learning_rate": s.learning_rate, "threads": 1,
+                               "personal_alpha": s.personal_alpha},
+            scaling_config=ScalingConfig(num_workers=s.train_workers, use_gpu=s.use_gpu,
+                                         resources_per_worker={"CPU": 1}),
+            run_config=RunConfig(name=f"rounds-{self.runs_started}-{int(time.time())}",
+                                 storage_path=str(s.root / "train")),
+        )
+        self._error = None
+
+        def fit() -> None:
+            try:
+                result = trainer.fit()
+                if result.error:
+                    self._error = result.error
+            except BaseException as err:  # noqa: BLE001 - reported by the round that waits
+                self._error = err
+            log.info("training run %d ended%s", self.runs_started,
+                     f": {self._error}" if self._error else "")
+
+        self._thread = threading.Thread(target=fit, daemon=True, name="ray-train-run")
+        self._thread.start()
+
+    def train(self, train: Examples, item_vectors: np.ndarray, warm_blob: bytes,
+              seed: int) -> RoundOutput:
+        started_run = not self.running
+        if started_run:
+            self._start_run()
+        # The driver owns the inputs until the round is over.
+        inputs = ray.put({"history": train.history, "target": train.target,
+                          "item_vectors": item_vectors, "prompt_blob": warm_blob})
+        round_no = ray.get(self.board.post.remote({"inputs": inputs, "seed": seed}))
+        deadline = time.monotonic() + ROUND_TIMEOUT_S
+        try:
+            while True:
+                result = ray.get(self.board.result.remote(round_no, 1.0))
+                if result is not None:
+                    blob, loss, train_seconds = result
+                    return RoundOutput(blob, loss, train_seconds, started_run)
+                if not self.running:
+                    raise RuntimeError(f"the Ray Train run ended during the round: "
+                                       f"{self._error}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"no candidate after {ROUND_TIMEOUT_S:.0f} s")
+        except BaseException:
+            ray.get(self.board.abandon.remote(round_no))
+            raise
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        try:
+            ray.get(self.board.stop.remote(), timeout=10)
+        except Exception:  # noqa: BLE001 - Ray may be shutting down already
+            return
+        if self._thread is not None:
+            self._thread.join(timeout=timeout_s)
