@@ -112,6 +112,15 @@ class Popularity:
         return self.scores.expand(users.shape[0], -1).clone()
 
 
+def unseen_items_get_mean_bias(model: PromptRecModel, train_counts: np.ndarray) -> None:
+    """An item never seen in training has a bias only full-softmax pushed down (it was
+    never a target): give it the mean bias of the items seen, so text alone places it."""
+    seen = torch.as_tensor(train_counts > 0)
+    if seen.any() and (~seen).any():
+        with torch.no_grad():
+            model.item_bias[~seen] = model.item_bias[seen].mean()
+
+
 def run_offline(dataset: str, catalog: Catalog, interactions: Interactions, backbone_path: str,
                 steps: int, batch_size: int = 64, learning_rate: float = 0.01,
                 history_len: int = 30, prompt_len: int = 16, personal_alpha: float = 0.1,
@@ -149,6 +158,8 @@ def run_offline(dataset: str, catalog: Catalog, interactions: Interactions, back
                 best = (val, model.prompt_state(), step)
     train_seconds = time.monotonic() - started
     model.load_prompt_state(best[1])
+    if model.item_bias is not None:
+        unseen_items_get_mean_bias(model, split.train_item_counts)
     test = evaluate(model, split.test, vectors, personal_alpha=personal_alpha)
     cold = evaluate(model, split.test_cold, vectors, personal_alpha=personal_alpha)
     backbone_params = sum(p.numel() for p in encoder.parameters())

@@ -64,3 +64,17 @@ def test_offline_eval_writes_the_result_contract(tmp_path):
     assert 0 < result["pop_hr10"] <= 1  # popularity finds some test items among 60 users
     assert result["trainable_params"] < 0.01 * result["backbone_params"]
     assert result["test_users"] == 60
+
+
+def test_items_never_trained_get_the_mean_bias():
+    import numpy as np
+    import torch
+
+    from training.offline import unseen_items_get_mean_bias
+
+    class Model:
+        item_bias = torch.nn.Parameter(torch.tensor([1.0, 3.0, -9.0, -9.0]))
+
+    model = Model()
+    unseen_items_get_mean_bias(model, np.array([5, 2, 0, 0]))
+    assert model.item_bias.tolist() == [1.0, 3.0, 2.0, 2.0]
