@@ -133,7 +133,8 @@ def run_demo(settings: Settings, args: argparse.Namespace) -> int:
               f"{settings.train_steps} steps)")
         result = stack.runner.run()
         print(f"   {result.outcome}: {result.reason} (loss {result.loss}, "
-              f"fit {result.fit_seconds:.1f} s, round {result.seconds:.1f} s)")
+              f"fit {result.fit_seconds:.1f} s of which training steps "
+              f"{result.train_seconds:.1f} s, round {result.seconds:.1f} s)")
         if result.version:
             live = stack.wait_all_replicas(result.version)
             print(f"   all {len(live)} replicas serve v{result.version}; publish -> live per "
