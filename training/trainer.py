@@ -57,6 +57,8 @@ class RoundBoard:
         self._changed = asyncio.Condition()
 
     async def _notify(self) -> None:
+        for old in [r for r in self.results if r < self.round - 10]:
+            del self.results[old]  # the driver took them long ago
         async with self._changed:
             self._changed.notify_all()
 
