@@ -6,7 +6,7 @@ STAMP := $(VENV)/.promptrec-installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-quick lint clean prometheus bench-ingest bench-serve
+.PHONY: setup demo test test-quick lint clean prometheus bench-ingest bench-serve eval-prequential
 
 setup: $(STAMP)
 
@@ -42,3 +42,6 @@ clean:
 
 bench-ingest: setup
 	$(PY) -m bench.ingest $(ARGS)
+
+eval-prequential: setup  # writes bench/results/prequential_<dataset>.json + .png; ARGS="--help"
+	$(VENV)/bin/promptrec eval prequential $(ARGS)
