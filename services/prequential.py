@@ -164,6 +164,7 @@ class Evaluation:
     totals: dict[str, Tally]
     leaks: dict[str, LeakCheck]
     windows: list[dict] = field(default_factory=list)
+    seconds: Counter = field(default_factory=Counter)  # "test:<arm>" and "learn"
 
 
 def run_windows(events: Sequence[ClickEvent], arms: Sequence[Arm],
@@ -192,7 +193,9 @@ def run_windows(events: Sequence[ClickEvent], arms: Sequence[Arm],
         if targets:
             users = list(dict.fromkeys(e.user_id for e in targets))
             for arm in arms:
+                t = time.monotonic()
                 answers = arm.recommend(users, k)
+                evaluation.seconds[f"test:{arm.name}"] += time.monotonic() - t
                 tally = Tally()
                 for event in targets:
                     tally.add(*hit_ndcg(answers[event.user_id].items, event.item_id, k))
@@ -203,7 +206,9 @@ def run_windows(events: Sequence[ClickEvent], arms: Sequence[Arm],
                                    if a.prompt_version is not None})
                 row["arms"][arm.name] = {**tally.summary(), "prompt_versions": versions}
         if not learn_first:
+            t = time.monotonic()
             learn(batch)
+            evaluation.seconds["learn"] += time.monotonic() - t
         learned.update(e.user_id for e in batch)
         evaluation.windows.append(row)
         if on_window:
@@ -304,6 +309,7 @@ def build_result(evaluation: Evaluation, **meta) -> dict:
     return {**meta,
             "arms": {name: t.summary() for name, t in evaluation.totals.items()},
             "leak_check": {name: c.to_dict() for name, c in evaluation.leaks.items()},
+            "phase_seconds": {name: round(v, 1) for name, v in evaluation.seconds.items()},
             "windows": evaluation.windows}
 
 
@@ -373,21 +379,8 @@ def run_prequential(settings, window: int = 1000, sample: SampleRule | None = No
         initial = ray.get(stack.registry.serving_version.remote())
         popularity = PopularityArm([item.item_id for item in stack.catalog.items],
                                    settings.history_len)
-        arm_objects: list = []
-        follow_prefixes = []  # route prefixes of apps that follow published versions
-        for name in arms:
-            if name == "popularity":
-                arm_objects.append(popularity)
-                continue
-            changes = MODEL_ARMS[name]
-            prefix = "" if changes is None else f"/{name}"
-            if changes is not None:
-                changes = {k: (initial if k == "pin_version" else v) for k, v in changes.items()}
-                stack.deploy_variant(f"promptrec-{name}", prefix, **changes)
-            if changes is None or "pin_version" not in changes:
-                follow_prefixes.append(prefix)
-            arm_objects.append(ServiceArm(name, stack.base_url + prefix, concurrency))
-
+        arm_objects, arm_apps, follow_prefixes = _deploy_arms(stack, arms, popularity,
+                                                              initial, concurrency)
         producer = make_producer(stack.bootstrap)
         scheduler = RoundScheduler(stack.runner, settings, lambda: 0)  # for its due() rule
         baseline = stack.streaming.stats()["handled"]
@@ -396,19 +389,19 @@ def run_prequential(settings, window: int = 1000, sample: SampleRule | None = No
 
         def run_round() -> None:
             _wait_logged(settings, stack.streaming.stats()["totals"].get("ok", 0))
-            result = stack.runner.run()
-            live = {}
-            if result.version:
+            done = stack.runner.run()
+            live = {}  # route -> {replica: publish -> live ms}
+            if done.version:
                 for prefix in follow_prefixes:
-                    live[prefix or "/"] = stack.wait_all_replicas(result.version, prefix=prefix)
-            rounds.append({"after_events": state["produced"], "outcome": result.outcome,
-                           "reason": result.reason, "version": result.version,
-                           "loss": result.loss, "train_examples": result.train_examples,
-                           "candidate_ndcg10": result.candidate_ndcg10,
-                           "serving_ndcg10": result.serving_ndcg10,
-                           "seconds": round(result.seconds, 1)})
-            log.info("round %d after %d events: %s %s (%.0f s)", result.round,
-                     state["produced"], result.outcome, result.reason, result.seconds)
+                    live[prefix or "/"] = stack.wait_all_replicas(done.version, prefix=prefix)
+            rounds.append({"after_events": state["produced"], "outcome": done.outcome,
+                           "reason": done.reason, "version": done.version, "loss": done.loss,
+                           "train_examples": done.train_examples,
+                           "candidate_ndcg10": done.candidate_ndcg10,
+                           "serving_ndcg10": done.serving_ndcg10,
+                           "seconds": round(done.seconds, 1), "publish_to_live_ms": live})
+            log.info("round %d after %d events: %s %s (%.0f s)", done.round,
+                     state["produced"], done.outcome, done.reason, done.seconds)
 
         def learn(batch: Sequence[ClickEvent]) -> None:
             send_events(producer, settings.topic_clicks, batch)
@@ -442,7 +435,7 @@ def run_prequential(settings, window: int = 1000, sample: SampleRule | None = No
             sample={"rule": sample.describe(), "every": sample.every, "warmup": sample.warmup,
                     "first_evaluated_event": sample.first(len(events))},
             initial_prompt_version=initial,
-            arm_settings={name: MODEL_ARMS[name] for name in arms if name in MODEL_ARMS},
+            arm_apps=arm_apps,
             rounds=rounds,
             rounds_published=sum(r["outcome"] == "published" for r in rounds),
             settings={name: getattr(settings, name) for name in (
@@ -466,6 +459,37 @@ def run_prequential(settings, window: int = 1000, sample: SampleRule | None = No
     out.write_text(json.dumps(result, indent=2) + "\n")
     plot(result, plot_path)
     return result
+
+
+def _deploy_arms(stack, arms: Sequence[str], popularity: PopularityArm, initial: int,
+                 concurrency: int) -> tuple[list, dict[str, dict], list[str]]:
+    """One arm object per name; a Serve app beside the main one for each model arm other
+    than `online`. -> (arms, {name: what its app runs}, route prefixes that follow rounds)."""
+    objects: list = []
+    apps: dict[str, dict] = {}
+    follow: list[str] = []
+    for name in arms:
+        if name == "popularity":
+            objects.append(popularity)
+            continue
+        changes = MODEL_ARMS[name]
+        prefix = "" if changes is None else f"/{name}"
+        if changes is not None:
+            changes = {k: (initial if k == "pin_version" else v) for k, v in changes.items()}
+            stack.deploy_variant(f"promptrec-{name}", prefix, **changes)
+        if not (changes or {}).get("pin_version"):
+            follow.append(prefix)
+        objects.append(ServiceArm(name, stack.base_url + prefix, concurrency))
+        # What the arm's app says it runs (one replica's /version), for the record.
+        apps[name] = {"route": prefix or "/", **_app_version(stack.base_url + prefix)}
+    return objects, apps, follow
+
+
+def _app_version(base_url: str) -> dict:
+    import httpx
+
+    body = httpx.get(f"{base_url}/version", timeout=30).raise_for_status().json()
+    return {k: body[k] for k in ("prompt_version", "pinned", "personal_prompts")}
 
 
 def _wait_logged(settings, expected: int, timeout_s: float = 60) -> None:

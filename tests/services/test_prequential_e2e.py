@@ -47,6 +47,13 @@ def test_prequential_on_an_ml100k_slice(tmp_path):
                 "rounds_published", "wall_seconds", "command", "leak_check"):
         assert key in result
 
+    # Each arm ran the app it claims: static pinned without personal prompts.
+    apps = result["arm_apps"]
+    assert apps["static"] == {"route": "/static", "prompt_version": 1, "pinned": True,
+                              "personal_prompts": False}
+    assert apps["online"] == {"route": "/", "prompt_version": 1, "pinned": False,
+                              "personal_prompts": True}
+
     # No leak: every answer used exactly the user's events before its window, none of it.
     for arm, check in result["leak_check"].items():
         assert check["answers"] > 0 and check["ahead"] == 0, (arm, check)
