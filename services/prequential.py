@@ -320,8 +320,21 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(result: dict, path: Path) -> Path:
-    """HR@10 per window for every arm; dotted lines where a round published a version."""
+def smoothed_hr(windows: list[dict], arm: str, span: int) -> list[float]:
+    """HR@10 over the last `span` windows that had sampled events (hits / evaluated),
+    one value per such window."""
+    hits = [w["arms"][arm]["hr10"] * w["arms"][arm]["events_evaluated"] for w in windows]
+    counts = [w["arms"][arm]["events_evaluated"] for w in windows]
+    out = []
+    for i in range(len(windows)):
+        lo = max(0, i - span + 1)
+        out.append(sum(hits[lo:i + 1]) / max(1, sum(counts[lo:i + 1])))
+    return out
+
+
+def plot(result: dict, path: Path, span: int = 10) -> Path:
+    """HR@10 per arm over the replay (mean over the last `span` windows: one window alone
+    holds few sampled events); dotted lines where a round published a version."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -330,17 +343,19 @@ def plot(result: dict, path: Path) -> Path:
     windows = [w for w in result["windows"] if w["arms"]]
     x = [(w["first_event"] + w["events"]) / 1000 for w in windows]
     fig, ax = plt.subplots(figsize=(9, 4.5), dpi=110)
+    styles = {"rounds_only": "--", "personal_only": "--"}  # ablations: dashed
     for name, total in result["arms"].items():
-        ax.plot(x, [w["arms"][name]["hr10"] for w in windows], marker=".", linewidth=1.2,
-                label=f"{name} (HR@10 {total['hr10']})")
+        ax.plot(x, smoothed_hr(windows, name, span), linestyle=styles.get(name, "-"),
+                linewidth=1.6, label=f"{name} (total HR@10 {total['hr10']})")
     for i, r in enumerate(r for r in result["rounds"] if r["outcome"] == "published"):
         ax.axvline(r["after_events"] / 1000, color="grey", linestyle=":", linewidth=1,
                    label="round published" if i == 0 else None)
     ax.set_xlabel("events replayed (thousands)")
-    ax.set_ylabel(f"HR@10 per window ({result['window_events']:,} events)")
-    ax.set_title(f"Prequential HR@10, {result['dataset']} "
-                 f"({result['events_replayed']:,} events, {result['sample']['rule']})",
-                 fontsize=8)
+    ax.set_ylabel(f"HR@10, last {span} windows ({span * result['window_events']:,} events)")
+    sample = result["sample"]
+    ax.set_title(f"Prequential HR@10, {result['dataset']}, {result['events_replayed']:,} events "
+                 f"in windows of {result['window_events']:,}; 1 event in {sample.get('every')} "
+                 f"tested after a {sample.get('warmup', 0):.0%} warm-up", fontsize=9)
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -507,3 +522,10 @@ def _cpu_count() -> int:
     import os
 
     return os.cpu_count() or 0
+
+
+if __name__ == "__main__":  # re-draw a result file's plot: python -m services.prequential FILE
+    import sys
+
+    for name in sys.argv[1:]:
+        print(plot(json.loads(Path(name).read_text()), Path(name).with_suffix(".png")))

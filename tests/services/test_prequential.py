@@ -16,6 +16,7 @@ from services.prequential import (
     markdown_table,
     plot,
     run_windows,
+    smoothed_hr,
 )
 
 
@@ -134,7 +135,7 @@ def test_result_table_and_plot(tmp_path):
     evaluation = run_windows(events, [pop, LastItemArm(system)],
                              lambda b: (system.learn(b), pop.learn(b)), 5, SampleRule(1, 0.0))
     result = build_result(evaluation, dataset="hand-made", events_replayed=30, window_events=5,
-                          sample={"rule": SampleRule(1, 0.0).describe()},
+                          sample={"rule": SampleRule(1, 0.0).describe(), "every": 1},
                           rounds=[{"after_events": 10, "outcome": "published"}])
     assert set(result["arms"]["popularity"]) == {"hr10", "ndcg10", "events_evaluated"}
     assert json.loads(json.dumps(result)) == result
@@ -142,6 +143,9 @@ def test_result_table_and_plot(tmp_path):
     assert "| popularity | 0.0 | 0.0 | 30 |" in table and "| last_item |" in table
     png = plot(result, tmp_path / "p.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    windows = [{"arms": {"a": {"hr10": h, "events_evaluated": n}}}
+               for h, n in [(1.0, 1), (0.0, 3), (0.5, 4)]]
+    assert smoothed_hr(windows, "a", 2) == [1.0, 0.25, 2 / 7]
 
 
 def test_the_cli_takes_the_prequential_options():
