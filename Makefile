@@ -6,7 +6,8 @@ STAMP := $(VENV)/.promptrec-installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-quick lint clean prometheus bench-ingest bench-serve bench-rounds
+.PHONY: setup demo test test-quick lint clean prometheus bench-ingest bench-serve bench-rounds \
+	eval-prequential
 
 setup: $(STAMP)
 
@@ -45,3 +46,6 @@ bench-ingest: setup  # writes bench/results/ingest.json (~1 min)
 
 bench-rounds: setup  # writes bench/results/rounds.json (~5 min)
 	$(PY) -m bench.rounds $(ARGS)
+
+eval-prequential: setup  # writes bench/results/prequential_<dataset>.json + .png; ARGS="--help"
+	$(VENV)/bin/promptrec eval prequential $(ARGS)

@@ -4,6 +4,8 @@
     promptrec serve     start the stack and keep serving (training rounds on a schedule)
     promptrec replay    push a MovieLens data set into a Kafka topic
     promptrec eval offline   leave-one-out quality against popularity
+    promptrec eval prequential   test-then-learn on the running system: popularity,
+                             static and online arms over the same replay
 """
 
 from __future__ import annotations
@@ -67,6 +69,31 @@ def _parser() -> argparse.ArgumentParser:
                          help="evaluate the first N users only (quick runs)")
     offline.add_argument("--out", default=None, help="result file (default bench/results/…)")
     Settings.add_arguments(offline)
+
+    from services.prequential import ALL_ARMS, DEFAULT_ARMS
+
+    prequential = kinds.add_parser(
+        "prequential", help="test-then-learn on the running system: popularity vs static vs "
+        "online, same replay",
+        description="Replay the data set in timestamp order through Kafka into the running "
+        "pipeline, one window at a time: first every arm recommends for the window's sampled "
+        "events (HR@10, NDCG@10), then the window is produced and applied, and training rounds "
+        "run on the train_every_events trigger. Writes bench/results/prequential_<dataset>.json "
+        "and a PNG of HR@10 per window.")
+    prequential.add_argument("--window", type=int, default=1000,
+                             help="events per window (state is at most one window stale)")
+    prequential.add_argument("--sample-every", type=int, default=10,
+                             help="evaluate every N-th event (1: all)")
+    prequential.add_argument("--warmup", type=float, default=0.1,
+                             help="share of the replay learned but not evaluated at the start")
+    prequential.add_argument("--max-events", type=int, default=None,
+                             help="replay only the first N events in timestamp order")
+    prequential.add_argument("--arms", default=",".join(DEFAULT_ARMS),
+                             help=f"comma-separated, from {','.join(ALL_ARMS)}")
+    prequential.add_argument("--concurrency", type=int, default=8,
+                             help="requests in flight per arm")
+    prequential.add_argument("--out", default=None, help="result file (default bench/results/…)")
+    Settings.add_arguments(prequential)
     return parser
 
 
@@ -186,11 +213,33 @@ def run_offline_eval(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def run_prequential_eval(settings: Settings, args: argparse.Namespace, argv: list[str]) -> int:
+    import json
+    from pathlib import Path
+
+    from services.prequential import SampleRule, markdown_table, run_prequential
+
+    if args.window < 1 or args.sample_every < 1 or not 0 <= args.warmup < 1:
+        print("promptrec: --window and --sample-every must be >= 1, --warmup in [0, 1)",
+              file=sys.stderr)
+        return 2
+    result = run_prequential(
+        settings, window=args.window, sample=SampleRule(args.sample_every, args.warmup),
+        arms=[a for a in args.arms.split(",") if a], max_events=args.max_events,
+        out=Path(args.out) if args.out else None, concurrency=args.concurrency,
+        command="promptrec " + " ".join(argv))
+    print(json.dumps({k: result[k] for k in ("arms", "leak_check", "rounds_published",
+                                             "wall_seconds", "plot")}, indent=2))
+    print(markdown_table(result))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
                         datefmt="%H:%M:%S")
     for noisy in ("kafka", "httpx", "ray"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv)
     try:
         settings = Settings.from_args(args)
@@ -209,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 stack.stop()
             return 0
+        if args.command == "eval" and args.eval_kind == "prequential":
+            return run_prequential_eval(settings, args, argv)
         if args.command == "eval":
             return run_offline_eval(settings, args)
         if args.command == "replay":

@@ -124,6 +124,13 @@ class Settings:
         "user vectors cached per replica, keyed by (state_version, prompt_version); 0: off"))
     explain_items: int = field(default=3, metadata=_help(
         "history items listed per recommended item with explain=true"))
+    pin_version: int = field(default=0, metadata=_help(
+        "serve only this prompt version and ignore publishes and rollbacks (a frozen "
+        "baseline beside the live app, e.g. the prequential evaluation's static arm); "
+        "0 follows the registry"))
+    personal_prompts: bool = field(default=True, metadata=_help(
+        "feed each user's personal prompt (updated online by the shards) to the backbone; "
+        "off: shared prompt + history only"))
 
     # ------------------------------------------------------------------
     def validate(self) -> Settings:
@@ -139,7 +146,7 @@ class Settings:
             if not getattr(self, name) > 0:
                 raise ConfigError(name, f"must be > 0, got {getattr(self, name)}")
         for name in ["gate_margin", "train_every_events", "train_every_s", "retry_after_s",
-                     "batch_wait_ms", "user_cache_size"]:
+                     "batch_wait_ms", "user_cache_size", "pin_version"]:
             if getattr(self, name) < 0:
                 raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
         for name in ["http_port", "metrics_port"]:

@@ -113,16 +113,32 @@ class Stack:
         self.runner = RoundRunner(s, self.catalog, self.registry)
         return self
 
-    def wait_healthy(self, timeout_s: float = 180) -> None:
+    def wait_healthy(self, timeout_s: float = 180, prefix: str = "") -> None:
+        url = self.base_url + prefix
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:
-                if httpx.get(f"{self.base_url}/healthz", timeout=5).status_code == 200:
+                if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
-        raise TimeoutError(f"Serve did not become healthy at {self.base_url} in {timeout_s} s")
+        raise TimeoutError(f"Serve did not become healthy at {url} in {timeout_s} s")
+
+    def deploy_variant(self, name: str, route_prefix: str, **changes) -> str:
+        """A second Serve application beside the main one, on the same registry and user
+        state, with some settings changed (e.g. `pin_version`, `personal_prompts`).
+        Returns its base URL once it answers."""
+        from ray import serve
+
+        from serving.app import build_app
+
+        variant = Settings(**{**self.settings.to_dict(), **changes}).validate()
+        t = time.monotonic()
+        serve.run(build_app(variant), name=name, route_prefix=route_prefix, blocking=False)
+        self.wait_healthy(prefix=route_prefix)
+        self._step(f"serve app {name} ready ({route_prefix})", t)
+        return self.base_url + route_prefix
 
     def wait_handled(self, expected: int, timeout_s: float = 300) -> dict:
         """Block until consumers have handled `expected` records (ok+invalid+duplicate)."""

@@ -211,12 +211,16 @@ class Recommender:
         self._encode.set_batch_wait_timeout_s(self._idle_wait_s)
         self._encoder = ThreadPoolExecutor(1, thread_name_prefix="encoder")  # torch: 1 thread
         self.active: ActivePrompt | None = None
+        self._stopping = threading.Event()
+        if self.settings.pin_version:
+            # A pinned replica serves that one version for good: no watcher, no swaps.
+            self._swap(await self.registry.get.remote(self.settings.pin_version), initial=True)
+            return
         entry = await self.registry.serving.remote()
         if entry:
             self._swap(entry, initial=True)
         # The watcher has a thread of its own, so a swap never waits for the event loop,
         # which a batch of encodes keeps busy for tens of milliseconds at a time.
-        self._stopping = threading.Event()
         threading.Thread(target=self._watch, name="prompt-watcher", daemon=True).start()
 
     def __del__(self):
@@ -368,7 +372,7 @@ class Recommender:
         state = await self._user_state(query.user_id)
         state_version = state["state_version"] if state else 0
         history = self.catalog.indices(state["history"]) if state else []
-        personal = state.get("personal") if state else None
+        personal = state.get("personal") if state and self.settings.personal_prompts else None
         user, hit = await self._user_vector(query.user_id, state_version, history, personal,
                                             active)
         indices, values = rank(active.model, user, self.catalog.vectors, query.k, history)
@@ -405,6 +409,8 @@ class Recommender:
                 "replica": self.replica,
                 "publish_to_live_ms": active.publish_to_live_ms if active else None,
                 "swap_ms": active.swap_ms if active else None,
+                "pinned": bool(self.settings.pin_version),
+                "personal_prompts": self.settings.personal_prompts,
                 "user_cache": {**self._cache_counts, "size": len(self._user_cache)},
                 "encoded": dict(self._encode_counts)}
 
