@@ -57,13 +57,13 @@ class RoundBoard:
         self._changed = asyncio.Condition()
 
     async def _notify(self) -> None:
-        for old in [r for r in self.results if r < self.round - 10]:
-            del self.results[old]  # the driver took them long ago
         async with self._changed:
             self._changed.notify_all()
 
     async def post(self, payload: dict) -> int:
         self.round += 1
+        for old in [r for r in self.results if r < self.round - 10]:
+            del self.results[old]  # the driver took them long ago
         self.payload = payload
         await self._notify()
         return self.round
