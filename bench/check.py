@@ -37,9 +37,10 @@ class VersionChecker:
                None if personal is None else np.asarray(personal, np.float32).tobytes())
         if key not in self._scores:
             model = self._model(version)
-            user = encode_histories(model, self.catalog.vectors, [history], [personal])
             with torch.inference_mode():
-                self._scores[key] = model.logits(user, self.catalog.vectors)[0]
+                items = model.item_table(self.catalog.vectors)
+                user = encode_histories(model, items, [history], [personal])
+                self._scores[key] = model.logits(user, items)[0]
         return self._scores[key]
 
     def mismatch(self, body: dict, history_ids: list[str], k: int, personal=None) -> str | None:

@@ -207,7 +207,8 @@ def run_offline_eval(settings: Settings, args: argparse.Namespace) -> int:
                          learning_rate=settings.learning_rate,
                          history_len=settings.history_len, prompt_len=settings.prompt_len,
                          personal_alpha=settings.personal_alpha, item_bias=settings.item_bias,
-                         eval_every=args.eval_every,
+                         item_tokens=settings.item_tokens, causal=settings.causal,
+                         item_token_lr=settings.item_token_lr, eval_every=args.eval_every,
                          max_users=args.max_users, out=Path(args.out) if args.out else None)
     print(json.dumps(result, indent=2))
     return 0

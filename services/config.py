@@ -80,6 +80,14 @@ class Settings:
         metadata=_help("text whose token embeddings initialise the soft prompt"))
     item_bias: bool = field(default=False, metadata=_help(
         "train a bias per catalog item beside the soft prompt (lets scores carry popularity)"))
+    item_tokens: bool = field(default=False, metadata=_help(
+        "train an item token per catalog item: a learned offset [hidden] added to its text "
+        "vector, in histories and when ranked (catalog x hidden floats)"))
+    causal: bool = field(default=False, metadata=_help(
+        "causal attention over the history: each training pass learns the next item after "
+        "every position (as SASRec does); personal prompts are not read"))
+    item_token_lr: float = field(default=0.001, metadata=_help(
+        "Adam learning rate of the item tokens (the soft prompt uses learning_rate)"))
 
     # --- training ---
     train_workers: int = field(default=2, metadata=_help("Ray Train workers (DDP)"))
@@ -141,8 +149,8 @@ class Settings:
         for name in positive_ints:
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
-        for name in ["learning_rate", "replica_cpus", "ray_num_cpus", "log_flush_s",
-                     "personal_alpha", "snapshot_every_s"]:
+        for name in ["learning_rate", "item_token_lr", "replica_cpus", "ray_num_cpus",
+                     "log_flush_s", "personal_alpha", "snapshot_every_s"]:
             if not getattr(self, name) > 0:
                 raise ConfigError(name, f"must be > 0, got {getattr(self, name)}")
         for name in ["gate_margin", "train_every_events", "train_every_s", "retry_after_s",

@@ -12,6 +12,10 @@ Trainable weights (the "prompt", versioned by the registry):
     item_bias    [N]      optional, one float per catalog item (zeros at first): lets the
                           score carry popularity, which a user-side prompt over frozen text
                           vectors cannot express
+    item_delta   [N, H]   optional item tokens: a learned offset per item, zeros at first,
+                          so item i's vector is normalize(text_i + delta_i) both in a
+                          history (input) and when ranked (output); an item never trained
+                          keeps delta 0, so its text alone places it (cold start)
 Everything else is frozen.
 """
 
@@ -31,7 +35,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 PROMPT_KEYS = ("soft_prompt", "logit_scale")  # always present
-OPTIONAL_PROMPT_KEYS = ("item_bias",)
+OPTIONAL_PROMPT_KEYS = ("item_bias", "item_delta", "causal")
 
 
 def default_backbone_path() -> Path:
@@ -98,6 +102,8 @@ class PromptConfig:
     prompt_len: int = 16
     init_text: str = "Given the movies this user watched, recommend the next movie."
     item_bias: bool = False  # a trainable bias per catalog item
+    item_tokens: bool = False  # a trainable offset [H] per catalog item (item_delta)
+    causal: bool = False  # causal attention over the history: L predictions per pass
 
 
 def init_soft_prompt(tokenizer, encoder: nn.Module, config: PromptConfig) -> torch.Tensor:
@@ -112,10 +118,14 @@ def initial_prompt_state(tokenizer, encoder: nn.Module, config: PromptConfig,
                          num_items: int = 0) -> dict[str, torch.Tensor]:
     state = {"soft_prompt": init_soft_prompt(tokenizer, encoder, config),
              "logit_scale": torch.tensor(math.log(20.0))}
+    if (config.item_bias or config.item_tokens) and num_items <= 0:
+        raise ValueError("item_bias and item_tokens need the catalog size (num_items)")
     if config.item_bias:
-        if num_items <= 0:
-            raise ValueError("item_bias needs the catalog size (num_items)")
         state["item_bias"] = torch.zeros(num_items)
+    if config.item_tokens:
+        state["item_delta"] = torch.zeros(num_items, state["soft_prompt"].shape[1])
+    if config.causal:
+        state["causal"] = torch.tensor(1.0)
     return state
 
 
@@ -168,10 +178,32 @@ class PromptRecModel(nn.Module):
         self.logit_scale = nn.Parameter(prompt_state["logit_scale"].clone().float())
         bias = prompt_state.get("item_bias")
         self.item_bias = None if bias is None else nn.Parameter(bias.clone().float())
+        delta = prompt_state.get("item_delta")
+        self.item_delta = None if delta is None else nn.Parameter(delta.clone().float())
+        # A marker, not a weight: the version was trained with causal attention.
+        self.register_buffer("causal_flag", prompt_state.get("causal"))
+
+    @property
+    def causal(self) -> bool:
+        return self.causal_flag is not None
 
     @property
     def hidden_size(self) -> int:
         return self.soft_prompt.shape[1]
+
+    def item_table(self, text_vectors: torch.Tensor) -> torch.Tensor:
+        """Frozen text vectors [N, H] -> the item vectors this version reads and ranks [N, H].
+
+        Without item tokens that is the text vectors themselves; with them,
+        normalize(text + item_delta). Compute it once per version (serving) or once per
+        step (training: the gradient reaches item_delta through both uses).
+        """
+        if self.item_delta is None:
+            return text_vectors
+        if self.item_delta.shape != text_vectors.shape:
+            raise ValueError(f"item_delta is {tuple(self.item_delta.shape)}, the catalog "
+                             f"{tuple(text_vectors.shape)}")
+        return F.normalize(text_vectors + self.item_delta, dim=-1)
 
     def encode_users(self, history: torch.Tensor, history_mask: torch.Tensor,
                      personal: torch.Tensor | None = None) -> torch.Tensor:
@@ -180,7 +212,14 @@ class PromptRecModel(nn.Module):
 
         Input sequence: [shared soft prompt] + [personal prompt] + [history].
         L may be 0 (cold-start users): then the prompt alone encodes the user.
+        A causal version ignores `personal` (see `encode_prefixes`) and returns the
+        prefix that ends at the user's last item, which equals the full mean under its
+        causal mask.
         """
+        if self.causal:
+            prefixes = self.encode_prefixes(history, history_mask, with_prompt_only=True)
+            last = history_mask.long().sum(1)  # 0 = the prompt-only prefix
+            return prefixes[torch.arange(history.shape[0], device=last.device), last]
         batch = history.shape[0]
         prompt = self.soft_prompt.unsqueeze(0).expand(batch, -1, -1)
         parts = [prompt]
@@ -194,9 +233,41 @@ class PromptRecModel(nn.Module):
         hidden = self.encoder(inputs_embeds=inputs, attention_mask=mask).last_hidden_state
         return F.normalize(mean_pool(hidden, mask), dim=-1)
 
+    def encode_prefixes(self, history: torch.Tensor, history_mask: torch.Tensor,
+                        with_prompt_only: bool = False) -> torch.Tensor:
+        """Causal versions only: the user as of every history position in one pass.
+
+        history [B, L, H] (right-padded), history_mask [B, L] -> users [B, L, H], row t =
+        the user after item t (mean of the hidden states of the prompt and items <= t,
+        each item attending to the prompt and to earlier items only). With
+        `with_prompt_only`, [B, L + 1, H] whose row 0 is the prompt alone.
+        Training reads all L rows, so one pass teaches L next-item predictions (as SASRec
+        does). The personal prompt is not an input here: the shards' running summary
+        would leak later items into earlier positions.
+        """
+        batch, length = history.shape[:2]
+        n_prompt = self.soft_prompt.shape[0]
+        inputs = torch.cat([self.soft_prompt.unsqueeze(0).expand(batch, -1, -1),
+                            history.to(self.soft_prompt.dtype)], dim=1)
+        keys = torch.cat([torch.ones(batch, n_prompt, dtype=torch.bool, device=inputs.device),
+                          history_mask.bool()], dim=1)  # [B, T]
+        total = n_prompt + length
+        pos = torch.arange(total, device=inputs.device)
+        visible = (pos[None, :] <= pos[:, None]) | (pos[None, :] < n_prompt)  # [T(q), T(k)]
+        allowed = visible[None] & keys[:, None, :]  # [B, T, T]
+        additive = torch.zeros(allowed.shape, dtype=inputs.dtype, device=inputs.device)
+        additive.masked_fill_(~allowed, torch.finfo(inputs.dtype).min)
+        hidden = self.encoder(inputs_embeds=inputs,
+                              attention_mask=additive[:, None]).last_hidden_state  # [B, T, H]
+        weights = keys.unsqueeze(-1).to(hidden.dtype)
+        sums = (hidden * weights).cumsum(1)
+        counts = weights.cumsum(1).clamp(min=1e-6)
+        prefixes = F.normalize(sums / counts, dim=-1)  # [B, T, H]
+        return prefixes[:, n_prompt - 1 if with_prompt_only else n_prompt:]
+
     def logits(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """users [B, H], items [N, H] unit vectors (the whole catalog, in catalog order,
-        when there is an item bias) -> [B, N]."""
+        """users [B, H] (or [B, L, H]), items [N, H] unit vectors (the whole catalog, in
+        catalog order, when there is an item bias) -> [B, N] (or [B, L, N])."""
         scores = self.logit_scale.exp() * users @ items.T
         if self.item_bias is not None:
             if self.item_bias.shape[0] != items.shape[0]:
@@ -205,28 +276,89 @@ class PromptRecModel(nn.Module):
             scores = scores + self.item_bias
         return scores
 
-    def forward(self, history: torch.Tensor, history_mask: torch.Tensor,
-                items: torch.Tensor, personal: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, history_idx: torch.Tensor, history_mask: torch.Tensor,
+                text_vectors: torch.Tensor, personal: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """The training path: history_idx [B, L] catalog indices (anything where masked),
+        history_mask [B, L], text_vectors [N, H] frozen, personal [B, H] -> logits [B, N],
+        or for a causal version [B, L, N]: row t scores the item after history item t.
+
+        The item table is built inside forward, so under DDP the item tokens' gradient is
+        part of the pass that DDP synchronises.
+        """
+        items = self.item_table(text_vectors)
+        history = items[history_idx] * history_mask.unsqueeze(-1).to(items.dtype)
+        if self.causal:
+            return self.logits(self.encode_prefixes(history, history_mask), items)
         return self.logits(self.encode_users(history, history_mask, personal), items)
 
     def prompt_state(self) -> dict[str, torch.Tensor]:
         state = {"soft_prompt": self.soft_prompt.detach().cpu().clone(),
                  "logit_scale": self.logit_scale.detach().cpu().clone()}
-        if self.item_bias is not None:
-            state["item_bias"] = self.item_bias.detach().cpu().clone()
+        for name in OPTIONAL_PROMPT_KEYS:
+            param = self._optional(name)
+            if param is not None:
+                state[name] = param.detach().cpu().clone()
         return state
 
+    def _optional(self, name: str) -> torch.Tensor | None:
+        return self.causal_flag if name == "causal" else getattr(self, name)
+
     def load_prompt_state(self, state: dict[str, torch.Tensor]) -> None:
-        if ("item_bias" in state) != (self.item_bias is not None):
-            raise BadPromptWeights("item_bias present in one of model and weights only")
+        if prompt_structure(state) != self.structure():
+            raise BadPromptWeights(f"optional weights {sorted(set(state) - set(PROMPT_KEYS))} "
+                                   f"do not match the model's {self.structure()}")
         with torch.no_grad():
             self.soft_prompt.copy_(state["soft_prompt"])
             self.logit_scale.copy_(state["logit_scale"])
-            if self.item_bias is not None:
-                self.item_bias.copy_(state["item_bias"])
+            for name in OPTIONAL_PROMPT_KEYS:
+                if self._optional(name) is not None:
+                    self._optional(name).copy_(state[name])
+
+    def structure(self) -> tuple[bool, ...]:
+        """Which optional weights this model has (see `prompt_structure`)."""
+        return tuple(self._optional(name) is not None for name in OPTIONAL_PROMPT_KEYS)
 
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+def unseen_items_fall_back_to_text(state: dict[str, torch.Tensor], seen: np.ndarray,
+                                   text_vectors: torch.Tensor | None = None,
+                                   neighbours: int = 10) -> dict[str, torch.Tensor]:
+    """seen [N] bool: items that appeared in training data -> the state with every unseen
+    item's bias and item token replaced by what its text says.
+
+    Full softmax only ever pushed an unseen item down (it was a negative, never a target),
+    so what it learned says nothing about it. Without `text_vectors` [N, H] it gets the
+    mean bias of the seen items and a zero token (its text vector alone places it); with
+    them it gets the mean bias and token of its `neighbours` seen items nearest in text
+    space (its text says which trained items it resembles, and they moved).
+    """
+    seen_t = torch.as_tensor(np.asarray(seen, bool))
+    if not seen_t.any() or seen_t.all():
+        return state
+    state = dict(state)
+    if text_vectors is None:
+        take = None
+    else:
+        sims = text_vectors[~seen_t] @ text_vectors[seen_t].T  # [unseen, seen]
+        near = sims.topk(min(neighbours, int(seen_t.sum())), dim=1).indices  # [unseen, k]
+        take = torch.nonzero(seen_t).squeeze(1)[near]  # catalog indices [unseen, k]
+    if "item_bias" in state:
+        bias = state["item_bias"].clone()
+        bias[~seen_t] = bias[seen_t].mean() if take is None else bias[take].mean(1)
+        state["item_bias"] = bias
+    if "item_delta" in state:
+        delta = state["item_delta"].clone()
+        delta[~seen_t] = 0.0 if take is None else delta[take].mean(1)
+        state["item_delta"] = delta
+    return state
+
+
+def prompt_structure(state: dict[str, torch.Tensor]) -> tuple[bool, ...]:
+    """Which optional weights a prompt state has: a model loads states of its structure."""
+    return tuple(name in state for name in OPTIONAL_PROMPT_KEYS)
 
 
 class BadPromptWeights(ValueError):
@@ -255,8 +387,13 @@ def prompt_from_bytes(blob: bytes, hidden_size: int | None = None,
     prompt = state["soft_prompt"]
     if prompt.ndim != 2 or (hidden_size is not None and prompt.shape[1] != hidden_size):
         raise BadPromptWeights(f"soft_prompt shape {tuple(prompt.shape)}")
-    if state["logit_scale"].ndim != 0:
-        raise BadPromptWeights("logit_scale must be a scalar")
+    delta = state.get("item_delta")
+    if delta is not None and (delta.ndim != 2 or delta.shape[1] != prompt.shape[1]
+                              or (num_items is not None and delta.shape[0] != num_items)):
+        raise BadPromptWeights(f"item_delta shape {tuple(delta.shape)}, catalog {num_items} "
+                               f"x {prompt.shape[1]}")
+    if state["logit_scale"].ndim != 0 or state.get("causal", torch.tensor(1.0)).ndim != 0:
+        raise BadPromptWeights("logit_scale and causal must be scalars")
     if not all(torch.isfinite(t).all() for t in state.values()):
         raise BadPromptWeights("non-finite values")
     return state

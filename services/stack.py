@@ -91,7 +91,8 @@ class Stack:
         if ray.get(self.registry.serving_version.remote()) == 0:
             tokenizer, encoder = load_backbone(backbone)
             state = initial_prompt_state(
-                tokenizer, encoder, PromptConfig(s.prompt_len, s.prompt_init_text, s.item_bias),
+                tokenizer, encoder, PromptConfig(s.prompt_len, s.prompt_init_text, s.item_bias,
+                                                s.item_tokens, s.causal),
                 num_items=len(self.catalog))
             ray.get(self.registry.publish.remote(prompt_to_bytes(state),
                                                  {"source": "initial", "text": s.prompt_init_text}))

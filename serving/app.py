@@ -179,6 +179,7 @@ class ActivePrompt:
     version: int
     sha256: str
     model: PromptRecModel
+    items: torch.Tensor  # [N, H] the item vectors this version reads and ranks
     swap_ms: float  # weights received -> this reference built
     publish_to_live_ms: float | None  # registry made it serving -> live here (None at start-up)
 
@@ -236,11 +237,14 @@ class Recommender:
         state = prompt_from_bytes(entry["blob"], self.catalog.vectors.shape[1],
                                   len(self.catalog))
         model = PromptRecModel(self.encoder, state)  # shares the frozen encoder
+        with torch.inference_mode():
+            items = model.item_table(self.catalog.vectors)  # once per version, not per request
         swap_ms = round((time.perf_counter() - started) * 1000, 2)
         since = entry.get("serving_since", entry["created"])
         # At start-up the version was live long before this replica existed: no swap time.
         live_ms = None if initial else round((time.time() - since) * 1000, 1)
-        self.active = ActivePrompt(entry["version"], entry["sha256"], model, swap_ms, live_ms)
+        self.active = ActivePrompt(entry["version"], entry["sha256"], model, items, swap_ms,
+                                   live_ms)
         metrics.swap_seconds().observe(swap_ms / 1000)
         metrics.serving_prompt_version().set(entry["version"], tags={"replica": self.replica})
         log.info("replica %s now serves prompt version %d", self.replica, entry["version"])
@@ -325,10 +329,10 @@ class Recommender:
             groups.setdefault(job.active.version, {}).setdefault(
                 (job.history, job.personal), []).append(position)
         for by_history in groups.values():
-            model = jobs[next(iter(by_history.values()))[0]].active.model
+            active = jobs[next(iter(by_history.values()))[0]].active
             histories = list(by_history)
             users = encode_histories(
-                model, self.catalog.vectors, [list(h) for h, _ in histories],
+                active.model, active.items, [list(h) for h, _ in histories],
                 [None if p is None else np.frombuffer(p, np.float32) for _, p in histories])
             metrics.encode_batch_users().observe(len(histories))
             self._encode_counts["passes"] += 1
@@ -375,7 +379,7 @@ class Recommender:
         personal = state.get("personal") if state and self.settings.personal_prompts else None
         user, hit = await self._user_vector(query.user_id, state_version, history, personal,
                                             active)
-        indices, values = rank(active.model, user, self.catalog.vectors, query.k, history)
+        indices, values = rank(active.model, user, active.items, query.k, history)
         items = self.catalog.items
         ranked = [{"item_id": items[i].item_id, "title": items[i].title,
                    "score": round(float(v), 4)}

@@ -12,6 +12,7 @@ import httpx
 import numpy as np
 import pytest
 import ray
+import torch
 
 from services.config import Settings
 from services.data import load_interactions
@@ -37,6 +38,7 @@ def stack(tmp_path_factory):
         "metrics_port": free_port(), "partitions": 2, "num_consumers": 2, "num_shards": 2,
         "num_replicas": 2, "train_workers": 2, "train_steps": 4, "batch_size": 16,
         "val_users": 30, "gate_margin": 1.0, "admin_token": TOKEN, "log_flush_s": 0.2,
+        "item_bias": True, "item_tokens": True,
         "namespace": "promptrec-e2e", "cache_dir": str(TEST_CACHE)})
     stack = Stack(settings, progress=False).start(fresh=True)
     interactions = load_interactions("ml-100k", REPLAYED)
@@ -188,6 +190,24 @@ def test_training_round_hot_swaps_while_serving(stack):
     assert versions[-1] == result.version
     assert result.version > old
     assert result.candidate_ndcg10 is not None and result.train_examples > 0
+    _unlogged_items_keep_their_text_vectors(stack, result.version)
+
+
+def _unlogged_items_keep_their_text_vectors(stack, version: int) -> None:
+    """The round trained item tokens and biases (DDP over 2 workers) and reset the items
+    that no logged event names: their text alone must place them."""
+    from services.eventlog import read_event_log
+    from services.model import prompt_from_bytes
+
+    state = prompt_from_bytes(ray.get(stack.registry.get.remote(version))["blob"])
+    logged = {stack.catalog.index[i]
+              for i in read_event_log(str(stack.settings.root / "eventlog"))["item_id"]
+              .to_pylist()}
+    unlogged = sorted(set(range(len(stack.catalog))) - logged)
+    moved = state["item_delta"].abs().sum(1) > 0
+    assert unlogged and moved[sorted(logged)].all() and not moved[unlogged].any()
+    bias = state["item_bias"]
+    assert torch.allclose(bias[unlogged], bias[sorted(logged)].mean().expand(len(unlogged)))
 
 
 def test_gate_rejects_non_finite_weights(stack):

@@ -30,10 +30,12 @@ from services.model import (
     PromptRecModel,
     initial_prompt_state,
     load_backbone,
+    prompt_structure,
     prompt_to_bytes,
+    unseen_items_fall_back_to_text,
 )
 from training.examples import PAD, Examples
-from training.step import evaluate, train_step
+from training.step import evaluate, make_optimizer, train_step
 
 RESULTS_DIR = Path(__file__).resolve().parent.parent / "bench" / "results"
 COLD_SHARE = 20  # 1 item in 20 is held out of training
@@ -49,6 +51,7 @@ class Split:
     val: Examples
     test: Examples
     test_cold: Examples
+    val_cold: Examples  # validation events whose target is a cold item: picks the cold rule
     train_item_counts: np.ndarray  # [N] popularity from the training portion only
 
 
@@ -70,7 +73,8 @@ def leave_one_out(interactions: Interactions, catalog: Catalog, history_len: int
     ends = np.r_[starts[1:], len(users)]
     if max_users is not None:
         starts, ends = starts[:max_users], ends[:max_users]
-    parts: dict[str, tuple[list, list]] = {k: ([], []) for k in ("train", "val", "test", "cold")}
+    parts: dict[str, tuple[list, list]] = {
+        k: ([], []) for k in ("train", "val", "test", "cold", "val_cold")}
     counts = np.zeros(len(catalog), np.int64)
     for start, end in zip(starts, ends, strict=True):
         seq = [i for i in items[start:end] if i != PAD]
@@ -84,6 +88,9 @@ def leave_one_out(interactions: Interactions, catalog: Catalog, history_len: int
             parts["train"][1].append(warm[pos])
         parts["val"][0].append(_row(seq[:-2], history_len))
         parts["val"][1].append(seq[-2])
+        if cold[seq[-2]]:
+            parts["val_cold"][0].append(_row(seq[:-2], history_len))
+            parts["val_cold"][1].append(seq[-2])
         parts["test"][0].append(_row(seq[:-1], history_len))
         parts["test"][1].append(seq[-1])
         if cold[seq[-1]]:
@@ -96,7 +103,8 @@ def leave_one_out(interactions: Interactions, catalog: Catalog, history_len: int
             return Examples(np.zeros((0, history_len), np.int32), np.zeros(0, np.int32))
         return Examples(np.stack(hist), np.array(target, np.int32))
 
-    return Split(pack("train"), pack("val"), pack("test"), pack("cold"), counts)
+    return Split(pack("train"), pack("val"), pack("test"), pack("cold"), pack("val_cold"),
+                 counts)
 
 
 class Popularity:
@@ -105,6 +113,9 @@ class Popularity:
     def __init__(self, counts: np.ndarray):
         self.scores = torch.as_tensor(np.log1p(counts), dtype=torch.float32)
 
+    def item_table(self, text_vectors):
+        return text_vectors
+
     def encode_users(self, history, mask, personal=None):
         return torch.zeros(history.shape[0], 1)
 
@@ -112,19 +123,30 @@ class Popularity:
         return self.scores.expand(users.shape[0], -1).clone()
 
 
-def unseen_items_get_mean_bias(model: PromptRecModel, train_counts: np.ndarray) -> None:
-    """An item never seen in training has a bias only full-softmax pushed down (it was
-    never a target): give it the mean bias of the items seen, so text alone places it."""
-    seen = torch.as_tensor(train_counts > 0)
-    if seen.any() and (~seen).any():
-        with torch.no_grad():
-            model.item_bias[~seen] = model.item_bias[seen].mean()
+def pick_cold_rule(model: PromptRecModel, state: dict, split: Split, vectors: torch.Tensor,
+                   personal_alpha: float) -> tuple[str, dict[str, float]]:
+    """Load `state` with the unseen-item rule that ranks cold validation targets best
+    ("text": zero token, mean bias; "neighbours": those of the nearest seen items by
+    text); ties keep "text". -> (rule, validation cold HR@10 per rule)."""
+    seen = split.train_item_counts > 0
+    candidates = {"text": unseen_items_fall_back_to_text(state, seen)}
+    if any(prompt_structure(state)[:2]):  # per-item weights: the neighbours rule differs
+        candidates["neighbours"] = unseen_items_fall_back_to_text(state, seen, vectors)
+    scores = {}
+    for name, candidate in candidates.items():
+        model.load_prompt_state(candidate)
+        scores[name] = round(evaluate(model, split.val_cold, vectors,
+                                      personal_alpha=personal_alpha)["hr10"], 4)
+    rule = max(scores, key=lambda name: (scores[name], name == "text"))
+    model.load_prompt_state(candidates[rule])
+    return rule, scores
 
 
 def run_offline(dataset: str, catalog: Catalog, interactions: Interactions, backbone_path: str,
                 steps: int, batch_size: int = 64, learning_rate: float = 0.01,
                 history_len: int = 30, prompt_len: int = 16, personal_alpha: float = 0.1,
-                item_bias: bool = False,
+                item_bias: bool = False, item_tokens: bool = False, causal: bool = False,
+                item_token_lr: float | None = None,
                 eval_every: int = 0, max_users: int | None = None, seed: int = 0,
                 progress: bool = True, out: Path | None = None) -> dict:
     torch.manual_seed(seed)
@@ -136,10 +158,10 @@ def run_offline(dataset: str, catalog: Catalog, interactions: Interactions, back
 
     tokenizer, encoder = load_backbone(backbone_path)
     model = PromptRecModel(encoder, initial_prompt_state(
-        tokenizer, encoder, PromptConfig(prompt_len, item_bias=item_bias),
+        tokenizer, encoder, PromptConfig(prompt_len, item_bias=item_bias, item_tokens=item_tokens,
+                                              causal=causal),
         num_items=len(catalog)))
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad],
-                                 lr=learning_rate)
+    optimizer = make_optimizer(model, learning_rate, item_token_lr)
     rng = np.random.default_rng(seed)
     best = (evaluate(model, split.val, vectors, personal_alpha=personal_alpha)["ndcg10"],
             model.prompt_state(), 0)
@@ -158,17 +180,19 @@ def run_offline(dataset: str, catalog: Catalog, interactions: Interactions, back
                 best = (val, model.prompt_state(), step)
     train_seconds = time.monotonic() - started
     model.load_prompt_state(best[1])
-    if model.item_bias is not None:
-        unseen_items_get_mean_bias(model, split.train_item_counts)
+    cold_rule, cold_rule_val = pick_cold_rule(model, best[1], split, vectors, personal_alpha)
     test = evaluate(model, split.test, vectors, personal_alpha=personal_alpha)
     cold = evaluate(model, split.test_cold, vectors, personal_alpha=personal_alpha)
     backbone_params = sum(p.numel() for p in encoder.parameters())
     result = {
-        "dataset": dataset, "item_bias": item_bias,
+        "dataset": dataset, "item_bias": item_bias, "item_tokens": item_tokens,
+        "item_token_lr": item_token_lr if item_tokens else None, "causal": causal,
         "ndcg10": round(test["ndcg10"], 4), "hr10": round(test["hr10"], 4),
         "pop_ndcg10": round(pop_test["ndcg10"], 4), "pop_hr10": round(pop_test["hr10"], 4),
         "cold_hr10": round(cold["hr10"], 4), "pop_cold_hr10": round(pop_cold["hr10"], 4),
-        "cold_test_events": cold["n"], "val_ndcg10": round(best[0], 4),
+        "cold_test_events": cold["n"], "cold_rule": cold_rule,
+        "cold_rule_val_hr10": cold_rule_val, "cold_val_events": len(split.val_cold),
+        "val_ndcg10": round(best[0], 4),
         "best_step": best[2], "steps": steps, "batch_size": batch_size,
         "final_loss": round(float(np.mean(losses[-20:])), 4) if losses else None,
         "trainable_params": model.trainable_parameters(), "backbone_params": backbone_params,

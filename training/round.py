@@ -13,6 +13,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import pyarrow.compute as pc
 import ray
 
 from services import metrics
@@ -24,7 +25,10 @@ from services.model import (
     PromptRecModel,
     load_backbone,
     prompt_from_bytes,
+    prompt_structure,
+    prompt_to_bytes,
     resolve_backbone_path,
+    unseen_items_fall_back_to_text,
 )
 from training.examples import Examples, build_examples
 from training.step import evaluate
@@ -81,7 +85,7 @@ class RoundRunner:
         if self._gate_model is None:
             _, encoder = load_backbone(self._backbone_path)
             self._gate_model = PromptRecModel(encoder, state)
-        elif ("item_bias" in state) != (self._gate_model.item_bias is not None):
+        elif prompt_structure(state) != self._gate_model.structure():
             self._gate_model = PromptRecModel(self._gate_model.encoder, state)
         self._gate_model.load_prompt_state(state)
         return evaluate(self._gate_model, examples, self.catalog.vectors,
@@ -115,7 +119,7 @@ class RoundRunner:
             result.fit_seconds = time.monotonic() - fit_started
             result.train_seconds, result.started_run = out.train_seconds, out.started_run
             result.loss = out.loss
-            candidate_blob = out.blob
+            candidate_blob = self._unseen_items_fall_back_to_text(out.blob, log_table)
             metrics.training_loss().set(out.loss)
             self._gate(result, candidate_blob, serving, val)
             self.last_ingest_ts = newest_ingest
@@ -127,6 +131,17 @@ class RoundRunner:
             metrics.training_rounds().inc(1, tags={"outcome": result.outcome})
             log.info("training round %d: %s %s", self.round, result.outcome, result.reason)
         return result
+
+    def _unseen_items_fall_back_to_text(self, blob: bytes, log_table) -> bytes:
+        """Items with no event in the log yet keep text-only scoring (see the model's rule);
+        without per-item weights the blob is returned as it is."""
+        state = prompt_from_bytes(blob)
+        if not any(prompt_structure(state)):
+            return blob
+        seen = np.zeros(len(self.catalog), bool)
+        logged = pc.unique(log_table["item_id"]).to_pylist()
+        seen[[self.catalog.index[i] for i in logged if i in self.catalog.index]] = True
+        return prompt_to_bytes(unseen_items_fall_back_to_text(state, seen))
 
     def close(self) -> None:
         """End the long-lived training run (its workers exit after their round)."""

@@ -30,23 +30,57 @@ def collate(history: np.ndarray, item_vectors: torch.Tensor, device: torch.devic
     return vectors, mask
 
 
+def make_optimizer(model: nn.Module, learning_rate: float,
+                   item_token_lr: float | None = None) -> torch.optim.Optimizer:
+    """Adam over the trainable weights; item tokens may take their own rate (each moves
+    mostly when its item appears, and its entries are ~1/sqrt(H) in size)."""
+    tokens = getattr(model, "item_delta", None)
+    rest = [p for p in model.parameters() if p.requires_grad and p is not tokens]
+    groups: list[dict] = [{"params": rest}]
+    if tokens is not None:
+        groups.append({"params": [tokens], "lr": item_token_lr or learning_rate})
+    return torch.optim.Adam(groups, lr=learning_rate)
+
+
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Examples,
                item_vectors: torch.Tensor, personal_alpha: float = DEFAULT_PERSONAL_ALPHA
                ) -> float:
     """One step of full-softmax cross-entropy over the whole catalog; returns the loss.
 
-    model(history [B,L,H], mask [B,L], items [N,H]) -> logits [B, N].
+    model(history_idx [B,L], mask [B,L], text vectors [N,H], personal [B,H]) -> logits
+    [B, N]; item_vectors [N, H] are the frozen text vectors.
     """
     device = item_vectors.device
-    history, mask = collate(batch.history, item_vectors, device)
+    idx = torch.as_tensor(batch.history, dtype=torch.long, device=device)
+    mask = idx != PAD
+    idx = idx.clamp(min=0)
     target = torch.as_tensor(batch.target, dtype=torch.long, device=device)
-    personal = personal_from_history(history, mask, personal_alpha)
-    logits = model(history, mask, item_vectors, personal)
-    loss = F.cross_entropy(logits, target)
+    # The personal prompt is the shards' rule over frozen text vectors: they never see tokens.
+    text_history = item_vectors[idx] * mask.unsqueeze(-1)
+    personal = personal_from_history(text_history, mask, personal_alpha)
+    logits = model(idx, mask, item_vectors, personal)
+    if logits.ndim == 3:  # a causal model scored the next item after every position
+        targets = next_items(idx, mask, target)
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=PAD)
+    else:
+        loss = F.cross_entropy(logits, target)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     return float(loss.detach())
+
+
+def next_items(idx: torch.Tensor, mask: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """idx [B, L] right-padded histories, mask [B, L], target [B] -> [B, L]: the item that
+    follows each history position (the next history item, then the target at the last
+    one; PAD after it)."""
+    shifted = torch.cat([idx[:, 1:], torch.full_like(idx[:, :1], PAD)], dim=1)
+    shifted = torch.where(torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], 1),
+                          shifted, torch.full_like(shifted, PAD))
+    last = mask.long().sum(1) - 1  # [B]; -1 when the history is empty
+    rows = torch.arange(idx.shape[0], device=idx.device)[last >= 0]
+    shifted[rows, last[last >= 0]] = target[last >= 0].to(shifted.dtype)
+    return shifted
 
 
 @torch.no_grad()
@@ -55,16 +89,19 @@ def evaluate(model, examples: Examples, item_vectors: torch.Tensor, k: int = 10,
              ) -> dict[str, float]:
     """Full ranking over the catalog, history items masked -> HR@k, NDCG@k.
 
-    `model` needs encode_users(history, mask) and logits(users, items).
+    `model` needs item_table(text_vectors), encode_users(history, mask, personal) and
+    logits(users, items).
     """
     if len(examples) == 0:
         return {"hr10": 0.0, "ndcg10": 0.0, "n": 0}
+    items = model.item_table(item_vectors)
     hits = ndcg = 0.0
     for start in range(0, len(examples), batch_size):
         chunk = examples.subset(np.arange(start, min(start + batch_size, len(examples))))
-        history, mask = collate(chunk.history, item_vectors, item_vectors.device)
-        personal = personal_from_history(history, mask, personal_alpha)
-        scores = model.logits(model.encode_users(history, mask, personal), item_vectors)
+        history, mask = collate(chunk.history, items, item_vectors.device)
+        text_history, _ = collate(chunk.history, item_vectors, item_vectors.device)
+        personal = personal_from_history(text_history, mask, personal_alpha)
+        scores = model.logits(model.encode_users(history, mask, personal), items)
         scores = mask_seen(scores, chunk.history)
         target = torch.as_tensor(chunk.target, dtype=torch.long, device=scores.device)
         target_scores = scores.gather(1, target[:, None])

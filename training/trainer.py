@@ -28,9 +28,15 @@ import ray
 import torch
 
 from services.config import Settings
-from services.model import PromptRecModel, load_backbone, prompt_from_bytes, prompt_to_bytes
+from services.model import (
+    PromptRecModel,
+    load_backbone,
+    prompt_from_bytes,
+    prompt_structure,
+    prompt_to_bytes,
+)
 from training.examples import Examples
-from training.step import train_step
+from training.step import make_optimizer, train_step
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +134,7 @@ def rounds_loop_per_worker(config: dict) -> None:
             continue  # nothing yet
         inputs = ray.get(payload["inputs"])
         state = prompt_from_bytes(inputs["prompt_blob"])
-        if core is None or ("item_bias" in state) != (core.item_bias is not None):
+        if core is None or prompt_structure(state) != core.structure():
             core = PromptRecModel(encoder, state).to(device)
             model = ray.train.torch.prepare_model(core, move_to_device=False)
         else:
@@ -137,8 +143,7 @@ def rounds_loop_per_worker(config: dict) -> None:
         train = Examples(inputs["history"], inputs["target"])
         mine = np.arange(rank, len(train), world)  # disjoint slice per worker
         rng = np.random.default_rng(payload["seed"] + rank)
-        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad],
-                                     lr=config["learning_rate"])
+        optimizer = make_optimizer(core, config["learning_rate"], config["item_token_lr"])
         steps, losses = config["steps"], []
         started = time.perf_counter()
         for step in range(steps):
@@ -182,7 +187,8 @@ class LongLivedTrainer:
             rounds_loop_per_worker,
             train_loop_config={"board": self.board, "backbone_path": self.backbone_path,
                                "steps": s.train_steps, "batch_size": s.batch_size,
-                               "learning_rate": s.learning_rate, "threads": 1,
+                               "learning_rate": s.learning_rate,
+                               "item_token_lr": s.item_token_lr, "threads": 1,
                                "personal_alpha": s.personal_alpha},
             scaling_config=ScalingConfig(num_workers=s.train_workers, use_gpu=s.use_gpu,
                                          resources_per_worker={"CPU": 1}),

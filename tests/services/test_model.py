@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -96,3 +97,71 @@ def test_item_bias_is_optional_trainable_and_checked(backbone):
     with pytest.raises(BadPromptWeights):
         plain.load_prompt_state(model.prompt_state())
     assert model.trainable_parameters() == plain.trainable_parameters() + 5
+
+
+def test_item_tokens_start_at_the_text_vectors_learn_and_are_checked(backbone):
+    from training.examples import Examples
+    from training.step import train_step
+
+    tokenizer, encoder = backbone
+    hidden = encoder.config.hidden_size
+    state = initial_prompt_state(tokenizer, encoder, PromptConfig(4, item_tokens=True),
+                                 num_items=6)
+    assert state["item_delta"].shape == (6, hidden)
+    model = PromptRecModel(encoder, state)
+    text = torch.nn.functional.normalize(torch.randn(6, hidden), dim=-1)
+    assert torch.allclose(model.item_table(text), text, atol=1e-6)  # zero delta: text only
+    with pytest.raises(ValueError):
+        model.item_table(text[:5])  # tokens of another catalog
+
+    optimizer = torch.optim.Adam([model.item_delta], lr=0.01)
+    batch = Examples(np.array([[0, 1, -1]], np.int32), np.array([2], np.int32))
+    train_step(model, optimizer, batch, text)
+    moved = model.item_delta.detach().abs().sum(1) > 0
+    # Full softmax moves every item's output vector; the history items also as inputs.
+    assert moved.all()
+    table = model.item_table(text)
+    assert torch.allclose(table.norm(dim=1), torch.ones(6), atol=1e-5)
+
+    blob = prompt_to_bytes(model.prompt_state())
+    back = prompt_from_bytes(blob, hidden_size=hidden, num_items=6)
+    assert torch.equal(back["item_delta"], model.item_delta.detach())
+    with pytest.raises(BadPromptWeights, match="item_delta"):
+        prompt_from_bytes(blob, num_items=7)
+    plain = PromptRecModel(encoder, initial_prompt_state(tokenizer, encoder, PromptConfig(4)))
+    with pytest.raises(BadPromptWeights, match="item_delta"):
+        plain.load_prompt_state(model.prompt_state())
+    assert model.trainable_parameters() == plain.trainable_parameters() + 6 * hidden
+
+
+def test_causal_prefixes_equal_encoding_each_prefix_alone(backbone):
+    """Training reads every prefix of one pass; serving encodes the whole history: both
+    must give the same user vector for the same items."""
+    tokenizer, encoder = backbone
+    hidden = encoder.config.hidden_size
+    model = PromptRecModel(encoder, initial_prompt_state(
+        tokenizer, encoder, PromptConfig(4, causal=True)))
+    assert model.causal and "causal" in model.prompt_state()
+    torch.manual_seed(0)
+    history = torch.nn.functional.normalize(torch.randn(2, 5, hidden), dim=-1)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    history = history * mask.unsqueeze(-1)
+    with torch.no_grad():
+        prefixes = model.encode_prefixes(history, mask, with_prompt_only=True)  # [2, 6, H]
+        for t in range(4):
+            alone = model.encode_users(history[:1, :t], mask[:1, :t])
+            assert torch.allclose(prefixes[0, t], alone[0], atol=1e-5), t
+        batched = model.encode_users(history, mask)
+        assert torch.allclose(batched[1], model.encode_users(history[1:, :3], mask[1:, :3])[0],
+                              atol=1e-5)
+        # A later item must not change an earlier prefix (no look-ahead).
+        changed = history.clone()
+        changed[0, 4] = -changed[0, 4]
+        again = model.encode_prefixes(changed, mask, with_prompt_only=True)
+        assert torch.allclose(again[0, :5], prefixes[0, :5], atol=1e-5)
+        assert not torch.allclose(again[0, 5], prefixes[0, 5], atol=1e-3)
+    plain = PromptRecModel(encoder, initial_prompt_state(tokenizer, encoder, PromptConfig(4)))
+    with pytest.raises(BadPromptWeights):
+        plain.load_prompt_state(model.prompt_state())
+    back = prompt_from_bytes(prompt_to_bytes(model.prompt_state()), hidden_size=hidden)
+    assert PromptRecModel(encoder, back).causal

@@ -66,15 +66,30 @@ def test_offline_eval_writes_the_result_contract(tmp_path):
     assert result["test_users"] == 60
 
 
-def test_items_never_trained_get_the_mean_bias():
+def test_items_never_trained_get_the_mean_bias_and_no_item_token():
     import numpy as np
     import torch
 
-    from training.offline import unseen_items_get_mean_bias
+    from services.model import unseen_items_fall_back_to_text
 
-    class Model:
-        item_bias = torch.nn.Parameter(torch.tensor([1.0, 3.0, -9.0, -9.0]))
+    state = {"soft_prompt": torch.ones(2, 2), "item_bias": torch.tensor([1.0, 3.0, -9.0, -9.0]),
+             "item_delta": torch.ones(4, 2)}
+    out = unseen_items_fall_back_to_text(state, np.array([5, 2, 0, 0]) > 0)
+    assert out["item_bias"].tolist() == [1.0, 3.0, 2.0, 2.0]
+    assert out["item_delta"].tolist() == [[1.0, 1.0], [1.0, 1.0], [0.0, 0.0], [0.0, 0.0]]
+    assert state["item_bias"][2] == -9.0  # the input state is left as it was
 
-    model = Model()
-    unseen_items_get_mean_bias(model, np.array([5, 2, 0, 0]))
-    assert model.item_bias.tolist() == [1.0, 3.0, 2.0, 2.0]
+
+def test_unseen_items_can_take_the_weights_of_their_nearest_seen_items_by_text():
+    import numpy as np
+    import torch
+
+    from services.model import unseen_items_fall_back_to_text
+
+    text = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.9, 0.1], [0.1, 0.9]])
+    state = {"item_bias": torch.tensor([1.0, 5.0, -9.0, -9.0]),
+             "item_delta": torch.tensor([[1.0, 1.0], [2.0, 2.0], [7.0, 7.0], [7.0, 7.0]])}
+    out = unseen_items_fall_back_to_text(state, np.array([True, True, False, False]), text,
+                                         neighbours=1)
+    assert out["item_bias"].tolist() == [1.0, 5.0, 1.0, 5.0]
+    assert out["item_delta"][2:].tolist() == [[1.0, 1.0], [2.0, 2.0]]

@@ -20,6 +20,9 @@ class FixedScores:
     def __init__(self, users):
         self.users = users
 
+    def item_table(self, text_vectors):
+        return text_vectors
+
     def encode_users(self, history, mask, personal=None):
         return self.users[: history.shape[0]]
 
@@ -61,3 +64,20 @@ def test_scheduler_triggers_by_events_or_time():
     scheduler = RoundScheduler(None, S(), lambda: 0)
     assert scheduler.due(100, 0) and not scheduler.due(99, 10)
     assert scheduler.due(1, 61) and not scheduler.due(0, 61)  # nothing new: no round
+
+
+def test_a_causal_step_learns_every_next_item_of_the_history():
+    from training.step import next_items
+
+    tokenizer, encoder = load_backbone(default_backbone_path())
+    model = PromptRecModel(encoder, initial_prompt_state(
+        tokenizer, encoder, PromptConfig(4, item_tokens=True, causal=True), num_items=8))
+    text = torch.nn.functional.normalize(torch.randn(8, encoder.config.hidden_size), dim=-1)
+    batch = Examples(np.array([[0, 1, 2, -1], [3, -1, -1, -1]], np.int32),
+                     np.array([4, 5], np.int32))
+    idx = torch.as_tensor(batch.history, dtype=torch.long)
+    assert next_items(idx.clamp(min=0), idx >= 0, torch.as_tensor(batch.target)).tolist() == [
+        [1, 2, 4, -1], [5, -1, -1, -1]]
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    losses = [train_step(model, optimizer, batch, text) for _ in range(15)]
+    assert np.isfinite(losses).all() and losses[-1] < losses[0] * 0.5
