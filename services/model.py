@@ -16,6 +16,10 @@ Trainable weights (the "prompt", versioned by the registry):
                           so item i's vector is normalize(text_i + delta_i) both in a
                           history (input) and when ranked (output); an item never trained
                           keeps delta 0, so its text alone places it (cold start)
+    causal, personal_gate []  optional, together: the history is read with causal attention
+                          (one pass trains a next-item prediction at every position, as
+                          SASRec does) and the personal prompt is added to the user vector
+                          after the backbone, weighted by the trained gate
 Everything else is frozen.
 """
 
@@ -35,7 +39,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 PROMPT_KEYS = ("soft_prompt", "logit_scale")  # always present
-OPTIONAL_PROMPT_KEYS = ("item_bias", "item_delta", "causal")
+OPTIONAL_PROMPT_KEYS = ("item_bias", "item_delta", "causal", "personal_gate")
 
 
 def default_backbone_path() -> Path:
@@ -126,6 +130,7 @@ def initial_prompt_state(tokenizer, encoder: nn.Module, config: PromptConfig,
         state["item_delta"] = torch.zeros(num_items, state["soft_prompt"].shape[1])
     if config.causal:
         state["causal"] = torch.tensor(1.0)
+        state["personal_gate"] = torch.tensor(0.0)  # starts as if there were no personal prompt
     return state
 
 
@@ -149,15 +154,17 @@ def personal_prompt_update(personal: np.ndarray | None, item_vector: np.ndarray,
     return personal
 
 
-def personal_from_history(history: torch.Tensor, mask: torch.Tensor, alpha: float
-                          ) -> torch.Tensor:
+def personal_from_history(history: torch.Tensor, mask: torch.Tensor, alpha: float,
+                          every_step: bool = False) -> torch.Tensor:
     """The same rule replayed over a history window (training has no shard state).
 
-    history [B, L, H] oldest first, mask [B, L] -> personal [B, H] (zeros if no history).
+    history [B, L, H] oldest first, mask [B, L] -> personal [B, H] (zeros if no history),
+    or with `every_step` [B, L, H]: the personal prompt after each position.
     """
     personal = torch.zeros(history.shape[0], history.shape[2], dtype=history.dtype,
                            device=history.device)
     started = torch.zeros(history.shape[0], dtype=torch.bool, device=history.device)
+    steps = []
     for t in range(history.shape[1]):
         valid = mask[:, t].bool()
         step = torch.where(started, torch.full_like(personal[:, 0], min(1.0, alpha)),
@@ -165,6 +172,9 @@ def personal_from_history(history: torch.Tensor, mask: torch.Tensor, alpha: floa
         moved = personal + step[:, None] * (history[:, t] - personal)
         personal = torch.where(valid[:, None], moved, personal)
         started = started | valid
+        steps.append(personal)
+    if every_step:
+        return torch.stack(steps, 1) if steps else history.new_zeros(history.shape)
     return personal
 
 
@@ -182,6 +192,8 @@ class PromptRecModel(nn.Module):
         self.item_delta = None if delta is None else nn.Parameter(delta.clone().float())
         # A marker, not a weight: the version was trained with causal attention.
         self.register_buffer("causal_flag", prompt_state.get("causal"))
+        gate = prompt_state.get("personal_gate")
+        self.personal_gate = None if gate is None else nn.Parameter(gate.clone().float())
 
     @property
     def causal(self) -> bool:
@@ -212,14 +224,15 @@ class PromptRecModel(nn.Module):
 
         Input sequence: [shared soft prompt] + [personal prompt] + [history].
         L may be 0 (cold-start users): then the prompt alone encodes the user.
-        A causal version ignores `personal` (see `encode_prefixes`) and returns the
-        prefix that ends at the user's last item, which equals the full mean under its
-        causal mask.
+        A causal version encodes the prefix that ends at the user's last item (the full
+        mean under its causal mask) and adds the personal prompt after the backbone
+        (`add_personal`).
         """
         if self.causal:
             prefixes = self.encode_prefixes(history, history_mask, with_prompt_only=True)
             last = history_mask.long().sum(1)  # 0 = the prompt-only prefix
-            return prefixes[torch.arange(history.shape[0], device=last.device), last]
+            users = prefixes[torch.arange(history.shape[0], device=last.device), last]
+            return self.add_personal(users, personal)
         batch = history.shape[0]
         prompt = self.soft_prompt.unsqueeze(0).expand(batch, -1, -1)
         parts = [prompt]
@@ -242,8 +255,8 @@ class PromptRecModel(nn.Module):
         each item attending to the prompt and to earlier items only). With
         `with_prompt_only`, [B, L + 1, H] whose row 0 is the prompt alone.
         Training reads all L rows, so one pass teaches L next-item predictions (as SASRec
-        does). The personal prompt is not an input here: the shards' running summary
-        would leak later items into earlier positions.
+        does). The personal prompt is not an input token here (one token cannot summarise
+        a different prefix for each position); `add_personal` mixes it in afterwards.
         """
         batch, length = history.shape[:2]
         n_prompt = self.soft_prompt.shape[0]
@@ -265,6 +278,13 @@ class PromptRecModel(nn.Module):
         prefixes = F.normalize(sums / counts, dim=-1)  # [B, T, H]
         return prefixes[:, n_prompt - 1 if with_prompt_only else n_prompt:]
 
+    def add_personal(self, users: torch.Tensor, personal: torch.Tensor | None) -> torch.Tensor:
+        """Causal versions: users [B, H] or [B, L, H] + personal_gate x personal prompts of
+        the same shape (all-zero = none), renormalised. The gate is trained; it starts at 0."""
+        if personal is None or self.personal_gate is None:
+            return users
+        return F.normalize(users + self.personal_gate * personal.to(users.dtype), dim=-1)
+
     def logits(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """users [B, H] (or [B, L, H]), items [N, H] unit vectors (the whole catalog, in
         catalog order, when there is an item bias) -> [B, N] (or [B, L, N])."""
@@ -280,8 +300,9 @@ class PromptRecModel(nn.Module):
                 text_vectors: torch.Tensor, personal: torch.Tensor | None = None
                 ) -> torch.Tensor:
         """The training path: history_idx [B, L] catalog indices (anything where masked),
-        history_mask [B, L], text_vectors [N, H] frozen, personal [B, H] -> logits [B, N],
-        or for a causal version [B, L, N]: row t scores the item after history item t.
+        history_mask [B, L], text_vectors [N, H] frozen, personal [B, H] -> logits [B, N];
+        for a causal version personal is [B, L, H] (the prompt after each position) and
+        the logits [B, L, N]: row t scores the item after history item t.
 
         The item table is built inside forward, so under DDP the item tokens' gradient is
         part of the pass that DDP synchronises.
@@ -289,7 +310,8 @@ class PromptRecModel(nn.Module):
         items = self.item_table(text_vectors)
         history = items[history_idx] * history_mask.unsqueeze(-1).to(items.dtype)
         if self.causal:
-            return self.logits(self.encode_prefixes(history, history_mask), items)
+            users = self.add_personal(self.encode_prefixes(history, history_mask), personal)
+            return self.logits(users, items)
         return self.logits(self.encode_users(history, history_mask, personal), items)
 
     def prompt_state(self) -> dict[str, torch.Tensor]:
@@ -392,8 +414,10 @@ def prompt_from_bytes(blob: bytes, hidden_size: int | None = None,
                               or (num_items is not None and delta.shape[0] != num_items)):
         raise BadPromptWeights(f"item_delta shape {tuple(delta.shape)}, catalog {num_items} "
                                f"x {prompt.shape[1]}")
-    if state["logit_scale"].ndim != 0 or state.get("causal", torch.tensor(1.0)).ndim != 0:
-        raise BadPromptWeights("logit_scale and causal must be scalars")
+    if any(state[k].ndim != 0 for k in ("logit_scale", "causal", "personal_gate") if k in state):
+        raise BadPromptWeights("logit_scale, causal and personal_gate must be scalars")
+    if ("causal" in state) != ("personal_gate" in state):
+        raise BadPromptWeights("causal and personal_gate come together")
     if not all(torch.isfinite(t).all() for t in state.values()):
         raise BadPromptWeights("non-finite values")
     return state

@@ -57,7 +57,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Exampl
     target = torch.as_tensor(batch.target, dtype=torch.long, device=device)
     # The personal prompt is the shards' rule over frozen text vectors: they never see tokens.
     text_history = item_vectors[idx] * mask.unsqueeze(-1)
-    personal = personal_from_history(text_history, mask, personal_alpha)
+    causal = getattr(model, "module", model).causal  # DDP wraps the model
+    personal = personal_from_history(text_history, mask, personal_alpha, every_step=causal)
     logits = model(idx, mask, item_vectors, personal)
     if logits.ndim == 3:  # a causal model scored the next item after every position
         targets = next_items(idx, mask, target)

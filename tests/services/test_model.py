@@ -165,3 +165,24 @@ def test_causal_prefixes_equal_encoding_each_prefix_alone(backbone):
         plain.load_prompt_state(model.prompt_state())
     back = prompt_from_bytes(prompt_to_bytes(model.prompt_state()), hidden_size=hidden)
     assert PromptRecModel(encoder, back).causal
+
+
+def test_a_causal_version_adds_the_personal_prompt_by_its_trained_gate(backbone):
+    tokenizer, encoder = backbone
+    hidden = encoder.config.hidden_size
+    model = PromptRecModel(encoder, initial_prompt_state(
+        tokenizer, encoder, PromptConfig(4, causal=True)))
+    history = torch.nn.functional.normalize(torch.randn(1, 3, hidden), dim=-1)
+    mask = torch.ones(1, 3)
+    personal = torch.nn.functional.normalize(torch.randn(1, hidden), dim=-1)
+    with torch.no_grad():
+        alone = model.encode_users(history, mask)
+        assert torch.allclose(model.encode_users(history, mask, personal), alone)  # gate 0
+        model.personal_gate.fill_(1.0)
+        mixed = model.encode_users(history, mask, personal)
+        assert torch.allclose(mixed[0], torch.nn.functional.normalize(alone[0] + personal[0],
+                                                                       dim=-1), atol=1e-5)
+    state = model.prompt_state()
+    del state["personal_gate"]
+    with pytest.raises(BadPromptWeights, match="together"):
+        prompt_from_bytes(prompt_to_bytes(state))
