@@ -78,14 +78,15 @@ class Settings:
     prompt_init_text: str = field(
         default="Given the movies this user watched, recommend the next movie.",
         metadata=_help("text whose token embeddings initialise the soft prompt"))
-    item_bias: bool = field(default=False, metadata=_help(
+    item_bias: bool = field(default=True, metadata=_help(
         "train a bias per catalog item beside the soft prompt (lets scores carry popularity)"))
-    item_tokens: bool = field(default=False, metadata=_help(
+    item_tokens: bool = field(default=True, metadata=_help(
         "train an item token per catalog item: a learned offset [hidden] added to its text "
         "vector, in histories and when ranked (catalog x hidden floats)"))
-    causal: bool = field(default=False, metadata=_help(
+    causal: bool = field(default=True, metadata=_help(
         "causal attention over the history: each training pass learns the next item after "
-        "every position (as SASRec does); personal prompts are not read"))
+        "every position (as SASRec does); the personal prompt is added to the user vector by a "
+        "trained gate"))
     item_token_lr: float = field(default=0.001, metadata=_help(
         "Adam learning rate of the item tokens (the soft prompt uses learning_rate)"))
 
