@@ -87,7 +87,7 @@ class Settings:
         "causal attention over the history: each training pass learns the next item after "
         "every position (as SASRec does); the personal prompt is added to the user vector by a "
         "trained gate"))
-    item_token_lr: float = field(default=0.001, metadata=_help(
+    item_token_lr: float = field(default=0.003, metadata=_help(
         "Adam learning rate of the item tokens (the soft prompt uses learning_rate)"))
 
     # --- training ---
