@@ -179,7 +179,9 @@ def personal_from_history(history: torch.Tensor, mask: torch.Tensor, alpha: floa
 
 
 class PromptRecModel(nn.Module):
-    """Frozen encoder + trainable soft prompt; encodes users and scores items."""
+    """Frozen encoder + the trainable prompt state (soft prompt, temperature and the
+    optional item bias, item tokens, causal marker and personal gate); encodes users and
+    scores items."""
 
     def __init__(self, encoder: nn.Module, prompt_state: dict[str, torch.Tensor]):
         super().__init__()
