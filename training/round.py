@@ -133,15 +133,16 @@ class RoundRunner:
         return result
 
     def _unseen_items_fall_back_to_text(self, blob: bytes, log_table) -> bytes:
-        """Items with no event in the log yet keep text-only scoring (see the model's rule);
-        without per-item weights the blob is returned as it is."""
+        """Items with no event in the log yet take the weights of their nearest logged items
+        by text (the rule offline evaluation picked on ML-1M validation); without per-item
+        weights the blob is returned as it is."""
         state = prompt_from_bytes(blob)
         if not any(prompt_structure(state)):
             return blob
         seen = np.zeros(len(self.catalog), bool)
         logged = pc.unique(log_table["item_id"]).to_pylist()
         seen[[self.catalog.index[i] for i in logged if i in self.catalog.index]] = True
-        return prompt_to_bytes(unseen_items_fall_back_to_text(state, seen))
+        return prompt_to_bytes(unseen_items_fall_back_to_text(state, seen, self.catalog.vectors))
 
     def close(self) -> None:
         """End the long-lived training run (its workers exit after their round)."""
