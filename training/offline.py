@@ -145,8 +145,8 @@ def pick_cold_rule(model: PromptRecModel, state: dict, split: Split, vectors: to
 def run_offline(dataset: str, catalog: Catalog, interactions: Interactions, backbone_path: str,
                 steps: int, batch_size: int = 64, learning_rate: float = 0.01,
                 history_len: int = 30, prompt_len: int = 16, personal_alpha: float = 0.1,
-                item_bias: bool = False, item_tokens: bool = False, causal: bool = False,
-                item_token_lr: float | None = None,
+                item_bias: bool = True, item_tokens: bool = True, causal: bool = True,
+                item_token_lr: float | None = 0.003,
                 eval_every: int = 0, max_users: int | None = None, seed: int = 0,
                 progress: bool = True, out: Path | None = None) -> dict:
     torch.manual_seed(seed)
