@@ -16,8 +16,10 @@ stays the one authority on reasons.
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
+import operator
 import re
 import time
 from collections.abc import Container, Iterator, Sequence
@@ -157,6 +159,11 @@ class EventColumns:
     def __len__(self) -> int:
         return len(self.event_id)
 
+    def __iter__(self) -> Iterator[list]:
+        """The columns, in field order."""
+        return iter((self.event_id, self.user_id, self.item_id, self.ts, self.type,
+                     self.value))
+
     def append(self, event: ClickEvent) -> None:
         self.event_id.append(event.event_id)
         self.user_id.append(event.user_id)
@@ -202,62 +209,92 @@ class DecodedBatch:
 # quotes or backslashes (so no JSON escapes), ts a non-negative JSON number, optional
 # value. ", " and ": " separators (json.dumps' default) are accepted too. Anything else
 # is not rejected here, only sent to decode_event. Every part is a subset of the JSON
-# grammar, and no part can match a newline (the batch form below relies on that).
+# grammar, and nothing in it can match a newline.
 _ID = rf'"([ !#-\[\]-~]{{1,{MAX_ID_CHARS}}})"'
 _NUMBER = r"(?:0|[1-9][0-9]{0,15})(?:\.[0-9]{1,17})?(?:[eE][+-]?[0-9]{1,3})?"
 _CANONICAL = re.compile(
-    r'^\{"event_id": ?' + _ID + r', ?"user_id": ?' + _ID + r', ?"item_id": ?' + _ID
+    r'\{"event_id": ?' + _ID + r', ?"user_id": ?' + _ID + r', ?"item_id": ?' + _ID
     + r', ?"ts": ?(' + _NUMBER + r'), ?"type": ?"(click|view|purchase|rating)"'
-    + r'(?:, ?"value": ?(-?' + _NUMBER + r'))?\}$', re.MULTILINE)
+    + r'(?:, ?"value": ?(-?' + _NUMBER + r'))?\}')
 
 
-def _decode_canonical(keys: Sequence[bytes | None], values: Sequence[bytes | None],
-                      known_items: Container[str] | None, now: float) -> EventColumns | None:
-    """All of these records as columns if every one is canonical and valid, else None.
+def _texts(values: list[bytes | None]) -> list[str | None]:
+    """Each value as text (None where it is None or not UTF-8)."""
+    if None not in values:
+        # The usual case, in three C calls: join, check that no record holds a newline
+        # (so splitting gives the records back), decode.
+        blob = b"\n".join(values)  # type: ignore[arg-type]  # None ruled out above
+        if blob.count(b"\n") == len(values) - 1:
+            try:
+                return blob.decode("utf-8").split("\n")
+            except UnicodeDecodeError:
+                pass
+    texts: list[str | None] = []
+    for value in values:
+        try:
+            texts.append(None if value is None else value.decode("utf-8"))
+        except UnicodeDecodeError:
+            texts.append(None)
+    return texts
 
-    A record accepted here is one `decode_event` accepts, with equal fields:
-    - the records are joined by newlines and matched with one `findall` (`^...$` per
-      line); no record may hold a newline (counted), so n matches are the n records;
-    - key == user_id is checked on the joined keys: user ids hold no newline, so equal
-      joins of n keys and n user ids mean equal pairs (and no empty or None key);
-    - numbers: JSON reads "12" as int 12 and "1.5" / "1e3" with float(); float("12")
-      equals float(12) (both correctly rounded, <= 16 digits), except "-0", which JSON
-      reads as int 0 (+0.0) and float() as -0.0: a "-0" value leaves it to decode_event.
+
+def _canonical_rows(keys: list[bytes | None], texts: list[str | None],
+                    known_items: Container[str] | None, now: float
+                    ) -> tuple[list[int], EventColumns]:
+    """The records that are canonical and valid: (their indices, their events).
+
+    Every check runs over whole columns (C-level map/set/max calls); only a column that
+    fails is looked at row by row. A record accepted here is one `decode_event` accepts,
+    with equal fields. Numbers: JSON reads "12" as int 12 and "1.5" / "1e3" with float();
+    float("12") equals float(12) (both correctly rounded, <= 16 digits), except "-0",
+    which JSON reads as int 0 (+0.0) and float() as -0.0: a "-0" value is left to
+    decode_event.
     """
-    if None in values or None in keys:
-        return None
-    n = len(values)
-    blob = b"\n".join(values)  # type: ignore[arg-type]  # None ruled out above
-    if blob.count(b"\n") != n - 1:
-        return None
-    try:
-        text = blob.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-    rows = _CANONICAL.findall(text)
-    if len(rows) != n:
-        return None
-    event_id, user_id, item_id, ts_text, kind, value_text = zip(*rows, strict=True)
-    if b"\n".join(keys) != "\n".join(user_id).encode():  # type: ignore[arg-type]
-        return None
-    if known_items is not None:
-        if isinstance(known_items, (set, frozenset)):
-            if not known_items.issuperset(item_id):
-                return None
-        elif not all(item in known_items for item in item_id):
-            return None
-    ts = list(map(float, ts_text))
-    if max(ts) > now + MAX_FUTURE_S:  # also catches inf ("1e999"); no negatives match
-        return None
-    if any(value_text):
-        if "-0" in value_text:
-            return None
-        value: list[float | None] = [float(v) if v else None for v in value_text]
-        if math.inf in map(abs, (v for v in value if v is not None)):
-            return None
+    fullmatch = _CANONICAL.fullmatch
+    matches = [None if t is None else fullmatch(t) for t in texts] if None in texts \
+        else list(map(fullmatch, texts))  # type: ignore[arg-type]  # no None here
+    if None in matches:
+        rows = [i for i, m in enumerate(matches) if m is not None]
+        if not rows:
+            return [], EventColumns()
+        groups = [matches[i].groups() for i in rows]  # type: ignore[union-attr]
+        keys = [keys[i] for i in rows]
     else:
-        value = [None] * n
-    return EventColumns(list(event_id), list(user_id), list(item_id), ts, list(kind), value)
+        rows = list(range(len(texts)))
+        groups = list(map(re.Match.groups, matches))  # type: ignore[arg-type]
+    event_id, user_id, item_id, ts_text, kind, value_text = map(list, zip(*groups, strict=True))
+    ok: list[bool] | None = None  # row by row, once a column check has failed
+
+    def keep(mask: list[bool]) -> None:
+        nonlocal ok
+        ok = mask if ok is None else [a and b for a, b in zip(ok, mask, strict=True)]
+
+    # key == user_id: a None or empty key never equals an encoded id of 1+ characters.
+    same_key = list(map(operator.eq, keys, map(str.encode, user_id)))
+    if False in same_key:
+        keep(same_key)
+    if known_items is not None:
+        if not (known_items.issuperset(item_id) if isinstance(known_items, (set, frozenset))
+                else all(item in known_items for item in item_id)):
+            keep([item in known_items for item in item_id])
+    ts = list(map(float, ts_text))
+    limit = now + MAX_FUTURE_S
+    if max(ts) > limit:  # also catches inf ("1e999"); no negative number matches
+        keep([t <= limit for t in ts])
+    if any(value_text):
+        value: list[float | None] = [float(v) if v else None for v in value_text]
+        if "-0" in value_text or math.inf in map(abs, (v for v in value if v is not None)):
+            keep([t != "-0" and (v is None or math.isfinite(v))
+                  for t, v in zip(value_text, value, strict=True)])
+    else:
+        value = [None] * len(rows)
+    columns = EventColumns(event_id, user_id, item_id, ts, kind, value)
+    if ok is None:
+        return rows, columns
+    good = [j for j, fine in enumerate(ok) if fine]
+    return [rows[j] for j in good], EventColumns(
+        *([column[j] for j in good] for column in (event_id, user_id, item_id, ts, kind,
+                                                  value)))
 
 
 def decode_batch(keys: Sequence[bytes | None], values: Sequence[bytes | None],
@@ -265,40 +302,41 @@ def decode_batch(keys: Sequence[bytes | None], values: Sequence[bytes | None],
                  now: float | None = None) -> DecodedBatch:
     """Validate n records (keys[i], values[i]) at once; same verdicts as `decode_event`.
 
-    The whole batch is tried on the canonical fast path. A part that fails is split in
-    halves and each half tried again, so a few bad records among many cost about one
-    more pass, not a slow decode of the batch; parts of <= 8 records, and every failing
-    part once the failed attempts have covered 4n records (a producer that never writes
-    the canonical shape), go record by record to `decode_event`. `now` is read once.
+    Canonical valid records are decoded together (one regex match per record, the other
+    checks column-wise); every other record goes alone to `decode_event`, which gives
+    its reason code (or accepts it: a valid record in another shape). `now` is read once.
     """
     now = time.time() if now is None else now
     keys, values = list(keys), list(values)
-    rows: list[int] = []
-    events = EventColumns()
+    rows, events = _canonical_rows(keys, _texts(values), known_items, now) if values \
+        else ([], EventColumns())
+    if len(rows) == len(values):
+        return DecodedBatch(rows=rows, events=events, invalid=[])
+    # The others go to decode_event; its valid events are put in their place (few records
+    # in a poll, usually: one insert each; many: one pass over the poll).
+    fast = set(rows)
+    slow: list[tuple[int, ClickEvent]] = []
     invalid: list[tuple[int, InvalidEvent]] = []
-    budget = 4 * len(values)
-
-    def visit(lo: int, hi: int) -> None:
-        nonlocal budget
-        columns = _decode_canonical(keys[lo:hi], values[lo:hi], known_items, now)
-        if columns is not None:
-            rows.extend(range(lo, hi))
-            events.extend(columns)
-            return
-        budget -= hi - lo
-        if hi - lo > 8 and budget > 0:
-            mid = (lo + hi) // 2
-            visit(lo, mid)
-            visit(mid, hi)
-            return
-        for i in range(lo, hi):
+    for i in range(len(values)):
+        if i not in fast:
             try:
-                events.append(decode_event(keys[i], values[i], known_items, now))
+                slow.append((i, decode_event(keys[i], values[i], known_items, now)))
             except InvalidEvent as bad:
                 invalid.append((i, bad))
-            else:
-                rows.append(i)
+    if len(slow) <= 32:
+        for i, event in slow:  # ascending, so each goes after the ones before it
+            at = bisect.bisect_left(rows, i)
+            rows.insert(at, i)
+            for column, field_value in zip(events, _fields(event), strict=True):
+                column.insert(at, field_value)
+        return DecodedBatch(rows=rows, events=events, invalid=invalid)
+    fast_events = zip(*events, strict=True)  # one tuple of fields per fast row, in order
+    slow_events = dict(slow)
+    merged_rows = sorted(fast.union(slow_events))
+    merged = [next(fast_events) if i in fast else _fields(slow_events[i]) for i in merged_rows]
+    return DecodedBatch(rows=merged_rows, invalid=invalid,
+                        events=EventColumns(*map(list, zip(*merged, strict=True))))
 
-    if values:
-        visit(0, len(values))
-    return DecodedBatch(rows=rows, events=events, invalid=invalid)
+
+def _fields(event: ClickEvent) -> tuple:
+    return (event.event_id, event.user_id, event.item_id, event.ts, event.type, event.value)
