@@ -106,12 +106,12 @@ def main(argv: list[str] | None = None) -> dict:
             shard.apply([], {1: ("E", 0, 0)})  # imports the metrics module
             return shard
 
-        def old_apply():
+        def old_apply(batches=batches):
             shard = fresh()
             for batch, ranges in batches:
                 shard.apply_one_by_one(batch, ranges)
 
-        def new_apply():
+        def new_apply(columns=columns):
             shard = fresh()
             for batch, ranges in columns:
                 shard.apply(batch, ranges)
