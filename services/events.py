@@ -282,8 +282,10 @@ def _canonical_rows(keys: list[bytes | None], texts: list[str | None],
     if max(ts) > limit:  # also catches inf ("1e999"); no negative number matches
         keep([t <= limit for t in ts])
     if any(value_text):
-        value: list[float | None] = [float(v) if v else None for v in value_text]
-        if "-0" in value_text or math.inf in map(abs, (v for v in value if v is not None)):
+        value: list[float | None] = list(map(float, value_text)) if None not in value_text \
+            else [float(v) if v else None for v in value_text]
+        # filter(None, ...) drops None (and zeros, which are finite anyway).
+        if "-0" in value_text or math.inf in map(abs, filter(None, value)):
             keep([t != "-0" and (v is None or math.isfinite(v))
                   for t, v in zip(value_text, value, strict=True)])
     else:
