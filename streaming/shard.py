@@ -38,6 +38,7 @@ import bisect
 import gc
 import json
 import logging
+import operator
 import shutil
 import threading
 import time
@@ -262,8 +263,8 @@ class UserStateShard:
             else:
                 # Inserting one by one and dropping the oldest past the limit keeps the
                 # `limit` largest (ts, event_id, item) tuples; so does one sort and trim.
-                history.extend(zip([ts[i] for i in mine], [event_id[i] for i in mine],
-                                   [item_id[i] for i in mine], strict=True))
+                take = operator.itemgetter(*mine)  # len(mine) >= 2: returns tuples
+                history.extend(zip(take(ts), take(event_id), take(item_id), strict=True))
                 history.sort()
             if len(history) > limit:
                 del history[:len(history) - limit]
@@ -284,23 +285,29 @@ class UserStateShard:
         (a long session), steps ~ events and the plain loop is cheaper: each user's events
         are then applied in turn.
         """
-        vectors, index, rates = self.item_vectors, self.item_index, self._rates
+        vectors = self.item_vectors
+        # Vector row and rate of every event of the batch, column-wise (C-level maps).
+        item_rows = list(map(self.item_index.get, events.item_id))
+        rate_rows = list(map(self._rates.get, events.type, repeat(self._default_rate)))
         runs: list[tuple[UserState, list[int], list[np.float32]]] = []
         total = longest = 0
         for state, mine in moves:
-            items = [index.get(events.item_id[i]) for i in mine]
-            kinds = [events.type[i] for i in mine]
+            if len(mine) == 1:
+                items, steps = [item_rows[mine[0]]], [rate_rows[mine[0]]]
+            else:
+                take = operator.itemgetter(*mine)
+                items, steps = list(take(item_rows)), list(take(rate_rows))
             if None in items:  # items without a vector leave the prompt as it is
-                kinds = [k for k, j in zip(kinds, items, strict=True) if j is not None]
+                steps = [r for r, j in zip(steps, items, strict=True) if j is not None]
                 items = [j for j in items if j is not None]
-            if not items:
-                continue
-            if state.personal is None:  # the first event sets the prompt to the item
-                state.personal = vectors[items[0]].astype(np.float32, copy=True)
-                items, kinds = items[1:], kinds[1:]
                 if not items:
                     continue
-            runs.append((state, items, [rates.get(k, self._default_rate) for k in kinds]))
+            if state.personal is None:  # the first event sets the prompt to the item
+                state.personal = vectors[items[0]].astype(np.float32, copy=True)
+                if len(items) == 1:
+                    continue
+                items, steps = items[1:], steps[1:]
+            runs.append((state, items, steps))
             total += len(items)
             longest = max(longest, len(items))
         if not runs:
@@ -351,9 +358,8 @@ class UserStateShard:
         latencies = [now_ms - kafka_ms[i] for i in rows if kafka_ms[i] > 0]
         if not latencies:
             return
-        observe = metrics.event_to_state_seconds().observe
-        for ms in latencies:
-            observe(max(0.0, ms) / 1000)
+        seconds = (np.maximum(np.asarray(latencies), 0.0) / 1000).tolist()
+        metrics.observe_all(metrics.event_to_state_seconds(), seconds)
         room = 200_000 - len(self.latencies_ms)
         if room > 0:
             self.latencies_ms.extend(latencies[:room])
