@@ -124,7 +124,10 @@ def decode_event(key: bytes | None, value: bytes | None,
         _check_id(name, body[name])
     if body["type"] not in EVENT_TYPES:
         raise InvalidEvent("unknown_type", body["type"][:40])
-    ts = float(body["ts"]) if _finite(body["ts"]) else math.inf
+    try:
+        ts = float(body["ts"])
+    except OverflowError:  # an integer beyond float range
+        ts = math.inf
     now = time.time() if now is None else now
     if not math.isfinite(ts) or ts < 0 or ts > now + MAX_FUTURE_S:
         raise InvalidEvent("bad_timestamp", f"ts {_short(body['ts'])}")
