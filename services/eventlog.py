@@ -17,7 +17,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from services.events import ClickEvent
+from services.events import ClickEvent, EventColumns
 
 SCHEMA = pa.schema([
     ("event_id", pa.string()), ("user_id", pa.string()), ("item_id", pa.string()),
@@ -33,34 +33,35 @@ def _filesystem(root: str) -> tuple[pafs.FileSystem, str]:
 
 
 class EventLogWriter:
-    """Buffers events and writes one parquet file per flush."""
+    """Buffers events (as columns) and writes one parquet file per flush."""
 
     def __init__(self, root: str, writer_id: str):
         self.fs, self.root = _filesystem(root)
         self.writer_id = writer_id
-        self._rows: list[ClickEvent] = []
+        self._rows = EventColumns()
         self._ingest: list[float] = []
         self._seq = 0
 
     def append(self, events: Iterable[ClickEvent], ingest_ts: float | None = None) -> None:
+        self.append_columns(EventColumns.of(list(events)), ingest_ts)
+
+    def append_columns(self, events: EventColumns, ingest_ts: float | None = None) -> None:
+        """The consumer's path: a batch's valid events, column-wise (no per-event object)."""
         now = time.time() if ingest_ts is None else ingest_ts
-        for event in events:
-            self._rows.append(event)
-            self._ingest.append(now)
+        self._rows.extend(events)
+        self._ingest += [now] * len(events)
 
     def __len__(self) -> int:
         return len(self._rows)
 
     def flush(self) -> str | None:
         """Write the buffer as one file; returns its path (None when empty)."""
-        if not self._rows:
+        if not len(self._rows):
             return None
+        rows = self._rows
         table = pa.table({
-            "event_id": [e.event_id for e in self._rows],
-            "user_id": [e.user_id for e in self._rows],
-            "item_id": [e.item_id for e in self._rows], "ts": [e.ts for e in self._rows],
-            "type": [e.type for e in self._rows], "value": [e.value for e in self._rows],
-            "ingest_ts": self._ingest,
+            "event_id": rows.event_id, "user_id": rows.user_id, "item_id": rows.item_id,
+            "ts": rows.ts, "type": rows.type, "value": rows.value, "ingest_ts": self._ingest,
         }, schema=SCHEMA)
         hour = time.strftime("%Y%m%d%H", time.gmtime(self._ingest[0]))
         directory = f"{self.root}/hour={hour}"
@@ -68,8 +69,8 @@ class EventLogWriter:
         path = f"{directory}/{self.writer_id}-{time.time_ns()}-{self._seq:06d}.parquet"
         pq.write_table(table, path, filesystem=self.fs)
         self._seq += 1
-        self._rows.clear()
-        self._ingest.clear()
+        self._rows = EventColumns()
+        self._ingest = []
         return path
 
 

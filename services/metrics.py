@@ -12,7 +12,9 @@ inside the actor or replica that records them.
 
 from __future__ import annotations
 
+import collections
 import functools
+import itertools
 import re
 import threading
 import time
@@ -90,6 +92,26 @@ def event_to_state_seconds():
     return Histogram("promptrec_event_to_state_seconds",
                      description="From Kafka record timestamp to applied in the user's shard",
                      boundaries=_LATENCY_BUCKETS, tag_keys=())
+
+
+def observe_all(histogram, values: list[float]) -> None:
+    """`histogram.observe(v)` for each value: the same records, one per value.
+
+    The public observe() re-checks the value's type and the tags in Python on every
+    call; a shard observes every event it applies, and that wrapper was ~40% of its
+    latency-recording time (cProfile, 30,000 events). With the tags checked once, the
+    values go straight to the Cython metric's record(). Ray 2.60's attribute names;
+    anything else falls back to observe().
+    """
+    metric = getattr(histogram, "_metric", None)
+    if metric is None or getattr(histogram, "_discard_metric", True) \
+            or not hasattr(histogram, "_get_final_tags"):
+        for value in values:
+            histogram.observe(value)
+        return
+    tags = histogram._get_final_tags(None)
+    histogram._validate_tags(tags)
+    collections.deque(map(metric.record, values, itertools.repeat(tags)), maxlen=0)
 
 
 @functools.cache

@@ -3,9 +3,11 @@
 Delivery: at-least-once from Kafka; the shards apply exactly once (by offset, then by
 event_id), so per-user state is effectively-once. The loop, per poll:
 
-1. decode each record; invalid ones go to the dead-letter topic with the reason in a
-   header (and are counted), they never stop the consumer;
-2. every shard gets one call for the batch: its events plus the offset range the batch
+1. decode each partition's records at once (`services.events.decode_batch`, the same
+   verdicts as `decode_event` record by record); invalid ones go to the dead-letter topic
+   with the reason in a header (and are counted), they never stop the consumer;
+2. every shard gets one call for the batch: its events as columns (`ShardEvents`: a few
+   flat lists pickle far cheaper than a tuple per event) plus the offset range the batch
    spans per partition; a shard that restarted from an older snapshot answers with a
    rewind offset and the consumer seeks back there (other shards skip the replay).
    One batch is in flight while the next is fetched and decoded;
@@ -33,20 +35,22 @@ from dataclasses import dataclass, field
 from services import metrics
 from services.config import Settings
 from services.eventlog import EventLogWriter
-from services.events import InvalidEvent, decode_event
+from services.events import EventColumns, decode_batch
 from services.naming import shard_for_user
+from streaming.shard import ShardEvents
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class _Part:
-    """One partition's share of a poll."""
+    """One partition's share of a poll: its valid events, row i at offsets[i]."""
 
     low: int  # first offset
     high: int  # last offset + 1
-    valid: list = field(default_factory=list)  # ClickEvent, for the event log
-    wire: list = field(default_factory=list)  # (shard index, WireEvent)
+    valid: EventColumns = field(default_factory=EventColumns)  # for shards and the log
+    offsets: list[int] = field(default_factory=list)
+    kafka_ms: list[int] = field(default_factory=list)  # record timestamps (0: none)
 
 
 @dataclass
@@ -142,7 +146,7 @@ class IngestConsumer:
                     pending.pop(tp, None)
                     self.rewinds += 1
                 else:
-                    event_log.append(part.valid)
+                    event_log.append_columns(part.valid)
                     pending[tp] = part.high
             inflight = None
             return rewind
@@ -197,36 +201,52 @@ class IngestConsumer:
     def _decode(self, batches: dict, dlq) -> dict:
         """Validate a poll's records; dead-letter the bad -> {tp: _Part}."""
         parts = {}
-        n_shards = len(self.shards)
         for tp, records in batches.items():
             part = _Part(low=records[0].offset, high=records[-1].offset + 1)
-            for record in records:
-                try:
-                    event = decode_event(record.key, record.value, self.known_items)
-                except InvalidEvent as bad:
-                    dlq.send(self.settings.topic_dlq, key=record.key, value=record.value,
-                             headers=[("reason", bad.reason.encode()),
-                                      ("detail", bad.detail[:512].encode("utf-8", "replace")),
-                                      ("source", f"{tp.topic}/{tp.partition}/{record.offset}"
-                                       .encode())])
-                    self._count("invalid", bad.reason)
-                    continue
-                part.valid.append(event)
-                part.wire.append((shard_for_user(event.user_id, n_shards), (
-                    tp.partition, record.offset, event.event_id, event.user_id, event.item_id,
-                    event.ts, event.type, record.timestamp or 0)))
+            decoded = decode_batch([r.key for r in records], [r.value for r in records],
+                                   self.known_items)
+            for i, bad in decoded.invalid:
+                record = records[i]
+                dlq.send(self.settings.topic_dlq, key=record.key, value=record.value,
+                         headers=[("reason", bad.reason.encode()),
+                                  ("detail", bad.detail[:512].encode("utf-8", "replace")),
+                                  ("source", f"{tp.topic}/{tp.partition}/{record.offset}"
+                                   .encode())])
+                self._count("invalid", bad.reason)
+            part.valid = decoded.events
+            valid = [records[i] for i in decoded.rows]
+            part.offsets = [r.offset for r in valid]
+            part.kafka_ms = [r.timestamp or 0 for r in valid]
             parts[tp] = part
         return parts
 
     def _submit(self, batch: dict) -> _InFlight:
         """One call per shard, events or not: every shard learns every batch's ranges."""
-        by_shard: dict[int, list] = {i: [] for i in range(len(self.shards))}
-        ranges = {}
-        for tp, part in batch.items():
-            ranges[tp.partition] = (self.epoch, part.low, part.high)
-            for shard, wire in part.wire:
-                by_shard[shard].append(wire)
-        refs = [self.shards[i].apply.remote(events, ranges) for i, events in by_shard.items()]
+        ranges = {tp.partition: (self.epoch, part.low, part.high) for tp, part in batch.items()}
+        # The batch as one set of columns, partition by partition ...
+        parts = list(batch.items())
+        columns = ShardEvents(
+            partition=[p for tp, part in parts for p in [tp.partition] * len(part.offsets)],
+            offset=[o for _, part in parts for o in part.offsets],
+            event_id=[x for _, part in parts for x in part.valid.event_id],
+            user_id=[x for _, part in parts for x in part.valid.user_id],
+            item_id=[x for _, part in parts for x in part.valid.item_id],
+            ts=[x for _, part in parts for x in part.valid.ts],
+            type=[x for _, part in parts for x in part.valid.type],
+            kafka_ms=[x for _, part in parts for x in part.kafka_ms])
+        # ... split by shard: crc32 once per distinct user, not once per event.
+        n_shards = len(self.shards)
+        if n_shards == 1:
+            by_shard = [columns]
+        else:
+            shard_of = {user: shard_for_user(user, n_shards) for user in set(columns.user_id)}
+            rows: list[list[int]] = [[] for _ in range(n_shards)]
+            for i, user in enumerate(columns.user_id):
+                rows[shard_of[user]].append(i)
+            by_shard = [ShardEvents(*([column[i] for i in mine] for column in columns))
+                        for mine in rows]
+        refs = [shard.apply.remote(events, ranges)
+                for shard, events in zip(self.shards, by_shard, strict=True)]
         return _InFlight(refs=refs, batch=batch)
 
     def _collect(self, inflight: _InFlight) -> dict[int, int]:

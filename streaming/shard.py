@@ -18,6 +18,14 @@ Exactly-once apply, two guards:
 - event ids: an `event_id` seen within the dedupe window (a producer's duplicate sent
   as a new record) is counted as a duplicate and changes nothing.
 
+`apply` takes a whole consumer batch as columns (`ShardEvents`) and applies it per batch:
+offsets are checked per partition range, event ids with set operations, and each user's
+events at once (history merged and trimmed once; the personal prompts of all users moved
+together, step by step). The result is exactly that of applying the events one by one
+in batch order (`apply_one_by_one`, kept as the reference and for the rare batch that
+holds an event id already seen): same histories, state versions, dedupe window, and
+bit-identical float32 personal prompts.
+
 Snapshots (parquet) hold the state with the `covered` offsets it reflects; a restarted
 shard restores the latest one and asks consumers to rewind to it. `apply` only copies
 the state (a few ms) and a writer thread writes the copy, so a snapshot never holds up
@@ -30,25 +38,56 @@ import bisect
 import gc
 import json
 import logging
+import operator
 import shutil
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+from itertools import repeat
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from services.model import personal_prompt_update
+from services.model import EVENT_WEIGHTS, personal_prompt_update
 
 log = logging.getLogger(__name__)
 
-# One event as shipped from a consumer to a shard (a tuple keeps Ray's pickling cheap):
-# (partition, offset, event_id, user_id, item_id, ts, type, kafka_timestamp_ms)
+# One event as a row: (partition, offset, event_id, user_id, item_id, ts, type,
+# kafka_timestamp_ms). Tests and the reference path use rows; consumers send columns.
 WireEvent = tuple[int, int, str, str, str, float, str, int]
 KEEP_SNAPSHOTS = 2
+
+
+class ShardEvents(NamedTuple):
+    """One consumer batch's events for one shard, column-wise: row i of each list is one
+    event. Eight flat lists pickle far cheaper than one tuple per event (Ray pickles every
+    call's arguments), and the shard works on them column by column.
+
+    Rows of one partition are in offset order; kafka_ms is the record's Kafka timestamp
+    (0: unknown, not counted in the latency metric).
+    """
+
+    partition: list[int]
+    offset: list[int]
+    event_id: list[str]
+    user_id: list[str]
+    item_id: list[str]
+    ts: list[float]
+    type: list[str]
+    kafka_ms: list[int]
+
+    @classmethod
+    def from_rows(cls, rows: list[WireEvent]) -> ShardEvents:
+        if not rows:
+            return cls([], [], [], [], [], [], [], [])
+        return cls(*map(list, zip(*rows, strict=True)))
+
+    def rows(self) -> list[WireEvent]:
+        return list(zip(*self, strict=True))
 
 
 @dataclass
@@ -88,6 +127,10 @@ class UserStateShard:
         self.item_vectors = item_vectors  # [N, H] frozen catalog vectors, or None
         self.item_index = {item: i for i, item in enumerate(item_ids or [])}
         self.personal_alpha = personal_alpha
+        # personal_prompt_update's rate per event type, as the float32 it multiplies by.
+        self._rates = {kind: np.float32(min(1.0, personal_alpha * weight))
+                       for kind, weight in EVENT_WEIGHTS.items()}
+        self._default_rate = np.float32(min(1.0, personal_alpha * 1.0))
         self.snapshot_dir = Path(snapshot_dir) / f"shard-{shard_index}" if snapshot_dir else None
         self.snapshot_every_s = snapshot_every_s
         self.users: dict[str, UserState] = {}
@@ -106,20 +149,65 @@ class UserStateShard:
         known_epoch, offset = self.covered.get(partition, (epoch, 0))
         return offset if known_epoch == epoch else 0  # a new topic epoch starts at 0
 
-    def apply(self, events: list[WireEvent], ranges: dict[int, tuple[str, int, int]]) -> dict:
+    def apply(self, events: ShardEvents | list[WireEvent],
+              ranges: dict[int, tuple[str, int, int]]) -> dict:
         """Apply one consumer batch.
 
-        ranges: partition -> (topic epoch, first offset, last offset + 1) of the whole batch.
+        events: this shard's events of the batch (`ShardEvents`, or a list of `WireEvent`
+        rows); ranges: partition -> (topic epoch, first offset, last offset + 1) of the
+        whole batch (every shard gets every batch's ranges, events or not).
         Returns counts and `rewind` {partition: offset} for ranges this shard cannot take.
         """
+        if not isinstance(events, ShardEvents):
+            events = ShardEvents.from_rows(events)
+        expected = {p: self._next_offset(p, epoch) for p, (epoch, _, _) in ranges.items()}
+        rewind = {p: expected[p] for p, (_, low, _) in ranges.items() if low > expected[p]}
+        n = len(events.event_id)
+        if not rewind and all(low >= expected[p] for p, (_, low, _) in ranges.items()):
+            # The usual case: each range starts where this shard stopped, so every row is
+            # new by offset (a batch's rows lie inside its ranges).
+            rows: list[int] | range = range(n)
+            replayed = 0
+        else:
+            part, offset = events.partition, events.offset
+            rows = [i for i in range(n) if part[i] not in rewind]
+            kept = [i for i in rows if offset[i] >= expected[part[i]]]
+            replayed, rows = len(rows) - len(kept), kept
+        ids = events.event_id if len(rows) == n else [events.event_id[i] for i in rows]
+        if self._seen.keys().isdisjoint(ids) and len(set(ids)) == len(ids):
+            # No id seen before, none twice: all are applied, and the window ends up as
+            # if each had been remembered in turn (evictions only remove ids).
+            new = rows
+            self._seen.update(dict.fromkeys(ids))
+            excess = len(self._seen) - self.dedupe_window
+            if excess > 0:
+                deque(map(self._seen.popitem, repeat(False, excess)), maxlen=0)
+        else:
+            # A producer's duplicate: decide id by id, in order, as one by one would
+            # (an id evicted by an earlier row of this batch counts as new again).
+            new = []
+            for i in rows:
+                if events.event_id[i] not in self._seen:
+                    self._remember(events.event_id[i])
+                    new.append(i)
+        self._apply_rows(events, new)
+        self._record_latency(events, new)
+        return self._finish(ranges, expected, rewind, len(new), len(rows) - len(new),
+                            replayed)
+
+    def apply_one_by_one(self, events: ShardEvents | list[WireEvent],
+                         ranges: dict[int, tuple[str, int, int]]) -> dict:
+        """`apply`, one event at a time: the rule that `apply` must equal (tests compare
+        them on random batches; benchmarks time both)."""
         from services import metrics
 
+        rows = events.rows() if isinstance(events, ShardEvents) else events
         expected = {p: self._next_offset(p, epoch) for p, (epoch, _, _) in ranges.items()}
         rewind = {p: expected[p] for p, (_, low, _) in ranges.items() if low > expected[p]}
         applied = duplicates = replayed = 0
         now_ms = time.time() * 1000
         latency = metrics.event_to_state_seconds()
-        for partition, offset, event_id, user_id, item_id, ts, kind, kafka_ms in events:
+        for partition, offset, event_id, user_id, item_id, ts, kind, kafka_ms in rows:
             if partition in rewind:
                 continue
             if offset < expected[partition]:
@@ -135,6 +223,12 @@ class UserStateShard:
                 latency.observe(max(0.0, now_ms - kafka_ms) / 1000)
                 if len(self.latencies_ms) < 200_000:
                     self.latencies_ms.append(now_ms - kafka_ms)
+        return self._finish(ranges, expected, rewind, applied, duplicates, replayed)
+
+    def _finish(self, ranges: dict[int, tuple[str, int, int]], expected: dict[int, int],
+                rewind: dict[int, int], applied: int, duplicates: int, replayed: int) -> dict:
+        from services import metrics
+
         for partition, (epoch, _, high) in ranges.items():
             if partition not in rewind:
                 self.covered[partition] = (epoch, max(expected[partition], high))
@@ -146,6 +240,101 @@ class UserStateShard:
             self._housekeeping()
         return {"applied": applied, "duplicates": duplicates, "replayed": replayed,
                 "rewind": rewind}
+
+    def _apply_rows(self, events: ShardEvents, rows: list[int] | range) -> None:
+        """Apply the given rows (new, deduplicated), grouped by user, in batch order."""
+        by_user: dict[str, list[int]] = {}
+        user_col = events.user_id
+        for i in rows:
+            if (mine := by_user.get(user_col[i])) is None:
+                by_user[user_col[i]] = [i]
+            else:
+                mine.append(i)
+        ts, event_id, item_id = events.ts, events.event_id, events.item_id
+        limit = self.history_len
+        moves: list[tuple[UserState, list[int]]] = []
+        for user_id, mine in by_user.items():
+            state = self.users.get(user_id)
+            if state is None:
+                state = self.users[user_id] = UserState()
+            history = state.history
+            if len(mine) == 1:
+                bisect.insort(history, (ts[mine[0]], event_id[mine[0]], item_id[mine[0]]))
+            else:
+                # Inserting one by one and dropping the oldest past the limit keeps the
+                # `limit` largest (ts, event_id, item) tuples; so does one sort and trim.
+                take = operator.itemgetter(*mine)  # len(mine) >= 2: returns tuples
+                history.extend(zip(take(ts), take(event_id), take(item_id), strict=True))
+                history.sort()
+            if len(history) > limit:
+                del history[:len(history) - limit]
+            state.state_version += len(mine)
+            if self.item_vectors is not None:
+                moves.append((state, mine))
+        if moves:
+            self._move_personal(events, moves)
+
+    def _move_personal(self, events: ShardEvents, moves: list[tuple[UserState, list[int]]]
+                       ) -> None:
+        """Move each user's personal prompt over their events, in order.
+
+        Per user the rule is sequential (float32, rounded after each step), so users are
+        moved together instead: at step t every user with a t-th event takes it, with
+        the same float32 operations as `personal_prompt_update`, so each prompt is
+        bit-identical to the one-by-one result. When one user holds most of the batch
+        (a long session), steps ~ events and the plain loop is cheaper: each user's events
+        are then applied in turn.
+        """
+        vectors = self.item_vectors
+        # Vector row and rate of every event of the batch, column-wise (C-level maps).
+        item_rows = list(map(self.item_index.get, events.item_id))
+        rate_rows = list(map(self._rates.get, events.type, repeat(self._default_rate)))
+        runs: list[tuple[UserState, list[int], list[np.float32]]] = []
+        total = longest = 0
+        for state, mine in moves:
+            if len(mine) == 1:
+                items, steps = [item_rows[mine[0]]], [rate_rows[mine[0]]]
+            else:
+                take = operator.itemgetter(*mine)
+                items, steps = list(take(item_rows)), list(take(rate_rows))
+            if None in items:  # items without a vector leave the prompt as it is
+                steps = [r for r, j in zip(steps, items, strict=True) if j is not None]
+                items = [j for j in items if j is not None]
+                if not items:
+                    continue
+            if state.personal is None:  # the first event sets the prompt to the item
+                state.personal = vectors[items[0]].astype(np.float32, copy=True)
+                if len(items) == 1:
+                    continue
+                items, steps = items[1:], steps[1:]
+            runs.append((state, items, steps))
+            total += len(items)
+            longest = max(longest, len(items))
+        if not runs:
+            return
+        # A step costs ~6 numpy calls, one event of the plain loop ~3.
+        if longest * 2 >= total or len(runs) == 1:
+            for state, items, steps in runs:
+                personal = state.personal
+                for j, rate in zip(items, steps, strict=True):
+                    personal += rate * (vectors[j] - personal)
+            return
+        runs.sort(key=lambda run: -len(run[1]))
+        lengths = [len(items) for _, items, _ in runs]
+        stacked = np.stack([state.personal for state, _, _ in runs])  # [U, H] float32
+        item_grid = np.zeros((len(runs), longest), np.int64)
+        rate_grid = np.zeros((len(runs), longest), np.float32)
+        for row, (_, items, steps) in enumerate(runs):
+            item_grid[row, :len(items)] = items
+            rate_grid[row, :len(items)] = steps
+        active = len(runs)
+        for t in range(longest):
+            while lengths[active - 1] <= t:  # runs are sorted longest first
+                active -= 1
+            moving = stacked[:active]
+            moving += rate_grid[:active, t, None] * (vectors[item_grid[:active, t]] - moving)
+        for row, (state, _, _) in enumerate(runs):
+            state.personal[...] = stacked[row]
 
     def _remember(self, event_id: str) -> None:
         self._seen[event_id] = None
@@ -160,6 +349,20 @@ class UserStateShard:
         if self.item_vectors is not None and index is not None:
             state.personal = personal_prompt_update(state.personal, self.item_vectors[index],
                                                     kind, self.personal_alpha)
+
+    def _record_latency(self, events: ShardEvents, rows: list[int] | range) -> None:
+        from services import metrics
+
+        now_ms = time.time() * 1000
+        kafka_ms = events.kafka_ms
+        latencies = [now_ms - kafka_ms[i] for i in rows if kafka_ms[i] > 0]
+        if not latencies:
+            return
+        seconds = (np.maximum(np.asarray(latencies), 0.0) / 1000).tolist()
+        metrics.observe_all(metrics.event_to_state_seconds(), seconds)
+        room = 200_000 - len(self.latencies_ms)
+        if room > 0:
+            self.latencies_ms.extend(latencies[:room])
 
     # --- reads --------------------------------------------------------------
     def get_user(self, user_id: str) -> dict | None:

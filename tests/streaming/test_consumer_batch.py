@@ -1,0 +1,106 @@
+"""The consumer's decode and routing, without a broker or Ray: fake records, shards, DLQ."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter, namedtuple
+
+from kafka.consumer.fetcher import ConsumerRecord
+
+from services.config import Settings
+from services.events import ClickEvent
+from services.naming import shard_for_user
+from streaming.consumer import IngestConsumer
+from streaming.shard import ShardEvents, UserStateShard
+from tests.services.test_events import BAD, ITEMS
+
+TP = namedtuple("TP", "topic partition")
+
+
+class _Shard:
+    """Records apply calls, and applies them to a real shard."""
+
+    def __init__(self, index: int):
+        self.calls: list[tuple[ShardEvents, dict]] = []
+        self.real = UserStateShard(index, history_len=5, dedupe_window=1000)
+        shard = self
+
+        class _Apply:
+            @staticmethod
+            def remote(events, ranges):
+                shard.calls.append((events, ranges))
+                return shard.real.apply(events, ranges)
+
+        self.apply = _Apply()
+
+
+class _DLQ:
+    def __init__(self):
+        self.sent = []
+
+    def send(self, topic, key, value, headers):
+        self.sent.append((key, value, dict(headers)))
+
+
+def _consumer(n_shards: int) -> IngestConsumer:
+    consumer = object.__new__(IngestConsumer)  # no thread, no broker
+    consumer.settings = Settings.from_sources(env={})
+    consumer.shards = [_Shard(i) for i in range(n_shards)]
+    consumer.known_items = frozenset(ITEMS)
+    consumer.counts = Counter()
+    consumer.epoch = "E"
+    return consumer
+
+
+def _record(partition: int, offset: int, key, value, ts_ms=1_700_000_000_000):
+    return ConsumerRecord("clicks", partition, None, offset, ts_ms, 0, key, value, [], None,
+                          -1, -1, -1)
+
+
+def test_every_valid_event_reaches_its_shard_and_every_bad_one_the_dlq(monkeypatch):
+    import streaming.consumer as module
+
+    monkeypatch.setattr(module.metrics, "events_consumed",
+                        lambda: type("C", (), {"inc": staticmethod(lambda *a, **k: None)})())
+    rng = random.Random(5)
+    now = time.time()
+    batches, expected_valid, expected_bad = {}, [], []
+    for partition in (0, 2):
+        records = []
+        for offset in range(0, 60 + partition):
+            if rng.random() < 0.2:
+                key, value, reason = rng.choice(BAD)
+                expected_bad.append((partition, offset, reason))
+            else:
+                user = f"u{rng.randrange(9)}"
+                event = ClickEvent(f"e{partition}-{offset}", user, rng.choice(sorted(ITEMS)),
+                                   now - 60, rng.choice(["click", "view"]))
+                key, value = user.encode(), event.to_json()
+                expected_valid.append((partition, offset, event))
+            records.append(_record(partition, offset, key, value))
+        batches[TP("clicks", partition)] = records
+    consumer = _consumer(3)
+    dlq = _DLQ()
+    prepared = consumer._decode(batches, dlq)
+    consumer._submit(prepared)
+
+    got_bad = [(int(h["source"].decode().split("/")[1]), int(h["source"].decode().split("/")[2]),
+                h["reason"].decode()) for _, _, h in dlq.sent]
+    assert got_bad == expected_bad
+    assert consumer.counts == Counter(f"invalid:{r}" for _, _, r in expected_bad)
+    # Each shard got one call with the whole batch's ranges and exactly its users' events.
+    routed = []
+    for index, shard in enumerate(consumer.shards):
+        (events, ranges), = shard.calls
+        assert ranges == {0: ("E", 0, 60), 2: ("E", 0, 62)}
+        for partition, offset, event_id, user, item, ts, kind, kafka_ms in events.rows():
+            assert shard_for_user(user, 3) == index
+            assert kafka_ms == 1_700_000_000_000
+            routed.append((partition, offset, ClickEvent(event_id, user, item, ts, kind)))
+    assert sorted(routed, key=lambda r: r[:2]) == expected_valid
+    # The event log gets the same valid events, per partition, in offset order.
+    logged = [(tp.partition, offset, event) for tp, part in prepared.items()
+              for offset, event in zip(part.offsets, part.valid.events(), strict=True)]
+    assert logged == expected_valid
+    assert sum(s.real.applied for s in consumer.shards) == len(expected_valid)
