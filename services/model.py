@@ -360,7 +360,7 @@ def unseen_items_fall_back_to_text(state: dict[str, torch.Tensor], seen: np.ndar
     space (its text says which trained items it resembles, and they moved).
     """
     seen_t = torch.as_tensor(np.asarray(seen, bool))
-    if not seen_t.any() or seen_t.all():
+    if not has_item_weights(state) or not seen_t.any() or seen_t.all():
         return state
     state = dict(state)
     if text_vectors is None:
@@ -378,6 +378,11 @@ def unseen_items_fall_back_to_text(state: dict[str, torch.Tensor], seen: np.ndar
         delta[~seen_t] = 0.0 if take is None else delta[take].mean(1)
         state["item_delta"] = delta
     return state
+
+
+def has_item_weights(state: dict[str, torch.Tensor]) -> bool:
+    """Whether a prompt state carries per-item weights (bias or tokens)."""
+    return "item_bias" in state or "item_delta" in state
 
 
 def prompt_structure(state: dict[str, torch.Tensor]) -> tuple[bool, ...]:

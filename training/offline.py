@@ -28,9 +28,9 @@ from services.data import Interactions
 from services.model import (
     PromptConfig,
     PromptRecModel,
+    has_item_weights,
     initial_prompt_state,
     load_backbone,
-    prompt_structure,
     prompt_to_bytes,
     unseen_items_fall_back_to_text,
 )
@@ -130,7 +130,7 @@ def pick_cold_rule(model: PromptRecModel, state: dict, split: Split, vectors: to
     text); ties keep "text". -> (rule, validation cold HR@10 per rule)."""
     seen = split.train_item_counts > 0
     candidates = {"text": unseen_items_fall_back_to_text(state, seen)}
-    if any(prompt_structure(state)[:2]):  # per-item weights: the neighbours rule differs
+    if has_item_weights(state):  # otherwise the neighbours rule changes nothing
         candidates["neighbours"] = unseen_items_fall_back_to_text(state, seen, vectors)
     scores = {}
     for name, candidate in candidates.items():

@@ -23,6 +23,7 @@ from services.eventlog import read_event_log
 from services.model import (
     BadPromptWeights,
     PromptRecModel,
+    has_item_weights,
     load_backbone,
     prompt_from_bytes,
     prompt_structure,
@@ -137,7 +138,7 @@ class RoundRunner:
         by text (the rule offline evaluation picked on ML-1M validation); without per-item
         weights the blob is returned as it is."""
         state = prompt_from_bytes(blob)
-        if not any(prompt_structure(state)):
+        if not has_item_weights(state):
             return blob
         seen = np.zeros(len(self.catalog), bool)
         logged = pc.unique(log_table["item_id"]).to_pylist()
