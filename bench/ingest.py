@@ -2,13 +2,17 @@
 
     .venv/bin/python -m bench.ingest            (or: make bench-ingest)
 
+For each Kafka client of the consumers (`--clients`: kafka-python, the default and the
+file's top-level figures, then confluent-kafka under `clients` when it is installed):
+
 1. Pre-produce `--events` MovieLens-100K events into a fresh topic.
-2. raw: one plain kafka-python consumer drains that topic (records/s; median of three
+2. raw: one plain consumer of that client drains the topic (records/s; median of three
    drains, each from the start).
 3. pipeline: the real plane (IngestConsumer + UserStateShard actors, a new consumer
    group) consumes the same topic from the start; events applied and committed per
-   second, from the first event applied to the last offset committed (the consumer
-   group's join before that is reported apart, as `startup_s`).
+   second, from the first events applied to the last offset committed (the consumers
+   join their group paused, and are resumed once it has settled: the join is reported
+   apart, `startup_s`). The raw drains are timed the same way, from their first records.
 4. latency: with the plane caught up, produce at a fixed offered rate and read the
    shards' Kafka-timestamp -> applied latencies.
 
@@ -23,6 +27,7 @@ import os
 import platform
 import time
 import uuid
+from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
@@ -34,24 +39,59 @@ from services.config import Settings
 from services.data import load_interactions
 from services.embedded import EmbeddedBroker, ensure_topics, free_port, start_ray
 from services.model import resolve_backbone_path
+from streaming.kafka_client import CLIENTS
 from streaming.plane import start_streaming
 from streaming.replay import make_producer, send_events
 
 RESULTS = Path(__file__).resolve().parent / "results" / "ingest.json"
 
 
+def _clock(got: int, n: int, first: tuple[float, int] | None):
+    """Both raw drains and the pipeline are timed from their first records on (connecting,
+    joining and the first fetch are not throughput): -> (got + n, (time, count) then)."""
+    if first is None and n:
+        first = (time.perf_counter(), got + n)
+    return got + n, first
+
+
+def _rate(got: int, first: tuple[float, int] | None) -> float:
+    """Records after the first batch / seconds since it came."""
+    if first is None:
+        raise RuntimeError("no record arrived")
+    return (got - first[1]) / (time.perf_counter() - first[0])
+
+
 def drain_raw(bootstrap: str, topic: str, partitions: int, expected: int) -> float:
+    """A plain kafka-python consumer reading every partition from the start -> records/s."""
     from kafka import KafkaConsumer, TopicPartition
 
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
                              auto_offset_reset="earliest", max_poll_records=2000)
     consumer.assign([TopicPartition(topic, p) for p in range(partitions)])
-    got, started = 0, time.perf_counter()
+    got, started, first = 0, time.perf_counter(), None
     while got < expected and time.perf_counter() - started < 300:
-        got += sum(len(r) for r in consumer.poll(timeout_ms=200).values())
-    elapsed = time.perf_counter() - started
+        n = sum(len(r) for r in consumer.poll(timeout_ms=200).values())
+        got, first = _clock(got, n, first)
     consumer.close()
-    return got / elapsed
+    return _rate(got, first)
+
+
+def drain_raw_confluent(bootstrap: str, topic: str, partitions: int, expected: int) -> float:
+    """The same drain with a plain confluent-kafka consumer -> records/s."""
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"raw-{uuid.uuid4()}",
+                         "enable.auto.commit": False})
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(partitions)])
+    got, started, first = 0, time.perf_counter(), None
+    while got < expected and time.perf_counter() - started < 300:
+        n = sum(1 for m in consumer.consume(2000, 0.2) if m.error() is None)
+        got, first = _clock(got, n, first)
+    consumer.close()
+    return _rate(got, first)
+
+
+RAW_DRAINS = {"kafka-python": drain_raw, "confluent-kafka": drain_raw_confluent}
 
 
 def committed_total(admin, group: str, topic: str) -> int:
@@ -74,6 +114,76 @@ def produce_paced(bootstrap: str, topic: str, events: list, rate: float) -> floa
     return len(events) / (time.perf_counter() - started)
 
 
+def measure_client(client: str, args, run: str, bulk: list, paced: list, catalog,
+                   bootstrap: str, kafka_python_raw: float | None = None) -> dict:
+    """Raw drains, pipeline throughput and latency of one Kafka client, on its own topic."""
+    settings = Settings.from_sources(overrides={
+        "data_dir": f"/tmp/promptrec-bench-{run}/{client}", "metrics_port": free_port(),
+        "topic_clicks": f"bench-{run}-{client}", "topic_dlq": f"bench-dlq-{run}-{client}",
+        "consumer_group": f"bench-{run}-{client}", "partitions": args.partitions,
+        "num_consumers": args.consumers, "num_shards": args.shards, "kafka_client": client,
+        "namespace": f"bench-{run}-{client}",
+        "cache_dir": str(Path(".promptrec/cache").resolve())})
+    ensure_topics(bootstrap, {settings.topic_clicks: settings.partitions,
+                              settings.topic_dlq: 1})
+    producer = make_producer(bootstrap)
+    send_events(producer, settings.topic_clicks, bulk)
+    producer.close()
+    # The raw figure swings by a third from one drain to the next on a shared machine:
+    # take the median of three.
+    raw_runs = [round(RAW_DRAINS[client](bootstrap, settings.topic_clicks, settings.partitions,
+                                         len(bulk)), 1) for _ in range(3)]
+    raw_eps = float(np.median(raw_runs))
+    print(f"[{client}] raw consumer: {raw_eps:,.0f} events/s (median of {raw_runs})")
+
+    # The group joins paused: the timed part is a settled group at work, not the join and
+    # the rebalance when the second member arrives (~3 s of kafka-python's stop-the-world
+    # join, which once made a run 3x slower).
+    started = time.perf_counter()
+    plane = start_streaming(settings, bootstrap, list(catalog.index), catalog.vectors.numpy(),
+                            paused=True)
+    plane.wait_for_assignment(settings.partitions)
+    startup_s = time.perf_counter() - started
+    # One admin client for the whole wait: a new one per check costs a connection and
+    # CPU that the plane under test would otherwise have.
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    plane.resume()
+    resumed, first, applied = time.perf_counter(), None, 0
+    while time.perf_counter() - resumed < 600:
+        now_applied = sum(ray.get([s.applied_count.remote() for s in plane.shards]))
+        applied, first = _clock(applied, now_applied - applied, first)
+        if applied >= len(bulk) and committed_total(
+                admin, settings.consumer_group, settings.topic_clicks) >= len(bulk):
+            break
+        time.sleep(0.02)
+    admin.close()
+    pipeline_eps = _rate(applied, first)
+    print(f"[{client}] pipeline (applied + committed): {pipeline_eps:,.0f} events/s "
+          f"(after {startup_s:.1f} s of consumer start and group join)")
+
+    ray.get([s.latency_sample.remote(clear=True) for s in plane.shards])
+    offered = produce_paced(bootstrap, settings.topic_clicks, paced, args.rate)
+    deadline = time.monotonic() + 120
+    while plane.stats()["applied"] < len(bulk) + len(paced) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    latencies = np.concatenate([np.asarray(x, float) for x in
+                                ray.get([s.latency_sample.remote() for s in plane.shards])])
+    p50, p99 = np.percentile(latencies, [50, 99]) if len(latencies) else (None, None)
+    print(f"[{client}] event -> state at {offered:,.0f} events/s offered: p50 {p50:.1f} ms, "
+          f"p99 {p99:.1f} ms ({len(latencies)} events)")
+    plane.stop()
+    result = {
+        "raw_consume_eps": round(raw_eps, 1), "raw_consume_eps_runs": raw_runs,
+        "pipeline_eps": round(pipeline_eps, 1), "ratio": round(pipeline_eps / raw_eps, 3),
+        "startup_s": round(startup_s, 2),
+        "event_to_state_p50_ms": round(float(p50), 2),
+        "event_to_state_p99_ms": round(float(p99), 2),
+        "achieved_offered_eps": round(offered, 1), "latency_events": len(latencies)}
+    if kafka_python_raw:
+        result["ratio_vs_kafka_python_raw"] = round(pipeline_eps / kafka_python_raw, 3)
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -83,81 +193,44 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--consumers", type=int, default=2)
     parser.add_argument("--shards", type=int, default=2)
+    parser.add_argument("--clients", default=",".join(CLIENTS),
+                        help="Kafka clients to measure, the first one (kafka-python) gives "
+                             "the top-level figures; confluent-kafka is skipped when missing")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
+    clients = [c for c in args.clients.split(",")
+               if c != "confluent-kafka" or find_spec("confluent_kafka")]
+    if clients[0] != "kafka-python":
+        parser.error("--clients must start with kafka-python (the figures the file's "
+                     "top-level keys hold)")
 
     run = uuid.uuid4().hex[:8]
-    settings = Settings.from_sources(overrides={
-        "data_dir": f"/tmp/promptrec-bench-{run}", "metrics_port": free_port(),
-        "topic_clicks": f"bench-{run}", "topic_dlq": f"bench-dlq-{run}",
-        "consumer_group": f"bench-{run}", "partitions": args.partitions,
-        "num_consumers": args.consumers, "num_shards": args.shards,
-        "namespace": f"bench-{run}", "cache_dir": str(Path(".promptrec/cache").resolve())})
     interactions = load_interactions("ml-100k", args.events + args.latency_events)
     events = [interactions.event(i, "ml-100k") for i in range(len(interactions))]
     bulk, paced = events[:args.events], events[args.events:]
 
     broker = EmbeddedBroker().start()
+    by_client: dict[str, dict] = {}
     try:
-        ensure_topics(broker.bootstrap, {settings.topic_clicks: settings.partitions,
-                                         settings.topic_dlq: 1})
-        producer = make_producer(broker.bootstrap)
-        send_events(producer, settings.topic_clicks, bulk)
-        producer.close()
-        # The raw figure swings by a third from one drain to the next on a shared machine:
-        # take the median of three.
-        raw_runs = [round(drain_raw(broker.bootstrap, settings.topic_clicks,
-                                    settings.partitions, len(bulk)), 1) for _ in range(3)]
-        raw_eps = float(np.median(raw_runs))
-        print(f"raw kafka-python consumer: {raw_eps:,.0f} events/s (median of {raw_runs})")
-
-        start_ray(settings)
-        catalog = load_catalog("ml-100k", resolve_backbone_path(""), settings.cache)
-        started = time.perf_counter()
-        plane = start_streaming(settings, broker.bootstrap, list(catalog.index),
-                                catalog.vectors.numpy())
-        first_applied = None
-        # One admin client for the whole wait: a new one per check costs a connection and
-        # CPU that the plane under test would otherwise have.
-        admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
-        while time.perf_counter() - started < 600:
-            applied = sum(ray.get([s.applied_count.remote() for s in plane.shards]))
-            if first_applied is None and applied > 0:
-                first_applied = time.perf_counter()
-            if applied >= len(bulk) and committed_total(
-                    admin, settings.consumer_group, settings.topic_clicks) >= len(bulk):
-                break
-            time.sleep(0.02)
-        admin.close()
-        pipeline_eps = len(bulk) / (time.perf_counter() - first_applied)
-        startup_s = first_applied - started
-        print(f"pipeline (applied + committed): {pipeline_eps:,.0f} events/s "
-              f"(+{startup_s:.1f} s consumer start and group join)")
-
-        ray.get([s.latency_sample.remote(clear=True) for s in plane.shards])
-        offered = produce_paced(broker.bootstrap, settings.topic_clicks, paced, args.rate)
-        deadline = time.monotonic() + 120
-        while plane.stats()["applied"] < len(events) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        latencies = np.concatenate([np.asarray(x, float) for x in
-                                    ray.get([s.latency_sample.remote() for s in plane.shards])])
-        p50, p99 = np.percentile(latencies, [50, 99]) if len(latencies) else (None, None)
-        print(f"event -> state at {offered:,.0f} events/s offered: p50 {p50:.1f} ms, "
-              f"p99 {p99:.1f} ms ({len(latencies)} events)")
-        plane.stop()
+        start_ray(Settings.from_sources(overrides={"metrics_port": free_port(),
+                                                   "namespace": f"bench-{run}"}))
+        catalog = load_catalog("ml-100k", resolve_backbone_path(""),
+                               Path(".promptrec/cache").resolve())
+        for client in clients:
+            by_client[client] = measure_client(
+                client, args, run, bulk, paced, catalog, broker.bootstrap,
+                by_client.get("kafka-python", {}).get("raw_consume_eps"))
     finally:
         ray.shutdown()
         broker.stop()
 
+    default = by_client["kafka-python"]
     result = {
-        "raw_consume_eps": round(raw_eps, 1), "raw_consume_eps_runs": raw_runs,
-        "pipeline_eps": round(pipeline_eps, 1),
-        "ratio": round(pipeline_eps / raw_eps, 3), "startup_s": round(startup_s, 2),
-        "event_to_state_p50_ms": round(float(p50), 2),
-        "event_to_state_p99_ms": round(float(p99), 2),
-        "offered_rate_eps": args.rate, "achieved_offered_eps": round(offered, 1),
-        "latency_events": len(latencies), "events": len(bulk), "partitions": args.partitions,
-        "consumers": args.consumers, "shards": args.shards, "client": "kafka-python",
+        **{k: v for k, v in default.items() if k != "latency_events"},
+        "offered_rate_eps": args.rate, "latency_events": default["latency_events"],
+        "events": len(bulk), "partitions": args.partitions, "consumers": args.consumers,
+        "shards": args.shards, "client": "kafka-python",
+        "clients": by_client,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "loadavg_1m_at_end": round(os.getloadavg()[0], 2),
         "command": "python -m bench.ingest",

@@ -12,6 +12,7 @@ import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, get_type_hints
 
@@ -56,6 +57,9 @@ class Settings:
     topic_dlq: str = field(default="promptrec.clicks.dlq", metadata=_help("dead-letter topic"))
     partitions: int = field(default=4, metadata=_help("partitions of the click topic"))
     consumer_group: str = field(default="promptrec-ingest", metadata=_help("Kafka consumer group"))
+    kafka_client: str = field(default="kafka-python", metadata=_help(
+        "the consumers' Kafka client: kafka-python, or confluent-kafka (optional extra "
+        "`.[confluent]`: librdkafka parses records in C)"))
     num_consumers: int = field(default=2, metadata=_help("IngestConsumer actors"))
     num_shards: int = field(default=2, metadata=_help("UserStateShard actors"))
     history_len: int = field(default=30, metadata=_help("recent items kept per user"))
@@ -178,6 +182,12 @@ class Settings:
             raise ConfigError("dataset", f"must be ml-100k or ml-1m, got {self.dataset!r}")
         if self.backbone_path and not (Path(self.backbone_path) / "config.json").is_file():
             raise ConfigError("backbone_path", f"{self.backbone_path} has no config.json")
+        if self.kafka_client not in ("kafka-python", "confluent-kafka"):
+            raise ConfigError("kafka_client", "must be kafka-python or confluent-kafka, got "
+                              f"{self.kafka_client!r}")
+        if self.kafka_client == "confluent-kafka" and find_spec("confluent_kafka") is None:
+            raise ConfigError("kafka_client", "confluent-kafka is not installed: "
+                              "pip install -e '.[confluent]' (or make setup)")
         if self.topic_clicks == self.topic_dlq:
             raise ConfigError("topic_dlq", "must differ from topic_clicks")
         for hostport in filter(None, self.kafka_bootstrap.split(",")):

@@ -37,6 +37,7 @@ from services.config import Settings
 from services.eventlog import EventLogWriter
 from services.events import EventColumns, decode_batch
 from services.naming import shard_for_user
+from streaming.kafka_client import PartitionRecords, open_clients
 from streaming.shard import ShardEvents
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ class _Part:
 @dataclass
 class _InFlight:
     refs: list
-    batch: dict  # TopicPartition -> _Part
+    batch: dict[int, _Part]  # by partition
 
 
 class IngestConsumer:
@@ -71,6 +72,8 @@ class IngestConsumer:
         self.lag: dict[int, int] = {}
         self.error: str | None = None
         self._stop = threading.Event()
+        self._paused = threading.Event()
+        self.assigned: list[int] = []
         self._thread: threading.Thread | None = None
         self.epoch = ""  # the topic id seen last
         self.rewinds = self.epoch_changes = 0
@@ -91,8 +94,18 @@ class IngestConsumer:
             self._thread.join(timeout=30)
         return self.stats()
 
+    def pause(self) -> bool:
+        """Stop fetching (the consumer stays in its group, so nothing rebalances)."""
+        self._paused.set()
+        return True
+
+    def resume(self) -> bool:
+        self._paused.clear()
+        return True
+
     def stats(self) -> dict:
         return {"consumer": self.index, "counts": dict(self.counts), "lag": dict(self.lag),
+                "assigned": list(self.assigned), "paused": self._paused.is_set(),
                 "alive": bool(self._thread and self._thread.is_alive()), "error": self.error,
                 "rewinds": self.rewinds, "epoch": self.epoch,
                 "epoch_changes": self.epoch_changes}
@@ -110,82 +123,77 @@ class IngestConsumer:
                 self._stop.wait(1.0)
 
     def _run(self) -> None:
-        from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-        from kafka.structs import OffsetAndMetadata
-
         from services.embedded import ensure_topics
 
         s = self.settings
         # A broker that restarted empty has no topics: recreate them (idempotent).
         ensure_topics(self.bootstrap, {s.topic_clicks: s.partitions, s.topic_dlq: 1})
-        consumer = KafkaConsumer(
-            s.topic_clicks, bootstrap_servers=self.bootstrap, group_id=s.consumer_group,
-            client_id=f"promptrec-ingest-{self.index}", enable_auto_commit=False,
-            auto_offset_reset="earliest", session_timeout_ms=6000, heartbeat_interval_ms=1500,
-            max_poll_records=s.poll_max_records, fetch_max_wait_ms=100)
-        # Oversized events (> 1 MiB, refused by validation) still go to the DLQ whole.
-        dlq = KafkaProducer(bootstrap_servers=self.bootstrap, enable_idempotence=False,
-                            linger_ms=5, client_id=f"promptrec-dlq-{self.index}",
-                            max_request_size=16 << 20)
+        consumer, dlq = open_clients(s.kafka_client, self.bootstrap, s.topic_clicks,
+                                     s.consumer_group, f"promptrec-ingest-{self.index}",
+                                     s.poll_max_records)
         event_log = EventLogWriter(str(s.root / "eventlog"), f"consumer{self.index}")
-        # Everything alive now (Ray, kafka-python, pyarrow and their modules) lives as long
-        # as the process: out of the collector's sight, a full collection no longer pauses
-        # ingestion for 200-300 ms (measured in bench.ingest).
+        # Everything alive now (Ray, the Kafka client, pyarrow and their modules) lives as
+        # long as the process: out of the collector's sight, a full collection no longer
+        # pauses ingestion for 200-300 ms (measured in bench.ingest).
         gc.freeze()
-        pending: dict[TopicPartition, int] = {}
+        pending: dict[int, int] = {}  # partition -> offset to commit
         inflight: _InFlight | None = None
         last_flush = time.monotonic()
+        paused = False
 
         def settle() -> dict[int, int]:
             """Wait for the batch in flight; seek back where a shard asked to."""
             nonlocal inflight
             rewind = self._collect(inflight)
-            for tp, part in inflight.batch.items():
-                if tp.partition in rewind:
-                    consumer.seek(tp, rewind[tp.partition])
-                    pending.pop(tp, None)
+            for partition, part in inflight.batch.items():
+                if partition in rewind:
+                    consumer.seek(partition, rewind[partition])
+                    pending.pop(partition, None)
                     self.rewinds += 1
                 else:
                     event_log.append_columns(part.valid)
-                    pending[tp] = part.high
+                    pending[partition] = part.high
             inflight = None
             return rewind
 
         def commit() -> None:
             event_log.flush()
             dlq.flush()
-            self._commit(consumer, {tp: OffsetAndMetadata(off, "", -1)
-                                    for tp, off in pending.items()})
-            pending.clear()
+            consumer.commit(dict(pending))  # refused after a rebalance: the new owner
+            pending.clear()                 # replays, and the shards dedupe
 
         try:
             while not self._stop.is_set():
-                new_epoch = self._new_topic_epoch(consumer)
+                new_epoch = self._new_topic_epoch(consumer.topic_id())
                 if new_epoch:
                     if inflight:
                         settle()
                     pending.clear()
-                    assigned = list(consumer.assignment())
-                    if assigned:
-                        consumer.seek_to_beginning(*assigned)
+                    consumer.seek_to_beginning()
                     self.epoch = new_epoch
-                batches = consumer.poll(timeout_ms=100, max_records=s.poll_max_records)
+                if self._paused.is_set() != paused:
+                    paused = self._paused.is_set()
+                    consumer.pause() if paused else consumer.resume()
+                batches = consumer.poll(0.1, s.poll_max_records)
+                self.assigned = consumer.assignment()
                 prepared = self._decode(batches, dlq) if batches else {}
                 # One batch in flight: the shards apply batch k while this consumer fetches
                 # and decodes batch k+1 (Ray runs one caller's calls to an actor in order).
                 if inflight:
                     rewind = settle()
-                    for tp in [tp for tp in prepared if tp.partition in rewind]:
-                        del prepared[tp]  # fetched past the rewind point: it is re-read
+                    for partition in [p for p in prepared if p in rewind]:
+                        del prepared[partition]  # fetched past the rewind point: re-read
                 if prepared:
                     inflight = self._submit(prepared)
                 # `pending` holds settled batches only, so a batch in flight never commits.
                 # Caught up (nothing fetched, nothing in flight): commit sooner, so a quiet
-                # spell never leaves applied events uncommitted for a whole interval.
+                # spell never leaves applied events uncommitted for a whole interval; after
+                # a burst (a poll's worth of events or more since the last commit), at once.
                 since_flush = time.monotonic() - last_flush
                 caught_up = not batches and inflight is None
-                if pending and (since_flush >= s.log_flush_s
-                                or (caught_up and since_flush >= s.log_flush_s / 5)):
+                if pending and (since_flush >= s.log_flush_s or (caught_up and (
+                        since_flush >= s.log_flush_s / 5
+                        or len(event_log) >= s.poll_max_records))):
                     commit()
                     last_flush = time.monotonic()
                 self._update_lag(consumer)
@@ -198,35 +206,36 @@ class IngestConsumer:
             consumer.close()
             dlq.close()
 
-    def _decode(self, batches: dict, dlq) -> dict:
-        """Validate a poll's records; dead-letter the bad -> {tp: _Part}."""
+    def _decode(self, batches: dict[int, PartitionRecords], dlq) -> dict[int, _Part]:
+        """Validate a poll's records; dead-letter the bad -> {partition: _Part}."""
         parts = {}
-        for tp, records in batches.items():
-            part = _Part(low=records[0].offset, high=records[-1].offset + 1)
-            decoded = decode_batch([r.key for r in records], [r.value for r in records],
-                                   self.known_items)
+        for partition, records in batches.items():
+            offsets = records.offsets
+            part = _Part(low=offsets[0], high=offsets[-1] + 1)
+            decoded = decode_batch(records.keys, records.values, self.known_items)
             for i, bad in decoded.invalid:
-                record = records[i]
-                dlq.send(self.settings.topic_dlq, key=record.key, value=record.value,
-                         headers=[("reason", bad.reason.encode()),
-                                  ("detail", bad.detail[:512].encode("utf-8", "replace")),
-                                  ("source", f"{tp.topic}/{tp.partition}/{record.offset}"
-                                   .encode())])
+                dlq.send(self.settings.topic_dlq, records.keys[i], records.values[i],
+                         [("reason", bad.reason.encode()),
+                          ("detail", bad.detail[:512].encode("utf-8", "replace")),
+                          ("source", f"{self.settings.topic_clicks}/{partition}/{offsets[i]}"
+                           .encode())])
                 self._count("invalid", bad.reason)
             part.valid = decoded.events
-            valid = [records[i] for i in decoded.rows]
-            part.offsets = [r.offset for r in valid]
-            part.kafka_ms = [r.timestamp or 0 for r in valid]
-            parts[tp] = part
+            if decoded.invalid:
+                part.offsets = [offsets[i] for i in decoded.rows]
+                part.kafka_ms = [records.timestamps_ms[i] for i in decoded.rows]
+            else:
+                part.offsets, part.kafka_ms = offsets, records.timestamps_ms
+            parts[partition] = part
         return parts
 
     def _submit(self, batch: dict) -> _InFlight:
         """One call per shard, events or not: every shard learns every batch's ranges."""
-        ranges = {tp.partition: (self.epoch, part.low, part.high) for tp, part in batch.items()}
+        ranges = {p: (self.epoch, part.low, part.high) for p, part in batch.items()}
         # The batch as one set of columns, partition by partition ...
         parts = list(batch.items())
         columns = ShardEvents(
-            partition=[p for tp, part in parts for p in [tp.partition] * len(part.offsets)],
+            partition=[p for partition, part in parts for p in [partition] * len(part.offsets)],
             offset=[o for _, part in parts for o in part.offsets],
             event_id=[x for _, part in parts for x in part.valid.event_id],
             user_id=[x for _, part in parts for x in part.valid.user_id],
@@ -264,12 +273,8 @@ class IngestConsumer:
             log.warning("consumer %d: shards asked to rewind %s", self.index, rewind)
         return rewind
 
-    def _new_topic_epoch(self, consumer) -> str | None:
+    def _new_topic_epoch(self, current: str) -> str | None:
         """The topic's new id if it was recreated since we last looked, else None."""
-        # kafka-python 3 has no public accessor for topic ids (KIP-516); the cluster
-        # metadata of the consumer's client holds them.
-        topic_id = consumer._client.cluster.topic_id(self.settings.topic_clicks)
-        current = str(topic_id) if topic_id else ""
         if not current or current == self.epoch:
             return None
         if not self.epoch:
@@ -285,22 +290,8 @@ class IngestConsumer:
             self.counts[f"{result}:{reason}" if reason else result] += n
             metrics.events_consumed().inc(n, tags={"result": result, "reason": reason})
 
-    def _commit(self, consumer, offsets: dict) -> None:
-        from kafka.errors import CommitFailedError
-
-        try:
-            consumer.commit(offsets)
-        except CommitFailedError as err:
-            # Partitions moved to another consumer: it replays them, shards dedupe.
-            log.warning("consumer %d: commit failed after rebalance: %s", self.index, err)
-
     def _update_lag(self, consumer) -> None:
-        # Tansu's end_offsets count batches, not records: use fetch high watermarks.
         gauge = metrics.consumer_lag()
-        for tp in consumer.assignment():
-            high = consumer.highwater(tp)
-            if high is None:
-                continue
-            lag = max(0, high - consumer.position(tp))
-            self.lag[tp.partition] = lag
-            gauge.set(lag, tags={"partition": str(tp.partition)})
+        for partition, lag in consumer.lag().items():
+            self.lag[partition] = lag
+            gauge.set(lag, tags={"partition": str(partition)})

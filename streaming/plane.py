@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +31,24 @@ class StreamingPlane:
                 "handled": sum(totals.values()),
                 "applied": sum(s["applied"] for s in shard_stats)}
 
+    def pause(self) -> None:
+        ray.get([c.pause.remote() for c in self.consumers])
+
+    def resume(self) -> None:
+        ray.get([c.resume.remote() for c in self.consumers])
+
+    def wait_for_assignment(self, partitions: int, timeout_s: float = 120) -> None:
+        """Until every consumer holds partitions and together they hold all of them."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assigned = [c["assigned"] for c in ray.get([c.stats.remote()
+                                                        for c in self.consumers])]
+            if all(assigned) and sorted(p for a in assigned for p in a) == \
+                    list(range(partitions)):
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"consumer group not settled after {timeout_s:g} s: {assigned}")
+
     def stop(self) -> None:
         ray.get([c.stop.remote() for c in self.consumers])
         for actor in self.consumers + self.shards:
@@ -37,8 +56,12 @@ class StreamingPlane:
 
 
 def start_streaming(settings: Settings, bootstrap: str, item_ids: list[str],
-                    item_vectors: np.ndarray | None = None) -> StreamingPlane:
+                    item_vectors: np.ndarray | None = None,
+                    paused: bool = False) -> StreamingPlane:
     """Shards restore their latest snapshot under data_dir/snapshots, if any.
+
+    `paused`: the consumers join their group but fetch nothing until `resume()` (the
+    ingest benchmark times a settled group, not its join).
 
     Both kinds of actor restart after a crash (max_restarts=-1); a shard call in flight
     is retried on the restarted shard, which then asks for a rewind to its snapshot.
@@ -58,4 +81,7 @@ def start_streaming(settings: Settings, bootstrap: str, item_ids: list[str],
         settings.to_dict(), i, shards, item_ids, bootstrap)
         for i in range(settings.num_consumers)]
     ray.get([c.stats.remote() for c in consumers])  # constructed (and polling)
-    return StreamingPlane(shards=shards, consumers=consumers)
+    plane = StreamingPlane(shards=shards, consumers=consumers)
+    if paused:
+        plane.pause()
+    return plane

@@ -47,3 +47,8 @@ def test_help_mentions_env_names():
     Settings.add_arguments(parser)
     text = parser.format_help()
     assert "--kafka-bootstrap" in text and "PROMPTREC_<NAME>" in text
+
+
+def test_an_unknown_kafka_client_fails_naming_the_setting():
+    with pytest.raises(ConfigError, match="kafka_client"):
+        Settings.from_sources(env={}, overrides={"kafka_client": "librdkafka"})

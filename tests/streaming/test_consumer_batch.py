@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import random
 import time
-from collections import Counter, namedtuple
-
-from kafka.consumer.fetcher import ConsumerRecord
+from collections import Counter
 
 from services.config import Settings
 from services.events import ClickEvent
 from services.naming import shard_for_user
 from streaming.consumer import IngestConsumer
+from streaming.kafka_client import PartitionRecords
 from streaming.shard import ShardEvents, UserStateShard
 from tests.services.test_events import BAD, ITEMS
-
-TP = namedtuple("TP", "topic partition")
 
 
 class _Shard:
@@ -53,11 +50,6 @@ def _consumer(n_shards: int) -> IngestConsumer:
     return consumer
 
 
-def _record(partition: int, offset: int, key, value, ts_ms=1_700_000_000_000):
-    return ConsumerRecord("clicks", partition, None, offset, ts_ms, 0, key, value, [], None,
-                          -1, -1, -1)
-
-
 def test_every_valid_event_reaches_its_shard_and_every_bad_one_the_dlq(monkeypatch):
     import streaming.consumer as module
 
@@ -67,7 +59,7 @@ def test_every_valid_event_reaches_its_shard_and_every_bad_one_the_dlq(monkeypat
     now = time.time()
     batches, expected_valid, expected_bad = {}, [], []
     for partition in (0, 2):
-        records = []
+        records = PartitionRecords()
         for offset in range(0, 60 + partition):
             if rng.random() < 0.2:
                 key, value, reason = rng.choice(BAD)
@@ -78,8 +70,11 @@ def test_every_valid_event_reaches_its_shard_and_every_bad_one_the_dlq(monkeypat
                                    now - 60, rng.choice(["click", "view"]))
                 key, value = user.encode(), event.to_json()
                 expected_valid.append((partition, offset, event))
-            records.append(_record(partition, offset, key, value))
-        batches[TP("clicks", partition)] = records
+            records.keys.append(key)
+            records.values.append(value)
+            records.offsets.append(offset)
+            records.timestamps_ms.append(1_700_000_000_000)
+        batches[partition] = records
     consumer = _consumer(3)
     dlq = _DLQ()
     prepared = consumer._decode(batches, dlq)
@@ -100,7 +95,7 @@ def test_every_valid_event_reaches_its_shard_and_every_bad_one_the_dlq(monkeypat
             routed.append((partition, offset, ClickEvent(event_id, user, item, ts, kind)))
     assert sorted(routed, key=lambda r: r[:2]) == expected_valid
     # The event log gets the same valid events, per partition, in offset order.
-    logged = [(tp.partition, offset, event) for tp, part in prepared.items()
+    logged = [(partition, offset, event) for partition, part in prepared.items()
               for offset, event in zip(part.offsets, part.valid.events(), strict=True)]
     assert logged == expected_valid
     assert sum(s.real.applied for s in consumer.shards) == len(expected_valid)

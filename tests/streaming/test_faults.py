@@ -2,7 +2,7 @@
 
 After each fault (a consumer actor killed, a shard actor killed, the broker restarted)
 the final per-user state must equal an uninterrupted run over the same events:
-nothing lost, nothing applied twice.
+nothing lost, nothing applied twice. Each with both Kafka clients of the consumers.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from services.config import Settings
 from services.data import load_interactions
 from services.embedded import EmbeddedBroker, ensure_topics, free_port, start_ray
 from services.model import default_backbone_path
+from streaming.kafka_client import CLIENTS
 from streaming.plane import start_streaming
 from streaming.replay import make_producer, send_events
 from streaming.shard import UserStateShard
@@ -56,13 +57,13 @@ def broker(tmp_path):
     broker.stop()
 
 
-def _settings(tmp_path) -> Settings:
+def _settings(tmp_path, client: str) -> Settings:
     run = uuid.uuid4().hex[:8]
     return Settings.from_sources(env={}, overrides={
         "data_dir": str(tmp_path), "topic_clicks": f"clicks-{run}", "topic_dlq": f"dlq-{run}",
         "consumer_group": f"group-{run}", "namespace": f"faults-{run}", "partitions": 3,
         "num_consumers": 2, "num_shards": 2, "snapshot_every_s": 0.3, "log_flush_s": 0.2,
-        "poll_max_records": 200, "cache_dir": str(TEST_CACHE)})
+        "poll_max_records": 200, "cache_dir": str(TEST_CACHE), "kafka_client": client})
 
 
 def _reference(settings: Settings, catalog, events) -> dict:
@@ -104,8 +105,8 @@ def _produce(bootstrap, topic, events):
     producer.close()
 
 
-def _run_with_fault(tmp_path, broker, catalog, events, fault) -> None:
-    settings = _settings(tmp_path)
+def _run_with_fault(tmp_path, broker, catalog, events, fault, client) -> None:
+    settings = _settings(tmp_path, client)
     ensure_topics(broker.bootstrap, {settings.topic_clicks: settings.partitions,
                                      settings.topic_dlq: 1})
     plane = start_streaming(settings, broker.bootstrap, list(catalog.index),
@@ -122,14 +123,16 @@ def _run_with_fault(tmp_path, broker, catalog, events, fault) -> None:
         plane.stop()
 
 
-def test_killed_consumer_loses_nothing(tmp_path, ray_session, broker, catalog, events):
+@pytest.mark.parametrize("client", CLIENTS)
+def test_killed_consumer_loses_nothing(tmp_path, ray_session, broker, catalog, events, client):
     def kill_consumer(plane, settings, half):
         _wait_applied(plane, half // 3)
         ray.kill(plane.consumers[0], no_restart=False)  # Ray restarts it; it resumes
-    _run_with_fault(tmp_path, broker, catalog, events, kill_consumer)
+    _run_with_fault(tmp_path, broker, catalog, events, kill_consumer, client)
 
 
-def test_killed_shard_restores_and_replays(tmp_path, ray_session, broker, catalog, events):
+@pytest.mark.parametrize("client", CLIENTS)
+def test_killed_shard_restores_and_replays(tmp_path, ray_session, broker, catalog, events, client):
     def kill_shard(plane, settings, half):
         _wait_applied(plane, 1)
         ray.get(plane.shards[0].snapshot.remote())  # what the shard applies after this is lost
@@ -140,10 +143,11 @@ def test_killed_shard_restores_and_replays(tmp_path, ray_session, broker, catalo
         while ray.get(plane.shards[0].stats.remote())["restored_from"] is None:
             assert time.monotonic() < deadline, "the shard never restored a snapshot"
             time.sleep(0.2)
-    _run_with_fault(tmp_path, broker, catalog, events, kill_shard)
+    _run_with_fault(tmp_path, broker, catalog, events, kill_shard, client)
 
 
-def test_broker_restart_keeps_consuming(tmp_path, ray_session, broker, catalog, events):
+@pytest.mark.parametrize("client", CLIENTS)
+def test_broker_restart_keeps_consuming(tmp_path, ray_session, broker, catalog, events, client):
     def restart_broker(plane, settings, half):
         _wait_applied(plane, half)  # memory storage: what is not consumed yet is gone
         broker.restart()
@@ -156,4 +160,4 @@ def test_broker_restart_keeps_consuming(tmp_path, ray_session, broker, catalog, 
                 return
             time.sleep(0.3)
         raise AssertionError(f"consumers did not see the new topic: {consumers}")
-    _run_with_fault(tmp_path, broker, catalog, events, restart_broker)
+    _run_with_fault(tmp_path, broker, catalog, events, restart_broker, client)
