@@ -161,6 +161,9 @@ def measure_client(client: str, args, run: str, bulk: list, paced: list, catalog
     print(f"[{client}] pipeline (applied + committed): {pipeline_eps:,.0f} events/s "
           f"(after {startup_s:.1f} s of consumer start and group join)")
 
+    # The latency phase measures a steady offered rate: first let the burst's last log
+    # flush, commit and shard snapshot (written from a copy on a thread) finish.
+    time.sleep(2.0)
     ray.get([s.latency_sample.remote(clear=True) for s in plane.shards])
     offered = produce_paced(bootstrap, settings.topic_clicks, paced, args.rate)
     deadline = time.monotonic() + 120
