@@ -41,7 +41,7 @@ lint: setup
 clean:
 	rm -rf .promptrec build *.egg-info
 
-bench-ingest: setup  # writes bench/results/ingest.json (~1 min)
+bench-ingest: setup  # writes bench/results/ingest.json (~3 min: both Kafka clients)
 	$(PY) -m bench.ingest $(ARGS)
 
 bench-rounds: setup  # writes bench/results/rounds.json (~5 min)
