@@ -135,13 +135,15 @@ def test_bad_input_gets_a_json_4xx_never_a_500(stack):
 
 
 def test_hot_swap_under_load_serves_each_response_wholly_by_its_named_version(stack, checker):
-    """50 req/s while 20 versions are published back to back: every request succeeds, and
-    every answer is exactly what the version it names computes for that user."""
+    """30 req/s while 20 versions are published back to back: every request succeeds,
+    every version answers some, and every answer is exactly what the version it names
+    computes for that user. (At 50 req/s, ~75% of what two replicas serve on 2 cores, one
+    replica sat at max_ongoing_requests in a fresh-clone run and the test timed out.)"""
     histories = {u: _user_state(stack, u) for u in USERS}
     base = prompt_from_bytes(ray.get(stack.registry.serving.remote())["blob"])
     load = Background(stack.base_url, lambda i: ("/recommend", {"user_id": USERS[i % len(USERS)],
                                                                 "k": "10"}),
-                      rps=50, max_requests=5000, max_seconds=90)
+                      rps=30, max_requests=10_000, max_seconds=300)
     published, live_ms = [], []
     try:
         time.sleep(0.5)
@@ -151,11 +153,17 @@ def test_hot_swap_under_load_serves_each_response_wholly_by_its_named_version(st
             published.append(version)
             live = stack.wait_all_replicas(version, timeout_s=30, poll_s=0.05)
             live_ms.append(max(live.values()))
-            time.sleep(0.3)  # some traffic on every version
+            # Traffic on every version: a fixed pause was not always enough on a loaded
+            # machine (a fresh-clone run saw 10 of 20 versions answered after 0.3 s each).
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline and not any(
+                    r.body and r.body.get("prompt_version") == version
+                    for r in load.results[-300:]):
+                time.sleep(0.05)
     finally:
         results = load.stop()
     failed = [(r.status, r.error, r.body) for r in results if r.status != 200]
-    assert len(results) > 500 and not failed, failed[:5]
+    assert len(results) > 300 and not failed, failed[:5]
     mixed = []
     for r in results:
         user = r.request[1]["user_id"]
@@ -169,7 +177,7 @@ def test_hot_swap_under_load_serves_each_response_wholly_by_its_named_version(st
             mixed.append((user, r.body["prompt_version"], reason))
     assert not mixed, mixed[:5]
     answered = {r.body["prompt_version"] for r in results}
-    assert len(answered & set(published)) >= 15, sorted(answered)
+    assert set(published) <= answered, sorted(answered)
     print(f"\n{len(results)} requests, {len(answered)} versions answered, publish -> all "
           f"replicas live: median {sorted(live_ms)[10]:.0f} ms, max {max(live_ms):.0f} ms")
 
