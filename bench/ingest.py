@@ -229,8 +229,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     default = by_client["kafka-python"]
     result = {
-        **{k: v for k, v in default.items() if k != "latency_events"},
-        "offered_rate_eps": args.rate, "latency_events": default["latency_events"],
+        **default, "offered_rate_eps": args.rate,
         "events": len(bulk), "partitions": args.partitions, "consumers": args.consumers,
         "shards": args.shards, "client": "kafka-python",
         "clients": by_client,
