@@ -8,6 +8,7 @@ Train rounds, so 20 swaps take seconds.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 import httpx
@@ -132,6 +133,20 @@ def test_bad_input_gets_a_json_4xx_never_a_500(stack):
             response = http.request(method, path)
             assert response.status_code == status, (method, path, response.text)
             assert response.json()["error"]
+
+
+def test_every_actor_runs_at_normal_priority(stack):
+    """Ray's default worker niceness (15) let any busy ordinary process (the driver, the
+    broker, a CI runner) starve the replicas, proxy, shards and consumers all at once:
+    Serve stopped answering mid-test. The local stack starts them at niceness 0."""
+    named = ray.util.list_named_actors(all_namespaces=True)
+    ours = [a for a in named if a["namespace"] in ("serve", stack.settings.namespace)]
+    kinds = {a["name"].split("::")[0].split("-")[0] for a in ours}
+    assert {"SERVE_REPLICA", "SERVE_PROXY_ACTOR", "SERVE_CONTROLLER_ACTOR"} <= kinds, kinds
+    niceness = {a["name"]: ray.get(ray.get_actor(a["name"], namespace=a["namespace"])
+                                   .__ray_call__.remote(lambda _: os.nice(0)), timeout=60)
+                for a in ours}
+    assert len(niceness) >= 7 and set(niceness.values()) == {0}, niceness
 
 
 def test_hot_swap_under_load_serves_each_response_wholly_by_its_named_version(stack, checker):
