@@ -66,6 +66,7 @@ KEEP_SNAPSHOTS = 2
 # each export; observing every event cost the agent more CPU than the shards' own work
 # (README, Benchmarks). The bench's latency figures use every event.
 LATENCY_SAMPLE_EVERY = 8
+LATENCIES_KEPT = 200_000  # event-to-state latencies kept for `latency_sample` (benchmarks)
 
 
 class ShardEvents(NamedTuple):
@@ -228,7 +229,7 @@ class UserStateShard:
             if kafka_ms > 0:
                 if offset % LATENCY_SAMPLE_EVERY == 0:
                     latency.observe(max(0.0, now_ms - kafka_ms) / 1000)
-                if len(self.latencies_ms) < 200_000:
+                if len(self.latencies_ms) < LATENCIES_KEPT:
                     self.latencies_ms.append(now_ms - kafka_ms)
         return self._finish(ranges, expected, rewind, applied, duplicates, replayed)
 
@@ -362,16 +363,14 @@ class UserStateShard:
 
         now_ms = time.time() * 1000
         kafka_ms, offset = events.kafka_ms, events.offset
-        latencies = [now_ms - kafka_ms[i] for i in rows if kafka_ms[i] > 0]
-        if not latencies:
-            return
-        sampled = [max(0.0, now_ms - kafka_ms[i]) / 1000 for i in rows
-                   if kafka_ms[i] > 0 and offset[i] % LATENCY_SAMPLE_EVERY == 0]
+        timed = [i for i in rows if kafka_ms[i] > 0]
+        sampled = [max(0.0, now_ms - kafka_ms[i]) / 1000 for i in timed
+                   if offset[i] % LATENCY_SAMPLE_EVERY == 0]
         if sampled:
             metrics.observe_all(metrics.event_to_state_seconds(), sampled)
-        room = 200_000 - len(self.latencies_ms)
+        room = LATENCIES_KEPT - len(self.latencies_ms)
         if room > 0:
-            self.latencies_ms.extend(latencies[:room])
+            self.latencies_ms.extend(now_ms - kafka_ms[i] for i in timed[:room])
 
     # --- reads --------------------------------------------------------------
     def get_user(self, user_id: str) -> dict | None:
