@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections import Counter
 
 import httpx
 import pytest
@@ -149,6 +150,9 @@ def test_every_actor_runs_at_normal_priority(stack):
     assert len(niceness) >= 7 and set(niceness.values()) == {0}, niceness
 
 
+PER_VERSION = 3  # answers each published version must give during the hot-swap test
+
+
 def test_hot_swap_under_load_serves_each_response_wholly_by_its_named_version(stack, checker):
     """30 req/s while 20 versions are published back to back: every request succeeds,
     every version answers some, and every answer is exactly what the version it names
@@ -170,15 +174,17 @@ def test_hot_swap_under_load_serves_each_response_wholly_by_its_named_version(st
             live_ms.append(max(live.values()))
             # Traffic on every version: a fixed pause was not always enough on a loaded
             # machine (a fresh-clone run saw 10 of 20 versions answered after 0.3 s each).
+            # Counted per version, not in total, so the test means the same on a fast
+            # machine and a slow one.
             deadline = time.monotonic() + 15
-            while time.monotonic() < deadline and not any(
-                    r.body and r.body.get("prompt_version") == version
-                    for r in load.results[-300:]):
+            while time.monotonic() < deadline and sum(
+                    1 for r in load.results[-300:]
+                    if r.body and r.body.get("prompt_version") == version) < PER_VERSION:
                 time.sleep(0.05)
     finally:
         results = load.stop()
     failed = [(r.status, r.error, r.body) for r in results if r.status != 200]
-    assert len(results) > 300 and not failed, failed[:5]
+    assert not failed, failed[:5]
     mixed = []
     for r in results:
         user = r.request[1]["user_id"]
@@ -191,8 +197,9 @@ def test_hot_swap_under_load_serves_each_response_wholly_by_its_named_version(st
         if reason:
             mixed.append((user, r.body["prompt_version"], reason))
     assert not mixed, mixed[:5]
-    answered = {r.body["prompt_version"] for r in results}
-    assert set(published) <= answered, sorted(answered)
+    answered = Counter(r.body["prompt_version"] for r in results)
+    short = {v: answered[v] for v in published if answered[v] < PER_VERSION}
+    assert not short, f"versions answered fewer than {PER_VERSION} requests: {short}"
     print(f"\n{len(results)} requests, {len(answered)} versions answered, publish -> all "
           f"replicas live: median {sorted(live_ms)[10]:.0f} ms, max {max(live_ms):.0f} ms")
 
