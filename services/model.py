@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +36,8 @@ import torch.nn.functional as F
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
+
+from services.config import ModelConfig
 
 PROMPT_KEYS = ("soft_prompt", "logit_scale")  # always present
 OPTIONAL_PROMPT_KEYS = ("item_bias", "item_delta", "causal", "personal_gate")
@@ -101,24 +102,15 @@ def embed_texts(tokenizer, encoder: nn.Module, texts: list[str], batch_size: int
     return torch.cat(out) if out else torch.zeros(0, encoder.config.hidden_size)
 
 
-@dataclass(frozen=True)
-class PromptConfig:
-    prompt_len: int = 16
-    init_text: str = "Given the movies this user watched, recommend the next movie."
-    item_bias: bool = False  # a trainable bias per catalog item
-    item_tokens: bool = False  # a trainable offset [H] per catalog item (item_delta)
-    causal: bool = False  # causal attention over the history: L predictions per pass
-
-
-def init_soft_prompt(tokenizer, encoder: nn.Module, config: PromptConfig) -> torch.Tensor:
-    """Token embeddings of `init_text`, repeated/cut to `prompt_len` -> [P, H]."""
-    ids = tokenizer(config.init_text, add_special_tokens=False)["input_ids"] or [0]
+def init_soft_prompt(tokenizer, encoder: nn.Module, config: ModelConfig) -> torch.Tensor:
+    """Token embeddings of `prompt_init_text`, repeated/cut to `prompt_len` -> [P, H]."""
+    ids = tokenizer(config.prompt_init_text, add_special_tokens=False)["input_ids"] or [0]
     ids = (ids * math.ceil(config.prompt_len / len(ids)))[: config.prompt_len]
     table = encoder.get_input_embeddings().weight
     return table[torch.tensor(ids)].detach().clone()
 
 
-def initial_prompt_state(tokenizer, encoder: nn.Module, config: PromptConfig,
+def initial_prompt_state(tokenizer, encoder: nn.Module, config: ModelConfig,
                          num_items: int = 0) -> dict[str, torch.Tensor]:
     state = {"soft_prompt": init_soft_prompt(tokenizer, encoder, config),
              "logit_scale": torch.tensor(math.log(20.0))}

@@ -7,6 +7,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from services.config import TrainingSettings
+
 log = logging.getLogger(__name__)
 
 
@@ -14,11 +16,11 @@ class RoundScheduler:
     """Background thread: a round when `train_every_events` new events arrived or
     `train_every_s` passed since the last one (whichever comes first; 0 turns a trigger off)."""
 
-    def __init__(self, runner, settings, events_applied: Callable[[], int],
+    def __init__(self, runner, training: TrainingSettings, events_applied: Callable[[], int],
                  check_every_s: float = 2.0):
         self.runner = runner
-        self.every_events = settings.train_every_events
-        self.every_s = settings.train_every_s
+        self.every_events = training.train_every_events
+        self.every_s = training.train_every_s
         self.events_applied = events_applied
         self.check_every_s = check_every_s
         self.results: list = []

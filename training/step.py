@@ -6,17 +6,16 @@ or on a lent GPU box directly.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from services.model import personal_from_history
+from services.rank_metrics import hit_ndcg_of_ranks
 from training.examples import PAD, Examples
 
-# The personal-prompt rate of the shards (settings.personal_alpha); examples carry no shard
+# The personal-prompt rate of the shards (settings.streaming.personal_alpha); examples carry no shard
 # state, so training replays the rule over each example's history window.
 DEFAULT_PERSONAL_ALPHA = 0.1
 
@@ -107,9 +106,9 @@ def evaluate(model, examples: Examples, item_vectors: torch.Tensor, k: int = 10,
         target = torch.as_tensor(chunk.target, dtype=torch.long, device=scores.device)
         target_scores = scores.gather(1, target[:, None])
         rank = (scores > target_scores).sum(1)  # 0-based rank of the target
-        hit = rank < k
+        hit, gain = hit_ndcg_of_ranks(rank, k)
         hits += float(hit.sum())
-        ndcg += float((hit / torch.log2(rank.float() + 2)).sum())
+        ndcg += float(gain.sum())
     n = len(examples)
     return {"hr10" if k == 10 else f"hr{k}": hits / n,
             "ndcg10" if k == 10 else f"ndcg{k}": ndcg / n, "n": n}
@@ -123,7 +122,3 @@ def mask_seen(scores: torch.Tensor, history: np.ndarray) -> torch.Tensor:
     padded = F.pad(scores, (0, 1))
     padded.scatter_(1, seen, float("-inf"))
     return padded[:, :n_items]
-
-
-def ndcg_at(rank: int, k: int = 10) -> float:
-    return 1.0 / math.log2(rank + 2) if rank < k else 0.0

@@ -6,7 +6,6 @@ import torch
 
 from services.model import (
     BadPromptWeights,
-    PromptConfig,
     PromptRecModel,
     default_backbone_path,
     init_soft_prompt,
@@ -16,6 +15,7 @@ from services.model import (
     prompt_to_bytes,
     top_k,
 )
+from tests.model_configs import plain_config
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def test_backbone_is_frozen(backbone):
 
 def test_soft_prompt_starts_from_task_text(backbone):
     tokenizer, encoder = backbone
-    prompt = init_soft_prompt(tokenizer, encoder, PromptConfig(prompt_len=5, init_text="movie"))
+    prompt = init_soft_prompt(tokenizer, encoder, plain_config(5, prompt_init_text="movie"))
     movie_id = tokenizer("movie", add_special_tokens=False)["input_ids"][0]
     assert prompt.shape == (5, 384)
     assert torch.equal(prompt[3], encoder.get_input_embeddings().weight[movie_id])
@@ -38,7 +38,7 @@ def test_soft_prompt_starts_from_task_text(backbone):
 
 def test_user_encoding_shapes_and_only_the_prompt_trains(backbone):
     tokenizer, encoder = backbone
-    model = PromptRecModel(encoder, initial_prompt_state(tokenizer, encoder, PromptConfig(8)))
+    model = PromptRecModel(encoder, initial_prompt_state(tokenizer, encoder, plain_config(8)))
     history = torch.randn(3, 4, 384)
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [0, 0, 0, 0]])
     users = model.encode_users(history, mask)
@@ -77,7 +77,7 @@ def test_top_k_masks_seen_items_and_caps_k():
 
 def test_item_bias_is_optional_trainable_and_checked(backbone):
     tokenizer, encoder = backbone
-    config = PromptConfig(4, item_bias=True)
+    config = plain_config(4, item_bias=True)
     with pytest.raises(ValueError):
         initial_prompt_state(tokenizer, encoder, config)  # needs the catalog size
     state = initial_prompt_state(tokenizer, encoder, config, num_items=5)
@@ -93,7 +93,7 @@ def test_item_bias_is_optional_trainable_and_checked(backbone):
     assert prompt_from_bytes(blob, num_items=5)["item_bias"][3] == 100.0
     with pytest.raises(BadPromptWeights):
         prompt_from_bytes(blob, num_items=6)
-    plain = PromptRecModel(encoder, initial_prompt_state(tokenizer, encoder, PromptConfig(4)))
+    plain = PromptRecModel(encoder, initial_prompt_state(tokenizer, encoder, plain_config(4)))
     with pytest.raises(BadPromptWeights):
         plain.load_prompt_state(model.prompt_state())
     assert model.trainable_parameters() == plain.trainable_parameters() + 5
@@ -105,7 +105,7 @@ def test_item_tokens_start_at_the_text_vectors_learn_and_are_checked(backbone):
 
     tokenizer, encoder = backbone
     hidden = encoder.config.hidden_size
-    state = initial_prompt_state(tokenizer, encoder, PromptConfig(4, item_tokens=True),
+    state = initial_prompt_state(tokenizer, encoder, plain_config(4, item_tokens=True),
                                  num_items=6)
     assert state["item_delta"].shape == (6, hidden)
     model = PromptRecModel(encoder, state)
@@ -128,7 +128,7 @@ def test_item_tokens_start_at_the_text_vectors_learn_and_are_checked(backbone):
     assert torch.equal(back["item_delta"], model.item_delta.detach())
     with pytest.raises(BadPromptWeights, match="item_delta"):
         prompt_from_bytes(blob, num_items=7)
-    plain = PromptRecModel(encoder, initial_prompt_state(tokenizer, encoder, PromptConfig(4)))
+    plain = PromptRecModel(encoder, initial_prompt_state(tokenizer, encoder, plain_config(4)))
     with pytest.raises(BadPromptWeights, match="item_delta"):
         plain.load_prompt_state(model.prompt_state())
     assert model.trainable_parameters() == plain.trainable_parameters() + 6 * hidden
@@ -140,7 +140,7 @@ def test_causal_prefixes_equal_encoding_each_prefix_alone(backbone):
     tokenizer, encoder = backbone
     hidden = encoder.config.hidden_size
     model = PromptRecModel(encoder, initial_prompt_state(
-        tokenizer, encoder, PromptConfig(4, causal=True)))
+        tokenizer, encoder, plain_config(4, causal=True)))
     assert model.causal and "causal" in model.prompt_state()
     torch.manual_seed(0)
     history = torch.nn.functional.normalize(torch.randn(2, 5, hidden), dim=-1)
@@ -160,7 +160,7 @@ def test_causal_prefixes_equal_encoding_each_prefix_alone(backbone):
         again = model.encode_prefixes(changed, mask, with_prompt_only=True)
         assert torch.allclose(again[0, :5], prefixes[0, :5], atol=1e-5)
         assert not torch.allclose(again[0, 5], prefixes[0, 5], atol=1e-3)
-    plain = PromptRecModel(encoder, initial_prompt_state(tokenizer, encoder, PromptConfig(4)))
+    plain = PromptRecModel(encoder, initial_prompt_state(tokenizer, encoder, plain_config(4)))
     with pytest.raises(BadPromptWeights):
         plain.load_prompt_state(model.prompt_state())
     back = prompt_from_bytes(prompt_to_bytes(model.prompt_state()), hidden_size=hidden)
@@ -171,7 +171,7 @@ def test_a_causal_version_adds_the_personal_prompt_by_its_trained_gate(backbone)
     tokenizer, encoder = backbone
     hidden = encoder.config.hidden_size
     model = PromptRecModel(encoder, initial_prompt_state(
-        tokenizer, encoder, PromptConfig(4, causal=True)))
+        tokenizer, encoder, plain_config(4, causal=True)))
     history = torch.nn.functional.normalize(torch.randn(1, 3, hidden), dim=-1)
     mask = torch.ones(1, 3)
     personal = torch.nn.functional.normalize(torch.randn(1, hidden), dim=-1)

@@ -2,13 +2,14 @@ import numpy as np
 import pytest
 import torch
 
+from services.config import TrainingSettings
 from services.model import (
-    PromptConfig,
     PromptRecModel,
     default_backbone_path,
     initial_prompt_state,
     load_backbone,
 )
+from tests.model_configs import plain_config
 from training.examples import PAD, Examples
 from training.scheduler import RoundScheduler
 from training.step import evaluate, mask_seen, train_step
@@ -49,7 +50,7 @@ def test_mask_seen_ignores_padding():
 def test_train_step_lowers_the_loss_on_a_fixed_batch():
     torch.manual_seed(0)
     tokenizer, encoder = load_backbone(default_backbone_path())
-    model = PromptRecModel(encoder, initial_prompt_state(tokenizer, encoder, PromptConfig(4)))
+    model = PromptRecModel(encoder, initial_prompt_state(tokenizer, encoder, plain_config(4)))
     items = torch.nn.functional.normalize(torch.randn(50, 384), dim=1)
     batch = Examples(np.random.default_rng(0).integers(0, 50, (8, 5)).astype(np.int32),
                      np.arange(8, dtype=np.int32))
@@ -59,9 +60,8 @@ def test_train_step_lowers_the_loss_on_a_fixed_batch():
 
 
 def test_scheduler_triggers_by_events_or_time():
-    class S:
-        train_every_events, train_every_s = 100, 60.0
-    scheduler = RoundScheduler(None, S(), lambda: 0)
+    training = TrainingSettings(train_every_events=100, train_every_s=60.0)
+    scheduler = RoundScheduler(None, training, lambda: 0)
     assert scheduler.due(100, 0) and not scheduler.due(99, 10)
     assert scheduler.due(1, 61) and not scheduler.due(0, 61)  # nothing new: no round
 
@@ -71,7 +71,7 @@ def test_a_causal_step_learns_every_next_item_of_the_history():
 
     tokenizer, encoder = load_backbone(default_backbone_path())
     model = PromptRecModel(encoder, initial_prompt_state(
-        tokenizer, encoder, PromptConfig(4, item_tokens=True, causal=True), num_items=8))
+        tokenizer, encoder, plain_config(4, item_tokens=True, causal=True), num_items=8))
     text = torch.nn.functional.normalize(torch.randn(8, encoder.config.hidden_size), dim=-1)
     batch = Examples(np.array([[0, 1, 2, -1], [3, -1, -1, -1]], np.int32),
                      np.array([4, 5], np.int32))

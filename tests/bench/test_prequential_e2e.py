@@ -7,9 +7,10 @@ import json
 
 import pytest
 
-from services.config import Settings
+from bench.prequential import SampleRule
+from bench.prequential_run import run_prequential
+from services.config_sources import load_settings
 from services.embedded import free_port
-from services.prequential import SampleRule, run_prequential
 from tests.conftest import TEST_CACHE
 
 pytestmark = pytest.mark.slow
@@ -18,15 +19,15 @@ EVENTS, WINDOW, SAMPLE = 2000, 200, SampleRule(every=4, warmup=0.25)
 
 
 def test_prequential_on_an_ml100k_slice(tmp_path):
-    settings = Settings.from_sources(env={}, overrides={
+    settings = load_settings(env={}, overrides={
         "data_dir": str(tmp_path / "promptrec"), "http_port": free_port(),
         "metrics_port": free_port(), "partitions": 2, "num_consumers": 1, "num_shards": 2,
         "num_replicas": 1, "train_workers": 1, "train_steps": 2, "batch_size": 8,
         "val_users": 20, "gate_margin": 1.0, "train_every_events": 1000, "log_flush_s": 0.2,
         "namespace": "promptrec-prequential", "cache_dir": str(TEST_CACHE)})
     out = tmp_path / "prequential_ml-100k.json"
-    result = run_prequential(settings, window=WINDOW, sample=SAMPLE, max_events=EVENTS,
-                             out=out, progress=False, command="pytest")
+    result = run_prequential(settings, out, window=WINDOW, sample=SAMPLE, max_events=EVENTS,
+                             progress=False, command="pytest")
 
     # The output format: the file is the result; per-arm totals and per-window series.
     assert json.loads(out.read_text()) == result

@@ -3,11 +3,11 @@ import json
 import numpy as np
 import torch
 
+from bench.quality import Popularity, is_cold, leave_one_out
 from services.catalog import Catalog
 from services.data import Interactions, Item
 from services.model import default_backbone_path
 from training.examples import PAD
-from training.offline import Popularity, is_cold, leave_one_out, run_offline
 
 
 def _catalog(n: int) -> Catalog:
@@ -47,15 +47,14 @@ def test_popularity_scores_are_the_same_for_everyone():
 
 def test_offline_eval_writes_the_result_contract(tmp_path):
     from services.catalog import load_catalog
-    from services.data import load_interactions
+    from services.launch.cli import main
     from tests.conftest import TEST_CACHE
 
     catalog = load_catalog("ml-100k", default_backbone_path(), TEST_CACHE)
     out = tmp_path / "quality_ml-100k.json"
-    result = run_offline("ml-100k", catalog, load_interactions("ml-100k"),
-                         str(default_backbone_path()), steps=2, batch_size=8, max_users=60,
-                         progress=False, out=out)
-    assert json.loads(out.read_text()) == result
+    assert main(["eval", "offline", "--steps", "2", "--batch-size", "8", "--max-users", "60",
+                 "--out", str(out), "--cache-dir", str(TEST_CACHE)]) == 0
+    result = json.loads(out.read_text())
     for key in ("ndcg10", "hr10", "pop_ndcg10", "pop_hr10", "trainable_params",
                 "backbone_params", "per_user_state_floats", "train_seconds", "protocol",
                 "cold_hr10"):

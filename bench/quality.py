@@ -9,35 +9,33 @@ Cold start: a fixed 5% of items (by hash) never appear in training (as target or
 history); `cold_hr10` is HR@10 over test events whose target is such an item; only the
 text-based item vectors can rank them.
 
-Writes bench/results/quality_<dataset>.json.
+`promptrec eval offline` writes the result to bench/results/quality_<dataset>.json.
 """
 
 from __future__ import annotations
 
-import json
 import time
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from services.catalog import Catalog
+from services.config import Settings
 from services.data import Interactions
 from services.model import (
-    PromptConfig,
     PromptRecModel,
     has_item_weights,
     initial_prompt_state,
     load_backbone,
     prompt_to_bytes,
+    resolve_backbone_path,
     unseen_items_fall_back_to_text,
 )
 from training.examples import PAD, Examples
 from training.step import evaluate, make_optimizer, train_step
 
-RESULTS_DIR = Path(__file__).resolve().parent.parent / "bench" / "results"
 COLD_SHARE = 20  # 1 item in 20 is held out of training
 
 
@@ -142,13 +140,16 @@ def pick_cold_rule(model: PromptRecModel, state: dict, split: Split, vectors: to
     return rule, scores
 
 
-def run_offline(dataset: str, catalog: Catalog, interactions: Interactions, backbone_path: str,
-                steps: int, batch_size: int = 64, learning_rate: float = 0.01,
-                history_len: int = 30, prompt_len: int = 16, personal_alpha: float = 0.1,
-                item_bias: bool = True, item_tokens: bool = True, causal: bool = True,
-                item_token_lr: float | None = 0.003,
+def run_offline(settings: Settings, catalog: Catalog, interactions: Interactions, steps: int,
                 eval_every: int = 0, max_users: int | None = None, seed: int = 0,
-                progress: bool = True, out: Path | None = None) -> dict:
+                progress: bool = True) -> dict:
+    """Train on the training portion with `settings` (model section, training's batch size
+    and rates, streaming's history length and personal rate), keep the weights best on
+    validation, report test and cold-start figures against popularity -> the result."""
+    dataset, model_config = settings.infra.dataset, settings.model
+    batch_size, learning_rate = settings.training.batch_size, settings.training.learning_rate
+    history_len, personal_alpha = settings.streaming.history_len, settings.streaming.personal_alpha
+    item_token_lr = settings.training.item_token_lr
     torch.manual_seed(seed)
     split = leave_one_out(interactions, catalog, history_len, max_users)
     vectors = catalog.vectors
@@ -156,11 +157,9 @@ def run_offline(dataset: str, catalog: Catalog, interactions: Interactions, back
     pop_test = evaluate(pop, split.test, vectors)
     pop_cold = evaluate(pop, split.test_cold, vectors)
 
-    tokenizer, encoder = load_backbone(backbone_path)
-    model = PromptRecModel(encoder, initial_prompt_state(
-        tokenizer, encoder, PromptConfig(prompt_len, item_bias=item_bias, item_tokens=item_tokens,
-                                              causal=causal),
-        num_items=len(catalog)))
+    tokenizer, encoder = load_backbone(resolve_backbone_path(model_config.backbone_path))
+    model = PromptRecModel(encoder, initial_prompt_state(tokenizer, encoder, model_config,
+                                                         num_items=len(catalog)))
     optimizer = make_optimizer(model, learning_rate, item_token_lr)
     rng = np.random.default_rng(seed)
     best = (evaluate(model, split.val, vectors, personal_alpha=personal_alpha)["ndcg10"],
@@ -185,8 +184,10 @@ def run_offline(dataset: str, catalog: Catalog, interactions: Interactions, back
     cold = evaluate(model, split.test_cold, vectors, personal_alpha=personal_alpha)
     backbone_params = sum(p.numel() for p in encoder.parameters())
     result = {
-        "dataset": dataset, "item_bias": item_bias, "item_tokens": item_tokens,
-        "item_token_lr": item_token_lr if item_tokens else None, "causal": causal,
+        "dataset": dataset, "item_bias": model_config.item_bias,
+        "item_tokens": model_config.item_tokens,
+        "item_token_lr": item_token_lr if model_config.item_tokens else None,
+        "causal": model_config.causal,
         "ndcg10": round(test["ndcg10"], 4), "hr10": round(test["hr10"], 4),
         "pop_ndcg10": round(pop_test["ndcg10"], 4), "pop_hr10": round(pop_test["hr10"], 4),
         "cold_hr10": round(cold["hr10"], 4), "pop_cold_hr10": round(pop_cold["hr10"], 4),
@@ -207,7 +208,4 @@ def run_offline(dataset: str, catalog: Catalog, interactions: Interactions, back
                     f"cold = 1/{COLD_SHARE} of items never in training",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    out = out or RESULTS_DIR / f"quality_{dataset}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
     return result

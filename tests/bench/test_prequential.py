@@ -6,18 +6,10 @@ import math
 
 import pytest
 
+from bench.prequential import Answer, PopularityArm, SampleRule, run_windows
+from bench.prequential_report import build_result, markdown_table, plot, smoothed_hr
 from services.events import ClickEvent
-from services.prequential import (
-    Answer,
-    PopularityArm,
-    SampleRule,
-    build_result,
-    hit_ndcg,
-    markdown_table,
-    plot,
-    run_windows,
-    smoothed_hr,
-)
+from services.rank_metrics import hit_ndcg
 
 
 def _event(k: int, user: str, item: str) -> ClickEvent:
@@ -149,7 +141,7 @@ def test_result_table_and_plot(tmp_path):
 
 
 def test_the_cli_takes_the_prequential_options():
-    from services.cli import _parser
+    from services.launch.cli import _parser
 
     args = _parser().parse_args(["eval", "prequential", "--dataset", "ml-100k", "--window",
                                  "500", "--sample-every", "5", "--arms",

@@ -1,0 +1,182 @@
+"""The prequential evaluation on the running system (test-then-learn; the protocol is
+`bench/prequential.py`).
+
+    promptrec eval prequential --dataset ml-100k [--window 1000] [--sample-every 10]
+
+Starts the stack, deploys one Serve app per model arm, replays the data set through
+Kafka window by window and writes the result file and its plot where it is told.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from bench.common import run_stamp, write_result
+from bench.prequential import (
+    ALL_ARMS,
+    DEFAULT_ARMS,
+    MODEL_ARMS,
+    PopularityArm,
+    SampleRule,
+    ServiceArm,
+    run_windows,
+)
+from bench.prequential_report import build_result, plot
+from services.config import Settings
+from services.events import ClickEvent
+from services.rank_metrics import K
+
+log = logging.getLogger("promptrec")
+
+# The settings a result records (what shaped the run).
+RECORDED_SETTINGS = ("train_every_events", "train_steps", "train_workers", "batch_size",
+                     "learning_rate", "gate_margin", "val_users", "history_len",
+                     "personal_alpha", "num_replicas", "num_shards", "num_consumers",
+                     "partitions")
+
+
+def run_prequential(settings: Settings, out: Path, window: int = 1000,
+                    sample: SampleRule | None = None, arms: Sequence[str] = DEFAULT_ARMS,
+                    max_events: int | None = None, plot_path: Path | None = None,
+                    concurrency: int = 8, command: str = "", progress: bool = True) -> dict:
+    """Start the stack (embedded defaults, or the given Kafka/Ray), deploy one Serve app
+    per model arm, replay, evaluate; write the result file and the plot."""
+    import ray
+
+    from services.data import load_interactions
+    from services.launch.stack import Stack
+    from streaming.replay import make_producer, send_events
+    from training.scheduler import RoundScheduler
+
+    unknown = [a for a in arms if a not in ALL_ARMS]
+    if unknown:
+        raise ValueError(f"unknown arms {unknown}; choose from {list(ALL_ARMS)}")
+    sample = sample or SampleRule()
+    started = time.monotonic()
+    dataset = settings.infra.dataset
+    interactions = load_interactions(dataset, limit=max_events)
+    events = [interactions.event(i, dataset) for i in range(len(interactions))]
+    stack = Stack(settings, progress=progress)
+    try:
+        stack.start(fresh=True)
+        initial = ray.get(stack.registry.serving_version.remote())
+        popularity = PopularityArm([item.item_id for item in stack.catalog.items],
+                                   settings.streaming.history_len)
+        arm_objects, arm_apps, follow_prefixes = _deploy_arms(stack, arms, popularity,
+                                                              initial, concurrency)
+        producer = make_producer(stack.bootstrap)
+        scheduler = RoundScheduler(stack.runner, settings.training, lambda: 0)  # for its due() rule
+        baseline = stack.streaming.stats()["handled"]
+        state = {"produced": 0, "since_round": 0}
+        rounds: list[dict] = []
+
+        def run_round() -> None:
+            _wait_logged(settings, stack.streaming.stats()["totals"].get("ok", 0))
+            done = stack.runner.run()
+            live = {}  # route -> {replica: publish -> live ms}
+            if done.version:
+                for prefix in follow_prefixes:
+                    live[prefix or "/"] = stack.wait_all_replicas(done.version, prefix=prefix)
+            rounds.append({"after_events": state["produced"], "outcome": done.outcome,
+                           "reason": done.reason, "version": done.version, "loss": done.loss,
+                           "train_examples": done.train_examples,
+                           "candidate_ndcg10": done.candidate_ndcg10,
+                           "serving_ndcg10": done.serving_ndcg10,
+                           "seconds": round(done.seconds, 1), "publish_to_live_ms": live})
+            log.info("round %d after %d events: %s %s (%.0f s)", done.round,
+                     state["produced"], done.outcome, done.reason, done.seconds)
+
+        def learn(batch: Sequence[ClickEvent]) -> None:
+            send_events(producer, settings.streaming.topic_clicks, batch)
+            state["produced"] += len(batch)
+            expected = baseline + state["produced"]
+            handled = stack.wait_handled(expected, timeout_s=600)["handled"]
+            if handled < expected:
+                raise TimeoutError(f"the pipeline handled {handled} of {expected} records")
+            popularity.learn(batch)
+            state["since_round"] += len(batch)
+            if (state["produced"] < len(events) and follow_prefixes
+                    and scheduler.due(state["since_round"], 0.0)):
+                run_round()
+                state["since_round"] = 0
+
+        replay_started = time.monotonic()
+
+        def on_window(row: dict) -> None:
+            if row["window"] % 10 == 0 or row["first_event"] + row["events"] >= len(events):
+                scores = ", ".join(f"{name} {arm['hr10']}" for name, arm in row["arms"].items())
+                log.info("window %d: %d/%d events, HR@10 %s (%.0f s)", row["window"],
+                         row["first_event"] + row["events"], len(events), scores or "-",
+                         time.monotonic() - replay_started)
+
+        evaluation = run_windows(events, arm_objects, learn, window, sample, on_window=on_window)
+        producer.close()
+        result = build_result(
+            evaluation, dataset=dataset, events_replayed=len(events),
+            events_in_dataset=len(load_interactions(dataset)) if max_events else len(events),
+            window_events=window, k=K,
+            sample={"rule": sample.describe(), "every": sample.every, "warmup": sample.warmup,
+                    "first_evaluated_event": sample.first(len(events))},
+            initial_prompt_version=initial,
+            arm_apps=arm_apps,
+            rounds=rounds,
+            rounds_published=sum(r["outcome"] == "published" for r in rounds),
+            settings={name: settings.value(name) for name in RECORDED_SETTINGS},
+            protocol=("test-then-learn per window: every arm answers the sampled events of a "
+                      "window from state built on the events before it; then the window is "
+                      "produced to Kafka and applied (and counted by popularity); rounds run "
+                      "between windows on the train_every_events trigger"),
+            wall_seconds=round(time.monotonic() - started, 1),
+            **run_stamp(command))
+    finally:
+        stack.stop()
+    plot_path = plot_path or out.with_suffix(".png")
+    result["plot"] = plot_path.name
+    write_result(out, result)
+    plot(result, plot_path)
+    return result
+
+
+def _deploy_arms(stack, arms: Sequence[str], popularity: PopularityArm, initial: int,
+                 concurrency: int) -> tuple[list, dict[str, dict], list[str]]:
+    """One arm object per name; a Serve app beside the main one for each model arm other
+    than `online`. -> (arms, {name: what its app runs}, route prefixes that follow rounds)."""
+    objects: list = []
+    apps: dict[str, dict] = {}
+    follow: list[str] = []
+    for name in arms:
+        if name == "popularity":
+            objects.append(popularity)
+            continue
+        changes = MODEL_ARMS[name]
+        prefix = "" if changes is None else f"/{name}"
+        if changes is not None:
+            changes = {k: (initial if k == "pin_version" else v) for k, v in changes.items()}
+            stack.deploy_variant(f"promptrec-{name}", prefix, **changes)
+        if not (changes or {}).get("pin_version"):
+            follow.append(prefix)
+        objects.append(ServiceArm(name, stack.base_url + prefix, concurrency))
+        # What the arm's app says it runs (one replica's /version), for the record.
+        apps[name] = {"route": prefix or "/", **_app_version(stack.base_url + prefix)}
+    return objects, apps, follow
+
+
+def _app_version(base_url: str) -> dict:
+    import httpx
+
+    body = httpx.get(f"{base_url}/version", timeout=30).raise_for_status().json()
+    return {k: body[k] for k in ("prompt_version", "pinned", "personal_prompts")}
+
+
+def _wait_logged(settings, expected: int, timeout_s: float = 60) -> None:
+    """Consumers flush the event log every log_flush_s; a round must see every event."""
+    from services.eventlog import read_event_log
+
+    deadline = time.monotonic() + timeout_s
+    while read_event_log(str(settings.infra.root / "eventlog")).num_rows < expected:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"event log holds fewer than {expected} events")
+        time.sleep(0.2)

@@ -1,0 +1,148 @@
+"""The `promptrec` command.
+
+    promptrec demo      the whole pipeline on the embedded defaults, then stop
+    promptrec serve     start the stack and keep serving (training rounds on a schedule)
+    promptrec replay    push a MovieLens data set into a Kafka topic
+    promptrec eval offline   leave-one-out quality against popularity
+    promptrec eval prequential   test-then-learn on the running system: popularity,
+                             static and online arms over the same replay
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from services.config import ConfigError
+from services.config_sources import add_settings_flags, settings_from_flags
+from services.embedded import InfrastructureError
+
+log = logging.getLogger("promptrec")
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="promptrec", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="run the whole pipeline once on the embedded defaults",
+                          description="Start broker, Ray, Serve; replay MovieLens into Kafka; run "
+                          "a training round; show recommendations before and after; stop.")
+    demo.add_argument("--max-events", type=int, default=None,
+                      help="replay only the first N events (default: all)")
+    demo.add_argument("--users", default="1,7,42", help="users whose recommendations to show")
+    demo.add_argument("--keep-state", action="store_true",
+                      help="keep prompt versions and event log of earlier runs in data_dir")
+    demo.add_argument("--serve-forever", action="store_true",
+                      help="keep serving (with scheduled rounds) after the demo, until Ctrl-C")
+    add_settings_flags(demo)
+
+    serve = sub.add_parser("serve", help="start the stack and serve until Ctrl-C",
+                           description="Start (or connect to) Kafka and Ray, deploy Serve, consume "
+                           "events and run training rounds by the train_every_* settings.")
+    add_settings_flags(serve)
+
+    replay = sub.add_parser("replay", help="produce a MovieLens data set into Kafka",
+                            description="Produce events in timestamp order (key = user_id).")
+    replay.add_argument("--start", type=int, default=0, help="first event index")
+    replay.add_argument("--stop", type=int, default=None, help="stop before this event index")
+    add_settings_flags(replay)
+
+    evaluate = sub.add_parser("eval", help="measure recommendation quality")
+    kinds = evaluate.add_subparsers(dest="eval_kind", required=True)
+    offline = kinds.add_parser(
+        "offline", help="leave-one-out, full ranking, vs popularity in the same run",
+        description="Train the prompt on the training portion, pick weights on validation, "
+        "report test HR@10/NDCG@10, popularity and cold-start HR@10; writes "
+        "bench/results/quality_<dataset>.json (or --out).")
+    offline.add_argument("--steps", type=int, default=300, help="training steps")
+    offline.add_argument("--eval-every", type=int, default=100,
+                         help="validation checkpoints (the best one is kept)")
+    offline.add_argument("--max-users", type=int, default=None,
+                         help="evaluate the first N users only (quick runs)")
+    offline.add_argument("--out", default=None, help="result file (default bench/results/…)")
+    add_settings_flags(offline)
+
+    from bench.prequential import ALL_ARMS, DEFAULT_ARMS
+
+    prequential = kinds.add_parser(
+        "prequential", help="test-then-learn on the running system: popularity vs static vs "
+        "online, same replay",
+        description="Replay the data set in timestamp order through Kafka into the running "
+        "pipeline, one window at a time: first every arm recommends for the window's sampled "
+        "events (HR@10, NDCG@10), then the window is produced and applied, and training rounds "
+        "run on the train_every_events trigger. Writes bench/results/prequential_<dataset>.json "
+        "and a PNG of HR@10 per window.")
+    prequential.add_argument("--window", type=int, default=1000,
+                             help="events per window (state is at most one window stale)")
+    prequential.add_argument("--sample-every", type=int, default=10,
+                             help="evaluate every N-th event (1: all)")
+    prequential.add_argument("--warmup", type=float, default=0.1,
+                             help="share of the replay learned but not evaluated at the start")
+    prequential.add_argument("--max-events", type=int, default=None,
+                             help="replay only the first N events in timestamp order")
+    prequential.add_argument("--arms", default=",".join(DEFAULT_ARMS),
+                             help=f"comma-separated, from {','.join(ALL_ARMS)}")
+    prequential.add_argument("--concurrency", type=int, default=8,
+                             help="requests in flight per arm")
+    prequential.add_argument("--out", default=None, help="result file (default bench/results/…)")
+    add_settings_flags(prequential)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
+                        datefmt="%H:%M:%S")
+    for noisy in ("kafka", "httpx", "ray"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = _parser().parse_args(argv)
+    try:
+        settings = settings_from_flags(args)
+    except ConfigError as err:
+        print(f"promptrec: {err}", file=sys.stderr)
+        return 2
+    try:
+        if args.command == "demo":
+            from services.launch.demo import run_demo
+
+            return run_demo(settings, args)
+        if args.command == "serve":
+            from services.launch.demo import serve_forever
+            from services.launch.stack import Stack
+
+            stack = Stack(settings).start()
+            try:
+                serve_forever(stack)
+            finally:
+                stack.stop()
+            return 0
+        if args.command == "eval":
+            from services.launch.evaluate import run_offline_eval, run_prequential_eval
+
+            if args.eval_kind == "prequential":
+                return run_prequential_eval(settings, args, argv)
+            return run_offline_eval(settings, args)
+        if args.command == "replay":
+            from services.data import load_interactions
+            from services.embedded import check_kafka
+            from streaming.replay import replay
+
+            bootstrap = settings.infra.kafka_bootstrap
+            if not bootstrap:
+                print("promptrec replay: set --kafka-bootstrap", file=sys.stderr)
+                return 2
+            check_kafka(bootstrap)
+            sent = replay(bootstrap, settings.streaming.topic_clicks,
+                          load_interactions(settings.infra.dataset), settings.infra.dataset,
+                          args.start, args.stop)
+            print(f"sent {sent} events to {settings.streaming.topic_clicks}")
+            return 0
+    except InfrastructureError as err:
+        print(f"promptrec: {err}", file=sys.stderr)
+        return 3
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

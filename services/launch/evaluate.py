@@ -1,0 +1,54 @@
+"""`promptrec eval offline|prequential`: run an evaluation, write its result file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from bench.common import result_path, write_result
+from services.config import Settings
+
+
+def run_offline_eval(settings: Settings, args: argparse.Namespace) -> int:
+    import torch
+
+    from bench.quality import run_offline
+    from services.catalog import load_catalog
+    from services.data import load_interactions
+    from services.model import resolve_backbone_path
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    backbone = resolve_backbone_path(settings.model.backbone_path)
+    catalog = load_catalog(settings.infra.dataset, backbone, settings.infra.cache, progress=True)
+    result = run_offline(settings, catalog, load_interactions(settings.infra.dataset),
+                         steps=args.steps, eval_every=args.eval_every, max_users=args.max_users)
+    out = write_result(args.out or result_path(f"quality_{settings.infra.dataset}.json"), result)
+    print(json.dumps(result, indent=2))
+    print(f"written to {out}")
+    return 0
+
+
+def run_prequential_eval(settings: Settings, args: argparse.Namespace, argv: list[str]) -> int:
+    from bench.prequential import SampleRule
+    from bench.prequential_report import markdown_table
+    from bench.prequential_run import run_prequential
+
+    if args.window < 1 or args.sample_every < 1 or not 0 <= args.warmup < 1:
+        print("promptrec: --window and --sample-every must be >= 1, --warmup in [0, 1)",
+              file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else result_path(
+        f"prequential_{settings.infra.dataset}.json")
+    result = run_prequential(
+        settings, out, window=args.window, sample=SampleRule(args.sample_every, args.warmup),
+        arms=[a for a in args.arms.split(",") if a], max_events=args.max_events,
+        concurrency=args.concurrency,
+        command="promptrec " + " ".join(argv))
+    print(json.dumps({k: result[k] for k in ("arms", "leak_check", "rounds_published",
+                                             "wall_seconds", "plot")}, indent=2))
+    print(markdown_table(result))
+    return 0
+
+
