@@ -1,4 +1,5 @@
-"""Shared by the experiments: the result files' home and the metadata each one records."""
+"""Shared by the experiments: the popularity baseline, the result files' home and the
+metadata each one records."""
 
 from __future__ import annotations
 
@@ -8,7 +9,41 @@ import platform
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+class Popularity:
+    """The popularity baseline of every evaluation: how often each item occurred in the
+    events learned so far, the same list for every user.
+
+    counts [N] per catalog item. `ranked()` orders the catalog by count (ties in catalog
+    order); `item_table` / `encode_users` / `logits` let the offline evaluator
+    (`training.step.evaluate`) score it like a model, by log(1 + count).
+    """
+
+    def __init__(self, counts: np.ndarray):
+        self.counts = np.asarray(counts, np.int64).copy()
+
+    def add(self, index: int) -> None:
+        self.counts[index] += 1
+
+    def ranked(self) -> np.ndarray:
+        """Catalog indices [N], most counted first; ties in catalog order."""
+        return np.lexsort((np.arange(len(self.counts)), -self.counts))
+
+    def item_table(self, text_vectors: torch.Tensor) -> torch.Tensor:
+        return text_vectors
+
+    def encode_users(self, history: torch.Tensor, mask, personal=None) -> torch.Tensor:
+        return torch.zeros(history.shape[0], 1)
+
+    def logits(self, users: torch.Tensor, items) -> torch.Tensor:
+        """-> [B, N]: log(1 + count) for every user."""
+        scores = torch.as_tensor(np.log1p(self.counts), dtype=torch.float32)
+        return scores.expand(users.shape[0], -1).clone()
 
 
 def result_path(name: str) -> Path:

@@ -130,7 +130,8 @@ def measure_client(client: str, args, run: str, bulk: list, paced: list, catalog
     producer.close()
     # The raw figure swings by a third from one drain to the next on a shared machine:
     # take the median of three.
-    raw_runs = [round(RAW_DRAINS[client](bootstrap, settings.streaming.topic_clicks, settings.streaming.partitions,
+    streaming = settings.streaming
+    raw_runs = [round(RAW_DRAINS[client](bootstrap, streaming.topic_clicks, streaming.partitions,
                                          len(bulk)), 1) for _ in range(3)]
     raw_eps = float(np.median(raw_runs))
     print(f"[{client}] raw consumer: {raw_eps:,.0f} events/s (median of {raw_runs})")
@@ -152,7 +153,7 @@ def measure_client(client: str, args, run: str, bulk: list, paced: list, catalog
         now_applied = sum(ray.get([s.applied_count.remote() for s in plane.shards]))
         applied, first = _clock(applied, now_applied - applied, first)
         if applied >= len(bulk) and committed_total(
-                admin, settings.streaming.consumer_group, settings.streaming.topic_clicks) >= len(bulk):
+                admin, streaming.consumer_group, streaming.topic_clicks) >= len(bulk):
             break
         time.sleep(0.02)
     admin.close()

@@ -52,6 +52,7 @@ from typing import Protocol
 
 import numpy as np
 
+from bench.common import Popularity
 from services.events import ClickEvent
 from services.rank_metrics import K, hit_ndcg
 
@@ -209,7 +210,7 @@ class PopularityArm:
         self.item_ids = list(item_ids)
         self.position = {item: i for i, item in enumerate(self.item_ids)}
         self.history_len = history_len
-        self.counts = np.zeros(len(self.item_ids), np.int64)
+        self.popularity = Popularity(np.zeros(len(self.item_ids), np.int64))
         self.history: dict[str, list[tuple[float, str, str]]] = {}
         self.learned = Counter()
         self._ranked: list[str] | None = None
@@ -219,7 +220,7 @@ class PopularityArm:
             index = self.position.get(event.item_id)
             if index is None:  # unknown items are dead-lettered by the pipeline too
                 continue
-            self.counts[index] += 1
+            self.popularity.add(index)
             history = self.history.setdefault(event.user_id, [])
             bisect.insort(history, (event.ts, event.event_id, event.item_id))
             if len(history) > self.history_len:
@@ -230,8 +231,7 @@ class PopularityArm:
     def ranked(self) -> list[str]:
         """Every item, most counted first; ties in catalog order."""
         if self._ranked is None:
-            order = np.lexsort((np.arange(len(self.counts)), -self.counts))
-            self._ranked = [self.item_ids[i] for i in order]
+            self._ranked = [self.item_ids[i] for i in self.popularity.ranked()]
         return self._ranked
 
     def recommend(self, users: list[str], k: int) -> dict[str, Answer]:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from bench.common import Popularity
 from services.catalog import Catalog
 from services.config import Settings
 from services.data import Interactions
@@ -103,22 +104,6 @@ def leave_one_out(interactions: Interactions, catalog: Catalog, history_len: int
 
     return Split(pack("train"), pack("val"), pack("test"), pack("cold"), pack("val_cold"),
                  counts)
-
-
-class Popularity:
-    """Scores every item by its training count, for every user (same evaluator)."""
-
-    def __init__(self, counts: np.ndarray):
-        self.scores = torch.as_tensor(np.log1p(counts), dtype=torch.float32)
-
-    def item_table(self, text_vectors):
-        return text_vectors
-
-    def encode_users(self, history, mask, personal=None):
-        return torch.zeros(history.shape[0], 1)
-
-    def logits(self, users, items):
-        return self.scores.expand(users.shape[0], -1).clone()
 
 
 def pick_cold_rule(model: PromptRecModel, state: dict, split: Split, vectors: torch.Tensor,

@@ -23,8 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import run_stamp, write_result
-from services.config import Settings
-from services.config_sources import add_settings_flags, load_settings
+from services.config_sources import add_settings_flags, settings_from_flags
 from services.data import load_interactions
 from services.embedded import free_port
 from services.launch.stack import Stack
@@ -41,17 +40,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=str(RESULTS))
     add_settings_flags(parser)
     args = parser.parse_args(argv)
-    names = set(Settings.__dataclass_fields__)
-    overrides = {"data_dir": ".promptrec/bench-rounds", "namespace": "promptrec-rounds",
-                 "deploy_serve": False, "metrics_port": free_port()}
-    overrides.update({k: v for k, v in vars(args).items() if k in names and v is not None})
-    settings = load_settings(env=os.environ, overrides=overrides)
+    settings = settings_from_flags(args, env=os.environ, base={
+        "data_dir": ".promptrec/bench-rounds", "namespace": "promptrec-rounds",
+        "deploy_serve": False, "metrics_port": free_port()})
 
     stack = Stack(settings, progress=False).start(fresh=True)
     try:
         interactions = load_interactions(settings.infra.dataset, args.events)
-        sent = replay(stack.bootstrap, settings.streaming.topic_clicks, interactions, settings.infra.dataset,
-                      progress=False)
+        sent = replay(stack.bootstrap, settings.streaming.topic_clicks, interactions,
+                      settings.infra.dataset, progress=False)
         stack.wait_handled(sent, timeout_s=600)
         time.sleep(settings.streaming.log_flush_s * 2)  # the consumers' last event-log flush
         rounds = []
@@ -77,7 +74,8 @@ def main(argv: list[str] | None = None) -> dict:
         "later_round_overhead_share_median": round(float(np.median(
             [r["overhead_share"] for r in later])), 3) if later else None,
         "ray_train_runs_started": runs_started,
-        "train_workers": settings.training.train_workers, "train_steps": settings.training.train_steps,
+        "train_workers": settings.training.train_workers,
+        "train_steps": settings.training.train_steps,
         "batch_size": settings.training.batch_size, "use_gpu": settings.training.use_gpu,
         "events": sent,
         "per_round": rounds,

@@ -45,7 +45,7 @@ from ray import serve
 from bench.check import VersionChecker, perturbed_prompt
 from bench.load import Background, Result, closed_loop, open_loop, percentile
 from services.config import Settings
-from services.config_sources import add_settings_flags, load_settings
+from services.config_sources import add_settings_flags, settings_from_flags
 from services.data import load_interactions
 from services.embedded import free_port
 from services.launch.stack import Stack
@@ -200,14 +200,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="bench/results/serve.json")
     add_settings_flags(parser)
     args = parser.parse_args(argv)
-    names = set(Settings.__dataclass_fields__)
-    overrides = {"data_dir": ".promptrec/bench", "namespace": "promptrec-bench",
-                 "num_consumers": 1}
-    overrides.update({k: v for k, v in vars(args).items() if k in names and v is not None})
     started = time.time()
     load_before = os.getloadavg()
 
-    settings = _fresh_ports(load_settings(env=os.environ, overrides=overrides))
+    settings = _fresh_ports(settings_from_flags(args, env=os.environ, base={
+        "data_dir": ".promptrec/bench", "namespace": "promptrec-bench", "num_consumers": 1}))
     stack = Stack(settings, progress=False).start(fresh=True)
     try:
         report = _run(stack, settings, args)

@@ -30,7 +30,8 @@ HOUR_MS = 3_600_000
 def topic_plan(settings: Settings, retention_hours: float, dlq_retention_hours: float
                ) -> tuple[dict[str, int], dict[str, dict[str, str]]]:
     """({topic: partitions}, {topic: configs}) for the click and dead-letter topics."""
-    partitions = {settings.streaming.topic_clicks: settings.streaming.partitions, settings.streaming.topic_dlq: 1}
+    streaming = settings.streaming
+    partitions = {streaming.topic_clicks: streaming.partitions, streaming.topic_dlq: 1}
     configs = {
         # Long enough to replay from the oldest shard snapshot after an outage.
         settings.streaming.topic_clicks: {"cleanup.policy": "delete",

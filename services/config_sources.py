@@ -66,10 +66,13 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, dest=f.name, default=None, type=str, help=help_text)
 
 
-def settings_from_flags(namespace: argparse.Namespace,
-                        env: Mapping[str, str] | None = None) -> Settings:
+def settings_from_flags(namespace: argparse.Namespace, env: Mapping[str, str] | None = None,
+                        base: Mapping[str, Any] | None = None) -> Settings:
+    """Settings from parsed `add_settings_flags` flags; `base` (a tool's own defaults, by
+    flat name) wins over the env and loses to a flag given on the command line."""
     names = {f.name for _, f in setting_fields()}
-    overrides = {k: v for k, v in vars(namespace).items() if k in names}
+    overrides = dict(base or {})
+    overrides.update({k: v for k, v in vars(namespace).items() if k in names and v is not None})
     return load_settings(env=env, overrides=overrides)
 
 

@@ -42,7 +42,8 @@ def stack(tmp_path_factory):
         "namespace": "promptrec-e2e", "cache_dir": str(TEST_CACHE)})
     stack = Stack(settings, progress=False).start(fresh=True)
     interactions = load_interactions("ml-100k", REPLAYED)
-    sent = replay(stack.bootstrap, settings.streaming.topic_clicks, interactions, "ml-100k", progress=False)
+    sent = replay(stack.bootstrap, settings.streaming.topic_clicks, interactions, "ml-100k",
+                  progress=False)
     users, counts = np.unique(interactions.user_ids.astype(str), return_counts=True)
     ACTIVE_USERS[:] = list(users[np.argsort(-counts)][:3])
     assert stack.wait_handled(sent, timeout_s=120)["handled"] == sent
@@ -112,7 +113,8 @@ def test_the_bad_input_corpus_goes_to_the_dead_letter_topic(stack):
             break
     dlq.close()
     assert sorted(h["reason"].decode() for _, h in dead) == sorted(r for _, _, r in sendable)
-    assert all(h["source"].startswith(stack.settings.streaming.topic_clicks.encode()) for _, h in dead)
+    topic = stack.settings.streaming.topic_clicks.encode()
+    assert all(h["source"].startswith(topic) for _, h in dead)
     # Nothing is lost: the oversized payload is dead-lettered whole.
     assert max(len(v) for v, _ in dead) > 1 << 20
     totals = stack.streaming.stats()["totals"]

@@ -60,7 +60,8 @@ def run_demo(settings: Settings, args: argparse.Namespace) -> int:
         print(f"\n== replaying {len(interactions):,} {settings.infra.dataset} events into Kafka "
               f"(+{len(BAD_EVENTS)} malformed ones)")
         t = time.monotonic()
-        sent = replay(stack.bootstrap, settings.streaming.topic_clicks, interactions, settings.infra.dataset)
+        sent = replay(stack.bootstrap, settings.streaming.topic_clicks, interactions,
+                      settings.infra.dataset)
         producer = make_producer(stack.bootstrap)
         for key, value in BAD_EVENTS:
             producer.send(settings.streaming.topic_clicks, key=key, value=value)

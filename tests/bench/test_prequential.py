@@ -40,7 +40,7 @@ def test_popularity_counts_breaks_ties_by_catalog_order_and_masks_like_serving()
     assert pop.recommend(["u"], 3)["u"] == Answer(["b", "d", "a"], 3)
     assert pop.recommend(["new"], 2)["new"] == Answer(["c", "b"], 0)
     pop.learn([_event(7, "x", "unknown-item")])  # dead-lettered by the pipeline: not counted
-    assert pop.learned["x"] == 0 and int(pop.counts.sum()) == 6
+    assert pop.learned["x"] == 0 and int(pop.popularity.counts.sum()) == 6
 
 
 class RememberingSystem:

@@ -3,7 +3,8 @@ import json
 import numpy as np
 import torch
 
-from bench.quality import Popularity, is_cold, leave_one_out
+from bench.common import Popularity
+from bench.quality import is_cold, leave_one_out
 from services.catalog import Catalog
 from services.data import Interactions, Item
 from services.model import default_backbone_path

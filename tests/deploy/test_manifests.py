@@ -127,7 +127,8 @@ def test_rayservice_images_and_ray_version_are_the_projects():
 def test_rayservice_ports_are_the_settings_defaults():
     for name, group in groups().items():
         assert ports(group)["metrics"] == DEFAULTS.infra.metrics_port, name
-        assert group["rayStartParams"]["metrics-export-port"] == str(DEFAULTS.infra.metrics_port), name
+        export_port = group["rayStartParams"]["metrics-export-port"]
+        assert export_port == str(DEFAULTS.infra.metrics_port), name
     head = groups()["head"]
     assert ports(head)["serve"] == DEFAULTS.serving.http_port
     assert ports(head)["client"] == 10001 and ports(head)["gcs-server"] == 6379

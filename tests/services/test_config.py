@@ -4,7 +4,12 @@ import dataclasses
 import pytest
 
 from services.config import SECTIONS, ConfigError, Settings, section_of, setting_fields
-from services.config_sources import add_settings_flags, cli_settings, load_settings
+from services.config_sources import (
+    add_settings_flags,
+    cli_settings,
+    load_settings,
+    settings_from_flags,
+)
 
 
 def test_env_then_flags_override_defaults():
@@ -81,3 +86,12 @@ def test_flat_settings_round_trip_through_the_sources():
     settings = load_settings(env={}, overrides={"num_replicas": 3, "causal": False})
     again = load_settings(env={}, overrides={k: str(v) for k, v in settings.flat().items()})
     assert again == settings
+
+
+def test_a_tools_own_defaults_lose_to_flags_and_win_over_the_env():
+    parser = argparse.ArgumentParser()
+    add_settings_flags(parser)
+    args = parser.parse_args(["--num-shards", "4"])
+    env = {"PROMPTREC_NUM_SHARDS": "3", "PROMPTREC_NAMESPACE": "from-env"}
+    settings = settings_from_flags(args, env=env, base={"num_shards": 1, "namespace": "tool"})
+    assert (settings.streaming.num_shards, settings.infra.namespace) == (4, "tool")
