@@ -49,7 +49,7 @@ def _cell(text: str) -> str:
 
 def _row(f: dataclasses.Field) -> str:
     rule = RULES[f.metadata["rule"]] if f.metadata["rule"] else ""
-    kind = getattr(f.type, "__name__", f.type)  # a string under `from __future__ import annotations`
+    kind = getattr(f.type, "__name__", f.type)  # a str under `from __future__ import annotations`
     cells = (f"`{f.name}`", f"`--{f.name.replace('_', '-')}`", f"`{ENV_PREFIX}{f.name.upper()}`",
              f"`{kind}`", f"`{f.default!r}`", rule, f.metadata["help"].replace("<", "&lt;"))
     return "| " + " | ".join(_cell(c) for c in cells) + " |"
