@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 
-from services.config import ENV_PREFIX, Settings, setting_fields
+from services.config import ENV_PREFIX, ConfigError, Settings, setting_fields
 
 COMMAND = "python -m services.config_docs > docs/configuration.md"
 
@@ -37,8 +37,13 @@ Every setting has one flat name, used three ways; later ones win:
 3. a command-line flag `--<name>` (`-` for `_`; booleans also take `--no-<name>`).
 
 `validate()` checks each setting's rule at start-up. A bad value stops start-up with an
-error that names the setting and its variable. Rules that tie two settings together
-(for example `num_consumers` ≤ `partitions`) live in the section's `check()`.
+error that names the setting and its variable. Rules that tie two settings together live
+in the section's `check()`, for example:
+
+```
+{{example}}
+```
+
 `promptrec <command> --help` lists the same settings as flags.
 """
 
@@ -55,9 +60,18 @@ def _row(f: dataclasses.Field) -> str:
     return "| " + " | ".join(_cell(c) for c in cells) + " |"
 
 
+def _example_error() -> str:
+    """The error a cross-setting rule raises, from the code itself."""
+    try:
+        Settings().replace(num_consumers=Settings().streaming.partitions + 5)
+    except ConfigError as err:
+        return str(err)
+    raise AssertionError("num_consumers > partitions was accepted")
+
+
 def render() -> str:
     """The whole of docs/configuration.md."""
-    parts = [HEADER]
+    parts = [HEADER.replace("{example}", _example_error())]
     for section, fields in itertools.groupby(setting_fields(), key=lambda pair: pair[0]):
         kind = type(getattr(Settings(), section)).__name__
         parts.append(f"\n## `{section}` ({kind})\n\n{INTROS[section]}\n\n"
