@@ -7,7 +7,7 @@ ARGS ?=
 PYTEST_ARGS ?=
 
 .PHONY: setup demo test test-quick lint clean prometheus bench-ingest bench-serve bench-rounds \
-	eval-prequential
+	eval-prequential docs
 
 setup: $(STAMP)
 
@@ -37,6 +37,9 @@ bench-serve: setup  # writes bench/results/serve.json (~5 min); ARGS="--help" fo
 
 lint: setup
 	$(VENV)/bin/ruff check .
+
+docs: setup  # regenerates docs/configuration.md from services/config.py (tests/test_docs.py checks it)
+	$(PY) -m services.config_docs > docs/configuration.md
 
 clean:
 	rm -rf .promptrec build *.egg-info
