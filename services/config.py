@@ -28,11 +28,19 @@ DATASETS = ("ml-100k", "ml-1m")
 KAFKA_CLIENTS = ("kafka-python", "confluent-kafka")
 
 
+def env_name(setting: str) -> str:
+    return ENV_PREFIX + setting.upper()
+
+
+def flag_name(setting: str) -> str:
+    return "--" + setting.replace("_", "-")
+
+
 class ConfigError(ValueError):
     """A setting has a value the service cannot start with."""
 
     def __init__(self, setting: str, message: str):
-        super().__init__(f"invalid setting {setting!r} ({ENV_PREFIX}{setting.upper()}): {message}")
+        super().__init__(f"invalid setting {setting!r} ({env_name(setting)}): {message}")
         self.setting = setting
 
 

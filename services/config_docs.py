@@ -10,7 +10,14 @@ from __future__ import annotations
 import dataclasses
 import itertools
 
-from services.config import ENV_PREFIX, ConfigError, Settings, setting_fields
+from services.config import (
+    ENV_PREFIX,
+    ConfigError,
+    Settings,
+    env_name,
+    flag_name,
+    setting_fields,
+)
 
 COMMAND = "python -m services.config_docs > docs/configuration.md"
 
@@ -55,7 +62,7 @@ def _cell(text: str) -> str:
 def _row(f: dataclasses.Field) -> str:
     rule = RULES[f.metadata["rule"]] if f.metadata["rule"] else ""
     kind = getattr(f.type, "__name__", f.type)  # a str under `from __future__ import annotations`
-    cells = (f"`{f.name}`", f"`--{f.name.replace('_', '-')}`", f"`{ENV_PREFIX}{f.name.upper()}`",
+    cells = (f"`{f.name}`", f"`{flag_name(f.name)}`", f"`{env_name(f.name)}`",
              f"`{kind}`", f"`{f.default!r}`", rule, f.metadata["help"].replace("<", "&lt;"))
     return "| " + " | ".join(_cell(c) for c in cells) + " |"
 

@@ -13,10 +13,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any, get_type_hints
 
 from services.config import (
-    ENV_PREFIX,
     SECTIONS,
     ConfigError,
     Settings,
+    env_name,
+    flag_name,
     section_of,
     setting_fields,
 )
@@ -37,7 +38,7 @@ def load_settings(env: Mapping[str, str] | None = None,
     types = _types()
     values: dict[str, Any] = {}
     for _, f in setting_fields():
-        raw = env.get(ENV_PREFIX + f.name.upper())
+        raw = env.get(env_name(f.name))
         if raw is not None:
             values[f.name] = _parse(f.name, types[f.name], raw)
     for name, value in (overrides or {}).items():
@@ -57,7 +58,7 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
     types = _types()
     group = parser.add_argument_group("settings (each also PROMPTREC_<NAME> in the env)")
     for _, f in setting_fields():
-        flag = "--" + f.name.replace("_", "-")
+        flag = flag_name(f.name)
         help_text = f"{f.metadata.get('help', '')} [default: {f.default!r}]"
         if types[f.name] is bool:
             group.add_argument(flag, dest=f.name, default=None,

@@ -65,3 +65,11 @@ def test_the_import_rule_catches_each_kind_of_violation():
     assert not forbidden("services.launch.stack", "serving.app")
     assert not forbidden("training.round", "services.registry")
     assert not forbidden("bench.serve", "serving.app")
+
+
+def test_every_module_does_one_job_in_at_most_300_lines():
+    modules = [p for p in sorted(ROOT.glob("*/**/*.py"))
+               if p.relative_to(ROOT).parts[0] in ("services", *PLANES, "bench", "deploy")]
+    long = {module_name(p): n for p in modules
+            if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES}
+    assert not long, f"modules over {MAX_MODULE_LINES} lines (split them by job): {long}"
