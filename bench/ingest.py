@@ -33,11 +33,11 @@ import ray
 from kafka import KafkaAdminClient
 
 from bench.common import run_stamp, write_result
+from services.backbone import resolve_backbone_path
 from services.catalog import load_catalog
 from services.config_sources import load_settings
 from services.data import load_interactions
 from services.embedded import EmbeddedBroker, ensure_topics, free_port, start_ray
-from services.model import resolve_backbone_path
 from streaming.kafka_client import CLIENTS
 from streaming.plane import start_streaming
 from streaming.replay import make_producer, send_events
@@ -130,8 +130,9 @@ def measure_client(client: str, args, run: str, bulk: list, paced: list, catalog
     producer.close()
     # The raw figure swings by a third from one drain to the next on a shared machine:
     # take the median of three.
-    raw_runs = [round(RAW_DRAINS[client](bootstrap, settings.streaming.topic_clicks, settings.streaming.partitions,
-                                         len(bulk)), 1) for _ in range(3)]
+    raw_runs = [round(RAW_DRAINS[client](bootstrap, settings.streaming.topic_clicks,
+                                         settings.streaming.partitions, len(bulk)), 1)
+                for _ in range(3)]
     raw_eps = float(np.median(raw_runs))
     print(f"[{client}] raw consumer: {raw_eps:,.0f} events/s (median of {raw_runs})")
 
@@ -152,7 +153,8 @@ def measure_client(client: str, args, run: str, bulk: list, paced: list, catalog
         now_applied = sum(ray.get([s.applied_count.remote() for s in plane.shards]))
         applied, first = _clock(applied, now_applied - applied, first)
         if applied >= len(bulk) and committed_total(
-                admin, settings.streaming.consumer_group, settings.streaming.topic_clicks) >= len(bulk):
+                admin, settings.streaming.consumer_group,
+                settings.streaming.topic_clicks) >= len(bulk):
             break
         time.sleep(0.02)
     admin.close()
