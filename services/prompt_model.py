@@ -163,7 +163,6 @@ class PromptRecModel(nn.Module):
             return self.logits(users, items)
         return self.logits(self.encode_users(history, history_mask, personal), items)
 
-
     def weights(self) -> PromptWeights:
         """The current weights, detached, on the CPU (a new version to encode or keep)."""
         def copy(param: nn.Parameter | None) -> torch.Tensor | None:
