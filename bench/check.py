@@ -14,7 +14,9 @@ import numpy as np
 import torch
 
 from services.catalog import Catalog
-from services.model import PromptRecModel, prompt_from_bytes
+from services.decoded import decode_version
+from services.prompt_model import PromptRecModel
+from services.weights import PromptWeights
 from serving.ranking import encode_histories, ranking_mismatch
 
 
@@ -26,8 +28,9 @@ class VersionChecker:
 
     def _model(self, version: int) -> PromptRecModel:
         if version not in self._models:
-            state = prompt_from_bytes(self.fetch_blob(version), self.catalog.vectors.shape[1])
-            self._models[version] = PromptRecModel(self.encoder, state)
+            weights = decode_version(version, self.fetch_blob(version),
+                                     self.catalog.vectors.shape[1])
+            self._models[version] = PromptRecModel(self.encoder, weights)
         return self._models[version]
 
     def expected_scores(self, version: int, history: list[int], personal=None) -> torch.Tensor:
@@ -56,11 +59,11 @@ class VersionChecker:
                                 history, returned, k)
 
 
-def perturbed_prompt(base: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
-    """A distinct, reproducible prompt version: base soft prompt [P, H] plus seeded noise
-    (so rankings change) and a different temperature (so every score changes)."""
+def perturbed_prompt(base: PromptWeights, seed: int) -> PromptWeights:
+    """A distinct, reproducible plain version (soft prompt and temperature only): base
+    soft prompt [P, H] plus seeded noise (so rankings change) and a different temperature
+    (so every score changes)."""
     gen = torch.Generator().manual_seed(seed)
-    prompt = base["soft_prompt"]
+    prompt = base.soft_prompt
     noise = torch.randn(prompt.shape, generator=gen) * prompt.std() * 0.5
-    return {"soft_prompt": prompt + noise,
-            "logit_scale": base["logit_scale"] + 0.02 * (1 + seed % 50)}
+    return PromptWeights.plain(prompt + noise, base.logit_scale + 0.02 * (1 + seed % 50))

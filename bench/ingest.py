@@ -33,11 +33,11 @@ import ray
 from kafka import KafkaAdminClient
 
 from bench.common import run_stamp, write_result
+from services.backbone import resolve_backbone_path
 from services.catalog import load_catalog
 from services.config_sources import load_settings
 from services.data import load_interactions
 from services.embedded import EmbeddedBroker, ensure_topics, free_port, start_ray
-from services.model import resolve_backbone_path
 from streaming.kafka_client import CLIENTS
 from streaming.plane import start_streaming
 from streaming.replay import make_producer, send_events

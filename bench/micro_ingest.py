@@ -24,10 +24,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from services.backbone import resolve_backbone_path
 from services.catalog import load_catalog
 from services.data import load_interactions
 from services.events import InvalidEvent, decode_batch, decode_event
-from services.model import resolve_backbone_path
 from streaming.shard import ShardEvents, UserStateShard
 
 

@@ -22,18 +22,12 @@ import numpy as np
 import torch
 
 from bench.common import Popularity
+from services.backbone import load_backbone, resolve_backbone_path
 from services.catalog import Catalog
 from services.config import Settings
 from services.data import Interactions
-from services.model import (
-    PromptRecModel,
-    has_item_weights,
-    initial_prompt_state,
-    load_backbone,
-    prompt_to_bytes,
-    resolve_backbone_path,
-    unseen_items_fall_back_to_text,
-)
+from services.prompt_model import PromptRecModel
+from services.weights import PromptWeights, initial_weights, unseen_items_fall_back_to_text
 from training.examples import PAD, Examples
 from training.step import evaluate, make_optimizer, train_step
 
@@ -106,22 +100,22 @@ def leave_one_out(interactions: Interactions, catalog: Catalog, history_len: int
                  counts)
 
 
-def pick_cold_rule(model: PromptRecModel, state: dict, split: Split, vectors: torch.Tensor,
-                   personal_alpha: float) -> tuple[str, dict[str, float]]:
-    """Load `state` with the unseen-item rule that ranks cold validation targets best
+def pick_cold_rule(model: PromptRecModel, weights: PromptWeights, split: Split,
+                   vectors: torch.Tensor, personal_alpha: float) -> tuple[str, dict[str, float]]:
+    """Load `weights` with the unseen-item rule that ranks cold validation targets best
     ("text": zero token, mean bias; "neighbours": those of the nearest seen items by
     text); ties keep "text". -> (rule, validation cold HR@10 per rule)."""
     seen = split.train_item_counts > 0
-    candidates = {"text": unseen_items_fall_back_to_text(state, seen)}
-    if has_item_weights(state):  # otherwise the neighbours rule changes nothing
-        candidates["neighbours"] = unseen_items_fall_back_to_text(state, seen, vectors)
+    candidates = {"text": unseen_items_fall_back_to_text(weights, seen)}
+    if weights.has_item_weights:  # otherwise the neighbours rule changes nothing
+        candidates["neighbours"] = unseen_items_fall_back_to_text(weights, seen, vectors)
     scores = {}
     for name, candidate in candidates.items():
-        model.load_prompt_state(candidate)
+        model.load_weights(candidate)
         scores[name] = round(evaluate(model, split.val_cold, vectors,
                                       personal_alpha=personal_alpha)["hr10"], 4)
     rule = max(scores, key=lambda name: (scores[name], name == "text"))
-    model.load_prompt_state(candidates[rule])
+    model.load_weights(candidates[rule])
     return rule, scores
 
 
@@ -143,12 +137,12 @@ def run_offline(settings: Settings, catalog: Catalog, interactions: Interactions
     pop_cold = evaluate(pop, split.test_cold, vectors)
 
     tokenizer, encoder = load_backbone(resolve_backbone_path(model_config.backbone_path))
-    model = PromptRecModel(encoder, initial_prompt_state(tokenizer, encoder, model_config,
-                                                         num_items=len(catalog)))
+    model = PromptRecModel(encoder, initial_weights(tokenizer, encoder, model_config,
+                                                    num_items=len(catalog)))
     optimizer = make_optimizer(model, learning_rate, item_token_lr)
     rng = np.random.default_rng(seed)
     best = (evaluate(model, split.val, vectors, personal_alpha=personal_alpha)["ndcg10"],
-            model.prompt_state(), 0)
+            model.weights(), 0)
     step_iter = range(1, steps + 1)
     if progress:
         from tqdm import tqdm
@@ -161,9 +155,9 @@ def run_offline(settings: Settings, catalog: Catalog, interactions: Interactions
         if (eval_every and step % eval_every == 0) or step == steps:
             val = evaluate(model, split.val, vectors, personal_alpha=personal_alpha)["ndcg10"]
             if val >= best[0]:  # the validation split picks the weights, never the test
-                best = (val, model.prompt_state(), step)
+                best = (val, model.weights(), step)
     train_seconds = time.monotonic() - started
-    model.load_prompt_state(best[1])
+    model.load_weights(best[1])
     cold_rule, cold_rule_val = pick_cold_rule(model, best[1], split, vectors, personal_alpha)
     test = evaluate(model, split.test, vectors, personal_alpha=personal_alpha)
     cold = evaluate(model, split.test_cold, vectors, personal_alpha=personal_alpha)
@@ -183,7 +177,7 @@ def run_offline(settings: Settings, catalog: Catalog, interactions: Interactions
         "final_loss": round(float(np.mean(losses[-20:])), 4) if losses else None,
         "trainable_params": model.trainable_parameters(), "backbone_params": backbone_params,
         "trainable_share": round(model.trainable_parameters() / backbone_params, 6),
-        "weights_bytes": len(prompt_to_bytes(model.prompt_state())),
+        "weights_bytes": len(model.weights().to_bytes()),
         "per_user_state_floats": model.hidden_size, "train_seconds": round(train_seconds, 1),
         "train_examples": len(split.train), "test_users": test["n"],
         "items": len(catalog),

@@ -44,18 +44,14 @@ from ray import serve
 
 from bench.check import VersionChecker, perturbed_prompt
 from bench.load import Background, Result, closed_loop, open_loop, percentile
+from services.backbone import load_backbone, resolve_backbone_path
 from services.config import Settings
 from services.config_sources import add_settings_flags, settings_from_flags
 from services.data import load_interactions
 from services.embedded import free_port
 from services.launch.stack import Stack
-from services.model import (
-    load_backbone,
-    prompt_from_bytes,
-    prompt_to_bytes,
-    resolve_backbone_path,
-)
 from services.naming import shard_actor, shard_for_user
+from services.weights import decode_weights
 from serving.app import build_app
 from streaming.replay import replay
 
@@ -255,8 +251,8 @@ def _prepare(stack: Stack, settings: Settings, args, apps: list[tuple[str, str, 
     """Replay events, deploy the side apps, pick the user pool, warm everything.
     -> (pool, {user: state}, request maker)."""
     interactions = load_interactions(settings.infra.dataset, args.events)
-    sent = replay(stack.bootstrap, settings.streaming.topic_clicks, interactions, settings.infra.dataset,
-                  progress=False)
+    sent = replay(stack.bootstrap, settings.streaming.topic_clicks, interactions,
+                  settings.infra.dataset, progress=False)
     stack.wait_handled(sent, timeout_s=600)
     _log(f"replayed {sent} events")
     for name, prefix, changes in apps:
@@ -324,14 +320,14 @@ def _run(stack: Stack, settings: Settings, args) -> dict:
         _log(f"throughput {name}: {throughput[name]['ok_per_s']} ok/s")
 
     # 3. Hot swaps under the offered load.
-    base_prompt = prompt_from_bytes(ray.get(stack.registry.serving.remote())["blob"])
+    base_prompt = decode_weights(ray.get(stack.registry.serving.remote())["blob"])
     swap_cache_start = _cache_counts(base, replicas)
     load = Background(base, make, args.rps, max_requests=10**6, max_seconds=1800)
     swap_ms, client_seen_ms = [], []
     try:
         time.sleep(args.dwell)
         for seed in range(args.swaps):
-            blob = prompt_to_bytes(perturbed_prompt(base_prompt, seed))
+            blob = perturbed_prompt(base_prompt, seed).to_bytes()
             t0 = time.perf_counter()
             version = ray.get(stack.registry.publish.remote(blob, {"source": "bench.serve"}))
             live = stack.wait_all_replicas(version, timeout_s=60, poll_s=0.02)

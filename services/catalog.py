@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from services.backbone import backbone_fingerprint, embed_texts, load_backbone
 from services.data import Item, load_items
-from services.model import backbone_fingerprint, embed_texts, load_backbone
 
 
 @dataclass

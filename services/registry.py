@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from services.model import BadPromptWeights, prompt_from_bytes
+from services.decoded import decode_version
+from services.weights import BadPromptWeights, decode_weights
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ class PromptRegistry:
         blob = self._path(entry["version"]).read_bytes()
         if hashlib.sha256(blob).hexdigest() != entry["sha256"]:
             raise BadPromptWeights(f"checksum mismatch for version {entry['version']}")
-        prompt_from_bytes(blob, self.hidden_size)
+        decode_version(entry["version"], blob, self.hidden_size)  # every read: parse once
         return blob
 
     def _set_serving(self, version: int) -> None:
@@ -88,7 +89,7 @@ class PromptRegistry:
     # --- API ---------------------------------------------------------
     async def publish(self, blob: bytes, meta: dict[str, Any] | None = None) -> int:
         """Store new weights (checked first) and make them the serving version."""
-        prompt_from_bytes(blob, self.hidden_size)
+        decode_weights(blob, self.hidden_size)
         version = max(self._versions, default=0) + 1
         path = self._path(version)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -148,6 +149,6 @@ def start_registry(settings, hidden_size: int):
     from services.naming import REGISTRY_ACTOR
 
     actor_cls = ray.remote(PromptRegistry)
-    return actor_cls.options(name=REGISTRY_ACTOR, namespace=settings.infra.namespace, get_if_exists=True,
-                             num_cpus=0, max_concurrency=1000).remote(
+    return actor_cls.options(name=REGISTRY_ACTOR, namespace=settings.infra.namespace,
+                             get_if_exists=True, num_cpus=0, max_concurrency=1000).remote(
         str(settings.infra.root / "registry"), hidden_size)

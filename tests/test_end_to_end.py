@@ -20,7 +20,7 @@ from services.embedded import free_port
 from services.events import ClickEvent
 from services.launch.stack import Stack
 from services.metrics import parse_prometheus
-from services.model import prompt_to_bytes
+from services.weights import PromptWeights
 from streaming.replay import make_producer, replay, send_events
 from tests.conftest import TEST_CACHE
 
@@ -199,9 +199,10 @@ def _unlogged_items_take_their_text_neighbours_weights(stack, version: int) -> N
     """The round trained item tokens and biases (DDP over 2 workers) and gave every item
     that no logged event names the mean weights of its 10 nearest logged items by text."""
     from services.eventlog import read_event_log
-    from services.model import prompt_from_bytes
+    from services.weights import decode_weights
 
-    state = prompt_from_bytes(ray.get(stack.registry.get.remote(version))["blob"])
+    weights = decode_weights(ray.get(stack.registry.get.remote(version))["blob"])
+    state = weights.tensors()
     logged = sorted({stack.catalog.index[i] for i in read_event_log(
         str(stack.settings.infra.root / "eventlog"))["item_id"].to_pylist()})
     unlogged = sorted(set(range(len(stack.catalog))) - set(logged))
@@ -219,8 +220,7 @@ def test_gate_rejects_non_finite_weights(stack):
     from training.round import RoundResult
 
     before = ray.get(stack.registry.serving_version.remote())
-    bad = prompt_to_bytes({"soft_prompt": torch.full((16, 384), float("nan")),
-                           "logit_scale": torch.tensor(1.0)})
+    bad = PromptWeights.plain(torch.full((16, 384), float("nan")), torch.tensor(1.0)).to_bytes()
     result = RoundResult(round=99, outcome="", reason="", version=None, serving_version=before,
                          train_examples=0, val_examples=0, loss=None, candidate_ndcg10=None,
                          serving_ndcg10=None, candidate_hr10=None, serving_hr10=None,

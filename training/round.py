@@ -17,18 +17,16 @@ import pyarrow.compute as pc
 import ray
 
 from services import metrics
+from services.backbone import load_backbone, resolve_backbone_path
 from services.catalog import Catalog
 from services.config import Settings
+from services.decoded import decode_version
 from services.eventlog import read_event_log
-from services.model import (
+from services.prompt_model import PromptRecModel
+from services.weights import (
     BadPromptWeights,
-    PromptRecModel,
-    has_item_weights,
-    load_backbone,
-    prompt_from_bytes,
-    prompt_structure,
-    prompt_to_bytes,
-    resolve_backbone_path,
+    PromptWeights,
+    decode_weights,
     unseen_items_fall_back_to_text,
 )
 from training.examples import Examples, build_examples
@@ -79,16 +77,16 @@ class RoundRunner:
         self.last_ingest_ts = 0.0
         self._backbone_path = str(resolve_backbone_path(settings.model.backbone_path))
         self._gate_model: PromptRecModel | None = None
-        self.trainer = LongLivedTrainer(settings, self._backbone_path)
+        self.trainer = LongLivedTrainer(settings)
 
-    def _evaluate(self, blob: bytes, examples: Examples) -> dict[str, float]:
-        state = prompt_from_bytes(blob)
+    def _evaluate(self, weights: PromptWeights, examples: Examples) -> dict[str, float]:
         if self._gate_model is None:
             _, encoder = load_backbone(self._backbone_path)
-            self._gate_model = PromptRecModel(encoder, state)
-        elif prompt_structure(state) != self._gate_model.structure():
-            self._gate_model = PromptRecModel(self._gate_model.encoder, state)
-        self._gate_model.load_prompt_state(state)
+            self._gate_model = PromptRecModel(encoder, weights)
+        elif weights.structure != self._gate_model.structure:
+            self._gate_model = PromptRecModel(self._gate_model.encoder, weights)
+        else:
+            self._gate_model.load_weights(weights)
         return evaluate(self._gate_model, examples, self.catalog.vectors,
                         personal_alpha=self.settings.streaming.personal_alpha)
 
@@ -116,13 +114,12 @@ class RoundRunner:
             newest_ingest = float(np.max(log_table["ingest_ts"].to_numpy()))
             fit_started = time.monotonic()
             out = self.trainer.train(train, self.catalog.vectors.numpy(), serving["blob"],
-                                     seed=self.round)
+                                     seed=self.round, warm_version=serving["version"])
             result.fit_seconds = time.monotonic() - fit_started
             result.train_seconds, result.started_run = out.train_seconds, out.started_run
             result.loss = out.loss
-            candidate_blob = self._unseen_items_fall_back_to_text(out.blob, log_table)
             metrics.training_loss().set(out.loss)
-            self._gate(result, candidate_blob, serving, val)
+            self._gate(result, out.blob, serving, val, self._logged_items(log_table))
             self.last_ingest_ts = newest_ingest
         except Exception as err:  # noqa: BLE001 - a failed round must not stop the service
             log.exception("training round %d failed", self.round)
@@ -133,30 +130,33 @@ class RoundRunner:
             log.info("training round %d: %s %s", self.round, result.outcome, result.reason)
         return result
 
-    def _unseen_items_fall_back_to_text(self, blob: bytes, log_table) -> bytes:
-        """Items with no event in the log yet take the weights of their nearest logged items
-        by text (the rule offline evaluation picked on ML-1M validation); without per-item
-        weights the blob is returned as it is."""
-        state = prompt_from_bytes(blob)
-        if not has_item_weights(state):
-            return blob
+    def _logged_items(self, log_table) -> np.ndarray:
+        """[N] bool: catalog items that some event in the log names."""
         seen = np.zeros(len(self.catalog), bool)
         logged = pc.unique(log_table["item_id"]).to_pylist()
         seen[[self.catalog.index[i] for i in logged if i in self.catalog.index]] = True
-        return prompt_to_bytes(unseen_items_fall_back_to_text(state, seen, self.catalog.vectors))
+        return seen
 
     def close(self) -> None:
         """End the long-lived training run (its workers exit after their round)."""
         self.trainer.stop()
 
-    def _gate(self, result: RoundResult, candidate: bytes, serving: dict, val: Examples) -> None:
+    def _gate(self, result: RoundResult, candidate: bytes, serving: dict, val: Examples,
+              logged: np.ndarray | None = None) -> None:
+        """Decode the candidate once, give unlogged items their text neighbours' weights
+        (`logged` [N] bool; the rule offline evaluation picked on ML-1M validation), then
+        publish it if it holds up against the serving version on `val`."""
         try:
-            prompt_from_bytes(candidate, self.catalog.vectors.shape[1])
+            weights = decode_weights(candidate, self.catalog.vectors.shape[1])
         except BadPromptWeights as err:
             result.outcome, result.reason = "rejected", f"weights refused: {err}"
             return
-        cand = self._evaluate(candidate, val)
-        base = self._evaluate(serving["blob"], val)
+        if logged is not None and weights.has_item_weights:
+            weights = unseen_items_fall_back_to_text(weights, logged, self.catalog.vectors)
+            candidate = weights.to_bytes()
+        cand = self._evaluate(weights, val)
+        # The serving version is the same for many rounds: decoded once per process.
+        base = self._evaluate(decode_version(serving["version"], serving["blob"]), val)
         result.candidate_ndcg10, result.candidate_hr10 = cand["ndcg10"], cand["hr10"]
         result.serving_ndcg10, result.serving_hr10 = base["ndcg10"], base["hr10"]
         if len(val) and cand["ndcg10"] < base["ndcg10"] - self.settings.training.gate_margin:

@@ -27,14 +27,10 @@ import numpy as np
 import ray
 import torch
 
+from services.backbone import load_backbone, resolve_backbone_path
 from services.config import Settings
-from services.model import (
-    PromptRecModel,
-    load_backbone,
-    prompt_from_bytes,
-    prompt_structure,
-    prompt_to_bytes,
-)
+from services.decoded import decode_version
+from services.prompt_model import PromptRecModel
 from training.examples import Examples
 from training.step import make_optimizer, train_step
 
@@ -113,16 +109,20 @@ class RoundBoard:
 
 
 def rounds_loop_per_worker(config: dict) -> None:
-    """Runs in each Ray Train worker for the life of the run, one round after another."""
+    """Runs in each Ray Train worker for the life of the run, one round after another.
+
+    config: "board" (the RoundBoard), "settings" (the whole Settings: the model section
+    names the backbone, the training section the steps and rates), "threads".
+    """
     import ray.train
     import ray.train.torch
 
-    board = config["board"]
+    board, s = config["board"], config["settings"]
     torch.set_num_threads(config["threads"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    _, encoder = load_backbone(config["backbone_path"])
+    _, encoder = load_backbone(resolve_backbone_path(s.model.backbone_path))
     core: PromptRecModel | None = None
     model = None
     done = 0
@@ -133,30 +133,32 @@ def rounds_loop_per_worker(config: dict) -> None:
         if not payload:
             continue  # nothing yet
         inputs = ray.get(payload["inputs"])
-        state = prompt_from_bytes(inputs["prompt_blob"])
-        if core is None or prompt_structure(state) != core.structure():
-            core = PromptRecModel(encoder, state).to(device)
+        # Rounds warm-start from the serving version, often the same one: decoded once.
+        warm = decode_version(inputs["prompt_version"], inputs["prompt_blob"])
+        if core is None or warm.structure != core.structure:
+            core = PromptRecModel(encoder, warm).to(device)
             model = ray.train.torch.prepare_model(core, move_to_device=False)
         else:
-            core.load_prompt_state(state)  # every rank loads the same weights: in sync
+            core.load_weights(warm)  # every rank loads the same weights: in sync
         items = torch.as_tensor(inputs["item_vectors"]).to(device)
         train = Examples(inputs["history"], inputs["target"])
         mine = np.arange(rank, len(train), world)  # disjoint slice per worker
         rng = np.random.default_rng(payload["seed"] + rank)
-        optimizer = make_optimizer(core, config["learning_rate"], config["item_token_lr"])
-        steps, losses = config["steps"], []
+        optimizer = make_optimizer(core, s.training.learning_rate, s.training.item_token_lr)
+        steps, losses = s.training.train_steps, []
         started = time.perf_counter()
         for step in range(steps):
-            batch = train.subset(rng.choice(mine, size=min(config["batch_size"], len(mine)),
+            batch = train.subset(rng.choice(mine, size=min(s.training.batch_size, len(mine)),
                                             replace=False))
-            losses.append(train_step(model, optimizer, batch, items, config["personal_alpha"]))
+            losses.append(train_step(model, optimizer, batch, items,
+                                     s.streaming.personal_alpha))
             if rank == 0 and (step + 1) % max(1, steps // 4) == 0:
                 print(f"[train round {round_no}] step {step + 1}/{steps} "
                       f"loss {np.mean(losses[-10:]):.3f}", flush=True)
         train_seconds = time.perf_counter() - started
         loss = float(np.mean(losses[-10:]))
         if rank == 0:
-            ray.get(board.finish.remote(round_no, prompt_to_bytes(core.prompt_state()), loss,
+            ray.get(board.finish.remote(round_no, core.weights().to_bytes(), loss,
                                         train_seconds))
         ray.train.report({"round": round_no, "loss": loss, "train_seconds": train_seconds})
         done = round_no
@@ -165,9 +167,8 @@ def rounds_loop_per_worker(config: dict) -> None:
 class LongLivedTrainer:
     """The driver's side: starts the run when needed, posts rounds, waits for results."""
 
-    def __init__(self, settings: Settings, backbone_path: str):
+    def __init__(self, settings: Settings):
         self.settings = settings
-        self.backbone_path = backbone_path
         self.board = RoundBoard.remote()
         self.runs_started = 0
         self._thread: threading.Thread | None = None
@@ -185,12 +186,9 @@ class LongLivedTrainer:
         self.runs_started += 1
         trainer = TorchTrainer(
             rounds_loop_per_worker,
-            train_loop_config={"board": self.board, "backbone_path": self.backbone_path,
-                               "steps": s.training.train_steps, "batch_size": s.training.batch_size,
-                               "learning_rate": s.training.learning_rate,
-                               "item_token_lr": s.training.item_token_lr, "threads": 1,
-                               "personal_alpha": s.streaming.personal_alpha},
-            scaling_config=ScalingConfig(num_workers=s.training.train_workers, use_gpu=s.training.use_gpu,
+            train_loop_config={"board": self.board, "settings": s, "threads": 1},
+            scaling_config=ScalingConfig(num_workers=s.training.train_workers,
+                                         use_gpu=s.training.use_gpu,
                                          resources_per_worker={"CPU": 1}),
             run_config=RunConfig(name=f"rounds-{self.runs_started}-{int(time.time())}",
                                  storage_path=str(s.infra.root / "train")),
@@ -211,13 +209,16 @@ class LongLivedTrainer:
         self._thread.start()
 
     def train(self, train: Examples, item_vectors: np.ndarray, warm_blob: bytes,
-              seed: int) -> RoundOutput:
+              seed: int, warm_version: int = 0) -> RoundOutput:
+        """One round from the weights `warm_blob` (registry version `warm_version`: the
+        workers decode each version once) -> the candidate."""
         started_run = not self.running
         if started_run:
             self._start_run()
         # The driver owns the inputs until the round is over.
         inputs = ray.put({"history": train.history, "target": train.target,
-                          "item_vectors": item_vectors, "prompt_blob": warm_blob})
+                          "item_vectors": item_vectors, "prompt_blob": warm_blob,
+                          "prompt_version": warm_version})
         round_no = ray.get(self.board.post.remote({"inputs": inputs, "seed": seed}))
         deadline = time.monotonic() + ROUND_TIMEOUT_S
         try:

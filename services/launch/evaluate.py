@@ -15,9 +15,9 @@ def run_offline_eval(settings: Settings, args: argparse.Namespace) -> int:
     import torch
 
     from bench.quality import run_offline
+    from services.backbone import resolve_backbone_path
     from services.catalog import load_catalog
     from services.data import load_interactions
-    from services.model import resolve_backbone_path
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     backbone = resolve_backbone_path(settings.model.backbone_path)

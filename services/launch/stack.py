@@ -15,17 +15,13 @@ from dataclasses import dataclass, field
 import httpx
 import ray
 
+from services.backbone import load_backbone, resolve_backbone_path
 from services.catalog import Catalog, load_catalog
 from services.config import Settings
 from services.embedded import EmbeddedBroker, check_kafka, ensure_topics, start_ray
-from services.model import (
-    initial_prompt_state,
-    load_backbone,
-    prompt_to_bytes,
-    resolve_backbone_path,
-)
 from services.naming import SERVE_APP
 from services.registry import start_registry
+from services.weights import initial_weights
 
 log = logging.getLogger("promptrec")
 
@@ -73,7 +69,8 @@ class Stack:
         else:
             self.broker = EmbeddedBroker(log_path=s.infra.root / "broker.log").start()
             self.bootstrap = self.broker.bootstrap
-        ensure_topics(self.bootstrap, {s.streaming.topic_clicks: s.streaming.partitions, s.streaming.topic_dlq: 1})
+        ensure_topics(self.bootstrap, {s.streaming.topic_clicks: s.streaming.partitions,
+                                       s.streaming.topic_dlq: 1})
         self._step(f"kafka ready ({self.bootstrap})", t)
 
         t = time.monotonic()
@@ -82,16 +79,17 @@ class Stack:
 
         t = time.monotonic()
         backbone = resolve_backbone_path(s.model.backbone_path)
-        self.catalog = load_catalog(s.infra.dataset, backbone, s.infra.cache, progress=self.progress)
+        self.catalog = load_catalog(s.infra.dataset, backbone, s.infra.cache,
+                                    progress=self.progress)
         self._step(f"catalog ready ({len(self.catalog)} items)", t)
 
         t = time.monotonic()
         self.registry = start_registry(s, hidden_size=self.catalog.vectors.shape[1])
         if ray.get(self.registry.serving_version.remote()) == 0:
             tokenizer, encoder = load_backbone(backbone)
-            state = initial_prompt_state(tokenizer, encoder, s.model, num_items=len(self.catalog))
+            weights = initial_weights(tokenizer, encoder, s.model, num_items=len(self.catalog))
             ray.get(self.registry.publish.remote(
-                prompt_to_bytes(state), {"source": "initial", "text": s.model.prompt_init_text}))
+                weights.to_bytes(), {"source": "initial", "text": s.model.prompt_init_text}))
         self.streaming = start_streaming(s, self.bootstrap, list(self.catalog.index),
                                          self.catalog.vectors.numpy())
         self._step("registry, shards, consumers", t)

@@ -5,9 +5,9 @@ import torch
 
 from bench.common import Popularity
 from bench.quality import is_cold, leave_one_out
+from services.backbone import default_backbone_path
 from services.catalog import Catalog
 from services.data import Interactions, Item
-from services.model import default_backbone_path
 from training.examples import PAD
 
 
@@ -74,26 +74,36 @@ def test_items_never_trained_get_the_mean_bias_and_no_item_token():
     import numpy as np
     import torch
 
-    from services.model import unseen_items_fall_back_to_text
+    from services.weights import PromptStructure, PromptWeights, unseen_items_fall_back_to_text
 
-    state = {"soft_prompt": torch.ones(2, 2), "item_bias": torch.tensor([1.0, 3.0, -9.0, -9.0]),
-             "item_delta": torch.ones(4, 2)}
-    out = unseen_items_fall_back_to_text(state, np.array([5, 2, 0, 0]) > 0)
-    assert out["item_bias"].tolist() == [1.0, 3.0, 2.0, 2.0]
-    assert out["item_delta"].tolist() == [[1.0, 1.0], [1.0, 1.0], [0.0, 0.0], [0.0, 0.0]]
-    assert state["item_bias"][2] == -9.0  # the input state is left as it was
+    structure = PromptStructure(prompt_len=2, hidden_size=2, num_items=4, item_bias=True,
+                                item_tokens=True)
+    weights = PromptWeights(structure, soft_prompt=torch.ones(2, 2),
+                            logit_scale=torch.tensor(1.0),
+                            item_bias=torch.tensor([1.0, 3.0, -9.0, -9.0]),
+                            item_delta=torch.ones(4, 2))
+    out = unseen_items_fall_back_to_text(weights, np.array([5, 2, 0, 0]) > 0)
+    assert out.item_bias.tolist() == [1.0, 3.0, 2.0, 2.0]
+    assert out.item_delta.tolist() == [[1.0, 1.0], [1.0, 1.0], [0.0, 0.0], [0.0, 0.0]]
+    assert weights.item_bias[2] == -9.0  # the input version is left as it was
+    assert out.structure == weights.structure
 
 
 def test_unseen_items_can_take_the_weights_of_their_nearest_seen_items_by_text():
     import numpy as np
     import torch
 
-    from services.model import unseen_items_fall_back_to_text
+    from services.weights import PromptStructure, PromptWeights, unseen_items_fall_back_to_text
 
     text = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.9, 0.1], [0.1, 0.9]])
-    state = {"item_bias": torch.tensor([1.0, 5.0, -9.0, -9.0]),
-             "item_delta": torch.tensor([[1.0, 1.0], [2.0, 2.0], [7.0, 7.0], [7.0, 7.0]])}
-    out = unseen_items_fall_back_to_text(state, np.array([True, True, False, False]), text,
+    structure = PromptStructure(prompt_len=1, hidden_size=2, num_items=4, item_bias=True,
+                                item_tokens=True)
+    weights = PromptWeights(structure, soft_prompt=torch.ones(1, 2),
+                            logit_scale=torch.tensor(1.0),
+                            item_bias=torch.tensor([1.0, 5.0, -9.0, -9.0]),
+                            item_delta=torch.tensor([[1.0, 1.0], [2.0, 2.0], [7.0, 7.0],
+                                                     [7.0, 7.0]]))
+    out = unseen_items_fall_back_to_text(weights, np.array([True, True, False, False]), text,
                                          neighbours=1)
-    assert out["item_bias"].tolist() == [1.0, 5.0, 1.0, 5.0]
-    assert out["item_delta"][2:].tolist() == [[1.0, 1.0], [2.0, 2.0]]
+    assert out.item_bias.tolist() == [1.0, 5.0, 1.0, 5.0]
+    assert out.item_delta[2:].tolist() == [[1.0, 1.0], [2.0, 2.0]]

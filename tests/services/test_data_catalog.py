@@ -1,8 +1,8 @@
 import torch
 
+from services.backbone import default_backbone_path
 from services.catalog import build_catalog
 from services.data import Item, load_interactions, load_items
-from services.model import default_backbone_path
 
 
 def test_movielens_100k_is_read_from_its_package():

@@ -1,21 +1,31 @@
+import dataclasses
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from services.model import (
+from services.backbone import default_backbone_path, load_backbone
+from services.prompt_model import PromptRecModel
+from services.weights import (
     BadPromptWeights,
-    PromptRecModel,
-    default_backbone_path,
+    PromptWeights,
+    decode_weights,
     init_soft_prompt,
-    initial_prompt_state,
-    load_backbone,
-    prompt_from_bytes,
-    prompt_to_bytes,
-    top_k,
+    initial_weights,
 )
 from tests.model_configs import plain_config
+
+
+def top_k(scores: torch.Tensor, k: int, exclude: torch.Tensor | None = None
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """scores [N]; exclude: item indices to mask (seen items) -> (indices [k'], scores [k'])."""
+    if exclude is not None and exclude.numel():
+        scores = scores.clone()
+        scores[exclude] = float("-inf")
+    k = min(k, int(torch.isfinite(scores).sum()))
+    values, indices = torch.topk(scores, k)
+    return indices, values
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +48,7 @@ def test_soft_prompt_starts_from_task_text(backbone):
 
 def test_user_encoding_shapes_and_only_the_prompt_trains(backbone):
     tokenizer, encoder = backbone
-    model = PromptRecModel(encoder, initial_prompt_state(tokenizer, encoder, plain_config(8)))
+    model = PromptRecModel(encoder, initial_weights(tokenizer, encoder, plain_config(8)))
     history = torch.randn(3, 4, 384)
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [0, 0, 0, 0]])
     users = model.encode_users(history, mask)
@@ -56,15 +66,16 @@ def test_user_encoding_shapes_and_only_the_prompt_trains(backbone):
 
 
 def test_prompt_bytes_round_trip_and_refusals():
-    state = {"soft_prompt": torch.randn(4, 384), "logit_scale": torch.tensor(2.0)}
-    back = prompt_from_bytes(prompt_to_bytes(state), hidden_size=384)
-    assert torch.equal(back["soft_prompt"], state["soft_prompt"])
+    weights = PromptWeights.plain(torch.randn(4, 384), torch.tensor(2.0))
+    back = decode_weights(weights.to_bytes(), hidden_size=384)
+    assert torch.equal(back.soft_prompt, weights.soft_prompt)
     with pytest.raises(BadPromptWeights, match="non-finite"):
-        prompt_from_bytes(prompt_to_bytes({**state, "soft_prompt": torch.full((4, 384), math.nan)}))
+        decode_weights(PromptWeights.plain(torch.full((4, 384), math.nan),
+                                           torch.tensor(2.0)).to_bytes())
     with pytest.raises(BadPromptWeights, match="shape"):
-        prompt_from_bytes(prompt_to_bytes(state), hidden_size=768)
+        decode_weights(weights.to_bytes(), hidden_size=768)
     with pytest.raises(BadPromptWeights, match="safetensors"):
-        prompt_from_bytes(b"garbage")
+        decode_weights(b"garbage")
 
 
 def test_top_k_masks_seen_items_and_caps_k():
@@ -79,9 +90,8 @@ def test_item_bias_is_optional_trainable_and_checked(backbone):
     tokenizer, encoder = backbone
     config = plain_config(4, item_bias=True)
     with pytest.raises(ValueError):
-        initial_prompt_state(tokenizer, encoder, config)  # needs the catalog size
-    state = initial_prompt_state(tokenizer, encoder, config, num_items=5)
-    model = PromptRecModel(encoder, state)
+        initial_weights(tokenizer, encoder, config)  # needs the catalog size
+    model = PromptRecModel(encoder, initial_weights(tokenizer, encoder, config, num_items=5))
     items = torch.nn.functional.normalize(torch.randn(5, encoder.config.hidden_size), dim=-1)
     users = torch.nn.functional.normalize(torch.randn(2, encoder.config.hidden_size), dim=-1)
     with torch.no_grad():
@@ -89,13 +99,13 @@ def test_item_bias_is_optional_trainable_and_checked(backbone):
     assert model.logits(users, items).argmax(1).tolist() == [3, 3]
     with pytest.raises(ValueError):
         model.logits(users, items[:4])  # a bias per item of another catalog
-    blob = prompt_to_bytes(model.prompt_state())
-    assert prompt_from_bytes(blob, num_items=5)["item_bias"][3] == 100.0
+    blob = model.weights().to_bytes()
+    assert decode_weights(blob, num_items=5).item_bias[3] == 100.0
     with pytest.raises(BadPromptWeights):
-        prompt_from_bytes(blob, num_items=6)
-    plain = PromptRecModel(encoder, initial_prompt_state(tokenizer, encoder, plain_config(4)))
+        decode_weights(blob, num_items=6)
+    plain = PromptRecModel(encoder, initial_weights(tokenizer, encoder, plain_config(4)))
     with pytest.raises(BadPromptWeights):
-        plain.load_prompt_state(model.prompt_state())
+        plain.load_weights(model.weights())
     assert model.trainable_parameters() == plain.trainable_parameters() + 5
 
 
@@ -105,10 +115,10 @@ def test_item_tokens_start_at_the_text_vectors_learn_and_are_checked(backbone):
 
     tokenizer, encoder = backbone
     hidden = encoder.config.hidden_size
-    state = initial_prompt_state(tokenizer, encoder, plain_config(4, item_tokens=True),
-                                 num_items=6)
-    assert state["item_delta"].shape == (6, hidden)
-    model = PromptRecModel(encoder, state)
+    weights = initial_weights(tokenizer, encoder, plain_config(4, item_tokens=True),
+                              num_items=6)
+    assert weights.item_delta.shape == (6, hidden)
+    model = PromptRecModel(encoder, weights)
     text = torch.nn.functional.normalize(torch.randn(6, hidden), dim=-1)
     assert torch.allclose(model.item_table(text), text, atol=1e-6)  # zero delta: text only
     with pytest.raises(ValueError):
@@ -123,14 +133,14 @@ def test_item_tokens_start_at_the_text_vectors_learn_and_are_checked(backbone):
     table = model.item_table(text)
     assert torch.allclose(table.norm(dim=1), torch.ones(6), atol=1e-5)
 
-    blob = prompt_to_bytes(model.prompt_state())
-    back = prompt_from_bytes(blob, hidden_size=hidden, num_items=6)
-    assert torch.equal(back["item_delta"], model.item_delta.detach())
+    blob = model.weights().to_bytes()
+    back = decode_weights(blob, hidden_size=hidden, num_items=6)
+    assert torch.equal(back.item_delta, model.item_delta.detach())
     with pytest.raises(BadPromptWeights, match="item_delta"):
-        prompt_from_bytes(blob, num_items=7)
-    plain = PromptRecModel(encoder, initial_prompt_state(tokenizer, encoder, plain_config(4)))
-    with pytest.raises(BadPromptWeights, match="item_delta"):
-        plain.load_prompt_state(model.prompt_state())
+        decode_weights(blob, num_items=7)
+    plain = PromptRecModel(encoder, initial_weights(tokenizer, encoder, plain_config(4)))
+    with pytest.raises(BadPromptWeights, match="item_tokens"):
+        plain.load_weights(model.weights())
     assert model.trainable_parameters() == plain.trainable_parameters() + 6 * hidden
 
 
@@ -139,9 +149,9 @@ def test_causal_prefixes_equal_encoding_each_prefix_alone(backbone):
     must give the same user vector for the same items."""
     tokenizer, encoder = backbone
     hidden = encoder.config.hidden_size
-    model = PromptRecModel(encoder, initial_prompt_state(
+    model = PromptRecModel(encoder, initial_weights(
         tokenizer, encoder, plain_config(4, causal=True)))
-    assert model.causal and "causal" in model.prompt_state()
+    assert model.causal and model.weights().structure.causal
     torch.manual_seed(0)
     history = torch.nn.functional.normalize(torch.randn(2, 5, hidden), dim=-1)
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
@@ -160,17 +170,17 @@ def test_causal_prefixes_equal_encoding_each_prefix_alone(backbone):
         again = model.encode_prefixes(changed, mask, with_prompt_only=True)
         assert torch.allclose(again[0, :5], prefixes[0, :5], atol=1e-5)
         assert not torch.allclose(again[0, 5], prefixes[0, 5], atol=1e-3)
-    plain = PromptRecModel(encoder, initial_prompt_state(tokenizer, encoder, plain_config(4)))
-    with pytest.raises(BadPromptWeights):
-        plain.load_prompt_state(model.prompt_state())
-    back = prompt_from_bytes(prompt_to_bytes(model.prompt_state()), hidden_size=hidden)
+    plain = PromptRecModel(encoder, initial_weights(tokenizer, encoder, plain_config(4)))
+    with pytest.raises(BadPromptWeights, match="causal"):
+        plain.load_weights(model.weights())
+    back = decode_weights(model.weights().to_bytes(), hidden_size=hidden)
     assert PromptRecModel(encoder, back).causal
 
 
 def test_a_causal_version_adds_the_personal_prompt_by_its_trained_gate(backbone):
     tokenizer, encoder = backbone
     hidden = encoder.config.hidden_size
-    model = PromptRecModel(encoder, initial_prompt_state(
+    model = PromptRecModel(encoder, initial_weights(
         tokenizer, encoder, plain_config(4, causal=True)))
     history = torch.nn.functional.normalize(torch.randn(1, 3, hidden), dim=-1)
     mask = torch.ones(1, 3)
@@ -182,7 +192,6 @@ def test_a_causal_version_adds_the_personal_prompt_by_its_trained_gate(backbone)
         mixed = model.encode_users(history, mask, personal)
         assert torch.allclose(mixed[0], torch.nn.functional.normalize(alone[0] + personal[0],
                                                                        dim=-1), atol=1e-5)
-    state = model.prompt_state()
-    del state["personal_gate"]
-    with pytest.raises(BadPromptWeights, match="together"):
-        prompt_from_bytes(prompt_to_bytes(state))
+    without_gate = dataclasses.replace(model.weights(), personal_gate=None)
+    with pytest.raises(BadPromptWeights, match="personal_gate"):
+        decode_weights(without_gate.to_bytes())

@@ -4,13 +4,12 @@ import json
 import pytest
 import torch
 
-from services.model import BadPromptWeights, prompt_to_bytes
 from services.registry import PromptRegistry, UnknownVersion
+from services.weights import BadPromptWeights, PromptWeights
 
 
 def _blob(fill: float) -> bytes:
-    return prompt_to_bytes({"soft_prompt": torch.full((2, 8), fill),
-                            "logit_scale": torch.tensor(1.0)})
+    return PromptWeights.plain(torch.full((2, 8), fill), torch.tensor(1.0)).to_bytes()
 
 
 def test_publish_list_rollback_and_persist(tmp_path):
@@ -27,8 +26,8 @@ def test_publish_list_rollback_and_persist(tmp_path):
         with pytest.raises(UnknownVersion):
             await reg.rollback(7)
         with pytest.raises(BadPromptWeights):
-            await reg.publish(prompt_to_bytes({"soft_prompt": torch.full((2, 8), float("inf")),
-                                               "logit_scale": torch.tensor(1.0)}))
+            await reg.publish(PromptWeights.plain(torch.full((2, 8), float("inf")),
+                                                  torch.tensor(1.0)).to_bytes())
     asyncio.run(scenario())
     # A new registry on the same directory (a restart) keeps versions and the rollback.
     async def restarted():

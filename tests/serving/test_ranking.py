@@ -5,7 +5,8 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel
 
-from services.model import PromptRecModel
+from services.prompt_model import PromptRecModel
+from services.weights import PromptWeights
 from serving.ranking import encode_histories, explain, rank, ranking_mismatch
 
 H = 32
@@ -21,8 +22,8 @@ def setup():
 
     def model(seed: int) -> PromptRecModel:
         gen = torch.Generator().manual_seed(seed)
-        return PromptRecModel(encoder, {"soft_prompt": torch.randn(4, H, generator=gen),
-                                        "logit_scale": torch.tensor(2.0 + seed / 10)})
+        return PromptRecModel(encoder, PromptWeights.plain(
+            torch.randn(4, H, generator=gen), torch.tensor(2.0 + seed / 10)))
     return model, items
 
 

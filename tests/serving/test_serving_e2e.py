@@ -18,18 +18,14 @@ import ray
 
 from bench.check import VersionChecker, perturbed_prompt
 from bench.load import Background, open_loop
+from services.backbone import load_backbone, resolve_backbone_path
 from services.config_sources import load_settings
 from services.embedded import free_port
 from services.events import ClickEvent
 from services.launch.stack import Stack
 from services.metrics import parse_prometheus
-from services.model import (
-    load_backbone,
-    prompt_from_bytes,
-    prompt_to_bytes,
-    resolve_backbone_path,
-)
 from services.naming import shard_actor, shard_for_user
+from services.weights import decode_weights
 from serving.app import build_app
 from streaming.replay import make_producer, send_events
 
@@ -159,7 +155,7 @@ def test_hot_swap_under_load_serves_each_response_wholly_by_its_named_version(st
     computes for that user. (At 50 req/s, ~75% of what two replicas serve on 2 cores, one
     replica sat at max_ongoing_requests in a fresh-clone run and the test timed out.)"""
     histories = {u: _user_state(stack, u) for u in USERS}
-    base = prompt_from_bytes(ray.get(stack.registry.serving.remote())["blob"])
+    base = decode_weights(ray.get(stack.registry.serving.remote())["blob"])
     load = Background(stack.base_url, lambda i: ("/recommend", {"user_id": USERS[i % len(USERS)],
                                                                 "k": "10"}),
                       rps=30, max_requests=10_000, max_seconds=300)
@@ -167,7 +163,7 @@ def test_hot_swap_under_load_serves_each_response_wholly_by_its_named_version(st
     try:
         time.sleep(0.5)
         for seed in range(20):
-            blob = prompt_to_bytes(perturbed_prompt(base, seed))
+            blob = perturbed_prompt(base, seed).to_bytes()
             version = ray.get(stack.registry.publish.remote(blob, {"source": "test", "seed": seed}))
             published.append(version)
             live = stack.wait_all_replicas(version, timeout_s=30, poll_s=0.05)

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import ray
 
+from services.backbone import default_backbone_path
 from services.catalog import load_catalog
 from services.config import Settings
 from services.config_sources import load_settings
 from services.data import load_interactions
 from services.embedded import EmbeddedBroker, ensure_topics, free_port, start_ray
-from services.model import default_backbone_path
 from streaming.kafka_client import CLIENTS
 from streaming.plane import start_streaming
 from streaming.replay import make_producer, send_events
@@ -70,7 +70,8 @@ def _settings(tmp_path, client: str) -> Settings:
 def _reference(settings: Settings, catalog, events) -> dict:
     """The state of one uninterrupted shard fed every event once, in order."""
     shard = UserStateShard(0, settings.streaming.history_len, settings.streaming.dedupe_window,
-                           catalog.vectors.numpy(), list(catalog.index), settings.streaming.personal_alpha)
+                           catalog.vectors.numpy(), list(catalog.index),
+                           settings.streaming.personal_alpha)
     wire = [(0, i, e.event_id, e.user_id, e.item_id, e.ts, e.type, 0)
             for i, e in enumerate(events)]
     shard.apply(wire, {0: ("E", 0, len(wire))})
@@ -152,8 +153,9 @@ def test_broker_restart_keeps_consuming(tmp_path, ray_session, broker, catalog, 
     def restart_broker(plane, settings, half):
         _wait_applied(plane, half)  # memory storage: what is not consumed yet is gone
         broker.restart()
-        ensure_topics(broker.bootstrap, {settings.streaming.topic_clicks: settings.streaming.partitions,
-                                         settings.streaming.topic_dlq: 1})
+        ensure_topics(broker.bootstrap, {
+            settings.streaming.topic_clicks: settings.streaming.partitions,
+            settings.streaming.topic_dlq: 1})
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             consumers = ray.get([c.stats.remote() for c in plane.consumers])

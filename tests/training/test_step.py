@@ -2,13 +2,10 @@ import numpy as np
 import pytest
 import torch
 
+from services.backbone import default_backbone_path, load_backbone
 from services.config import TrainingSettings
-from services.model import (
-    PromptRecModel,
-    default_backbone_path,
-    initial_prompt_state,
-    load_backbone,
-)
+from services.prompt_model import PromptRecModel
+from services.weights import initial_weights
 from tests.model_configs import plain_config
 from training.examples import PAD, Examples
 from training.scheduler import RoundScheduler
@@ -50,7 +47,7 @@ def test_mask_seen_ignores_padding():
 def test_train_step_lowers_the_loss_on_a_fixed_batch():
     torch.manual_seed(0)
     tokenizer, encoder = load_backbone(default_backbone_path())
-    model = PromptRecModel(encoder, initial_prompt_state(tokenizer, encoder, plain_config(4)))
+    model = PromptRecModel(encoder, initial_weights(tokenizer, encoder, plain_config(4)))
     items = torch.nn.functional.normalize(torch.randn(50, 384), dim=1)
     batch = Examples(np.random.default_rng(0).integers(0, 50, (8, 5)).astype(np.int32),
                      np.arange(8, dtype=np.int32))
@@ -70,7 +67,7 @@ def test_a_causal_step_learns_every_next_item_of_the_history():
     from training.step import next_items
 
     tokenizer, encoder = load_backbone(default_backbone_path())
-    model = PromptRecModel(encoder, initial_prompt_state(
+    model = PromptRecModel(encoder, initial_weights(
         tokenizer, encoder, plain_config(4, item_tokens=True, causal=True), num_items=8))
     text = torch.nn.functional.normalize(torch.randn(8, encoder.config.hidden_size), dim=-1)
     batch = Examples(np.array([[0, 1, 2, -1], [3, -1, -1, -1]], np.int32),

@@ -1,0 +1,187 @@
+"""The recommender model: a frozen pretrained encoder read through a soft prompt.
+
+A user is the sequence `[shared soft prompt] + [personal prompt] + [history item vectors]`
+fed to the frozen backbone as `inputs_embeds`; the mean-pooled, L2-normalised output is
+the user vector. An item's vector is the frozen backbone's embedding of its text
+(services/backbone.py), offset by its item token when the version has item tokens, so
+a new item is rankable as soon as its text is known.
+
+    Score(user, item) = exp(logit_scale) * cos(user, item) [+ item_bias[item]]
+
+The version's `PromptStructure` (services/weights.py) decides which weights the module
+has, as nanoGPT's config decides its blocks: `item_bias` and `item_tokens` add per-item
+weights, `causal` reads the history with causal attention (one pass trains a next-item
+prediction at every position, as SASRec does) and adds the personal prompt after the
+backbone through a trained gate. Everything but those weights is frozen.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from services.backbone import mean_pool
+from services.weights import BadPromptWeights, PromptStructure, PromptWeights
+
+
+def _param(tensor: torch.Tensor | None) -> nn.Parameter | None:
+    return None if tensor is None else nn.Parameter(tensor.detach().clone().float())
+
+
+class PromptRecModel(nn.Module):
+    """Frozen encoder + one version's trainable weights (soft prompt, temperature and,
+    as its structure says, item bias, item tokens, personal gate); encodes users and
+    scores items."""
+
+    def __init__(self, encoder: nn.Module, weights: PromptWeights):
+        super().__init__()
+        self.encoder = encoder
+        self.structure: PromptStructure = weights.structure
+        self.soft_prompt = _param(weights.soft_prompt)  # [P, H]
+        self.logit_scale = _param(weights.logit_scale)  # []
+        self.item_bias = _param(weights.item_bias)  # [N] or None
+        self.item_delta = _param(weights.item_delta)  # [N, H] or None
+        self.personal_gate = _param(weights.personal_gate)  # [] or None (causal only)
+
+    @property
+    def causal(self) -> bool:
+        return self.structure.causal
+
+    @property
+    def hidden_size(self) -> int:
+        return self.soft_prompt.shape[1]
+
+    def item_table(self, text_vectors: torch.Tensor) -> torch.Tensor:
+        """Frozen text vectors [N, H] -> the item vectors this version reads and ranks [N, H].
+
+        Without item tokens that is the text vectors themselves; with them,
+        normalize(text + item_delta). Compute it once per version (serving) or once per
+        step (training: the gradient reaches item_delta through both uses).
+        """
+        if self.item_delta is None:
+            return text_vectors
+        if self.item_delta.shape != text_vectors.shape:
+            raise ValueError(f"item_delta is {tuple(self.item_delta.shape)}, the catalog "
+                             f"{tuple(text_vectors.shape)}")
+        return F.normalize(text_vectors + self.item_delta, dim=-1)
+
+    def encode_users(self, history: torch.Tensor, history_mask: torch.Tensor,
+                     personal: torch.Tensor | None = None) -> torch.Tensor:
+        """history [B, L] item vectors (oldest first) [B, L, H], history_mask [B, L],
+        personal [B, H] personal prompts (an all-zero row = none) -> users [B, H].
+
+        Input sequence: [shared soft prompt] + [personal prompt] + [history].
+        L may be 0 (cold-start users): then the prompt alone encodes the user.
+        A causal version encodes the prefix that ends at the user's last item (the full
+        mean under its causal mask) and adds the personal prompt after the backbone
+        (`add_personal`).
+        """
+        if self.causal:
+            prefixes = self.encode_prefixes(history, history_mask, with_prompt_only=True)
+            last = history_mask.long().sum(1)  # 0 = the prompt-only prefix
+            users = prefixes[torch.arange(history.shape[0], device=last.device), last]
+            return self.add_personal(users, personal)
+        batch = history.shape[0]
+        prompt = self.soft_prompt.unsqueeze(0).expand(batch, -1, -1)
+        parts = [prompt]
+        masks = [torch.ones(batch, prompt.shape[1], dtype=torch.long, device=prompt.device)]
+        if personal is not None:
+            parts.append(personal.to(prompt.dtype).unsqueeze(1))
+            masks.append((personal.abs().sum(-1, keepdim=True) > 0).long())
+        parts.append(history.to(prompt.dtype))
+        masks.append(history_mask.long())
+        inputs, mask = torch.cat(parts, dim=1), torch.cat(masks, dim=1)
+        hidden = self.encoder(inputs_embeds=inputs, attention_mask=mask).last_hidden_state
+        return F.normalize(mean_pool(hidden, mask), dim=-1)
+
+    def encode_prefixes(self, history: torch.Tensor, history_mask: torch.Tensor,
+                        with_prompt_only: bool = False) -> torch.Tensor:
+        """Causal versions only: the user as of every history position in one pass.
+
+        history [B, L, H] (right-padded), history_mask [B, L] -> users [B, L, H], row t =
+        the user after item t (mean of the hidden states of the prompt and items <= t,
+        each item attending to the prompt and to earlier items only). With
+        `with_prompt_only`, [B, L + 1, H] whose row 0 is the prompt alone.
+        Training reads all L rows, so one pass teaches L next-item predictions (as SASRec
+        does). The personal prompt is not an input token here (one token cannot summarise
+        a different prefix for each position); `add_personal` mixes it in afterwards.
+        """
+        batch, length = history.shape[:2]
+        n_prompt = self.soft_prompt.shape[0]
+        inputs = torch.cat([self.soft_prompt.unsqueeze(0).expand(batch, -1, -1),
+                            history.to(self.soft_prompt.dtype)], dim=1)
+        keys = torch.cat([torch.ones(batch, n_prompt, dtype=torch.bool, device=inputs.device),
+                          history_mask.bool()], dim=1)  # [B, T]
+        total = n_prompt + length
+        pos = torch.arange(total, device=inputs.device)
+        visible = (pos[None, :] <= pos[:, None]) | (pos[None, :] < n_prompt)  # [T(q), T(k)]
+        allowed = visible[None] & keys[:, None, :]  # [B, T, T]
+        additive = torch.zeros(allowed.shape, dtype=inputs.dtype, device=inputs.device)
+        additive.masked_fill_(~allowed, torch.finfo(inputs.dtype).min)
+        hidden = self.encoder(inputs_embeds=inputs,
+                              attention_mask=additive[:, None]).last_hidden_state  # [B, T, H]
+        weights = keys.unsqueeze(-1).to(hidden.dtype)
+        sums = (hidden * weights).cumsum(1)
+        counts = weights.cumsum(1).clamp(min=1e-6)
+        prefixes = F.normalize(sums / counts, dim=-1)  # [B, T, H]
+        return prefixes[:, n_prompt - 1 if with_prompt_only else n_prompt:]
+
+    def add_personal(self, users: torch.Tensor, personal: torch.Tensor | None) -> torch.Tensor:
+        """Causal versions: users [B, H] or [B, L, H] + personal_gate x personal prompts of
+        the same shape (all-zero = none), renormalised. The gate is trained; it starts at 0."""
+        if personal is None or self.personal_gate is None:
+            return users
+        return F.normalize(users + self.personal_gate * personal.to(users.dtype), dim=-1)
+
+    def logits(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """users [B, H] (or [B, L, H]), items [N, H] unit vectors (the whole catalog, in
+        catalog order, when there is an item bias) -> [B, N] (or [B, L, N])."""
+        scores = self.logit_scale.exp() * users @ items.T
+        if self.item_bias is not None:
+            if self.item_bias.shape[0] != items.shape[0]:
+                raise ValueError(f"item_bias has {self.item_bias.shape[0]} items, the catalog "
+                                 f"{items.shape[0]}")
+            scores = scores + self.item_bias
+        return scores
+
+    def forward(self, history_idx: torch.Tensor, history_mask: torch.Tensor,
+                text_vectors: torch.Tensor, personal: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """The training path: history_idx [B, L] catalog indices (anything where masked),
+        history_mask [B, L], text_vectors [N, H] frozen, personal [B, H] -> logits [B, N];
+        for a causal version personal is [B, L, H] (the prompt after each position) and
+        the logits [B, L, N]: row t scores the item after history item t.
+
+        The item table is built inside forward, so under DDP the item tokens' gradient is
+        part of the pass that DDP synchronises.
+        """
+        items = self.item_table(text_vectors)
+        history = items[history_idx] * history_mask.unsqueeze(-1).to(items.dtype)
+        if self.causal:
+            users = self.add_personal(self.encode_prefixes(history, history_mask), personal)
+            return self.logits(users, items)
+        return self.logits(self.encode_users(history, history_mask, personal), items)
+
+    def weights(self) -> PromptWeights:
+        """The current weights, detached, on the CPU (a new version to encode or keep)."""
+        def copy(param: nn.Parameter | None) -> torch.Tensor | None:
+            return None if param is None else param.detach().cpu().clone()
+
+        return PromptWeights(self.structure, soft_prompt=copy(self.soft_prompt),
+                             logit_scale=copy(self.logit_scale),
+                             item_bias=copy(self.item_bias), item_delta=copy(self.item_delta),
+                             personal_gate=copy(self.personal_gate))
+
+    def load_weights(self, weights: PromptWeights) -> None:
+        """Copy in a version of this model's structure; another structure is refused (build
+        a new module for it: the structure decides which parameters exist)."""
+        if diff := weights.structure.differences(self.structure):
+            raise BadPromptWeights(f"weights of another structure than the model's "
+                                   f"({', '.join(diff)}: weights vs model)")
+        with torch.no_grad():
+            for name, tensor in weights.tensors().items():
+                getattr(self, name).copy_(tensor)
+
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)

@@ -1,0 +1,263 @@
+"""The prompt weights: what one prompt version is, how it travels, and the rules on it.
+
+A version is a `PromptWeights`: its tensors plus the `PromptStructure` that shaped them
+(the `ModelConfig` fields that decide which tensors exist, and the hidden and catalog
+sizes they fit). The structure decides the tensors, as a PEFT config decides its module;
+nothing is inferred from which keys a blob happens to hold.
+
+Tensors (float32), H = backbone hidden size, N = catalog size:
+    soft_prompt    [P, H]  always; initialised from the token embeddings of a task text
+    logit_scale    []      always; softmax temperature, log-space
+    item_bias      [N]     structure.item_bias: one float per catalog item (zeros at first)
+    item_delta     [N, H]  structure.item_tokens: a learned offset per item (zeros at first)
+    personal_gate  []      structure.causal: weight of the personal prompt (0 at first)
+
+On the wire a version is one safetensors blob whose metadata records the structure under
+one key, METADATA_KEY, as a JSON string (metadata values are strings):
+    {"causal": true, "format": "promptrec.prompt/1", "hidden_size": 384,
+     "item_bias": true, "item_tokens": true, "num_items": 1682, "prompt_len": 16}
+`decode_weights` checks the blob against its metadata and against what the caller
+expects; `decode_version` (services/decoded.py) does that once per process per version.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import nn
+
+from services.config import ModelConfig
+
+FORMAT = "promptrec.prompt/1"
+# The ModelConfig fields that decide which tensors a version has and their shapes.
+CONFIG_FIELDS = ("prompt_len", "item_bias", "item_tokens", "causal")
+METADATA_KEY = "promptrec"
+TENSOR_NAMES = ("soft_prompt", "logit_scale", "item_bias", "item_delta", "personal_gate")
+
+
+class BadPromptWeights(ValueError):
+    """Refused weights: not a current blob, a structure other than the one expected,
+    wrong tensors or shapes, or values that are not finite."""
+
+
+@dataclass(frozen=True)
+class PromptStructure:
+    """The shape of a prompt version: the ModelConfig fields that trained it and the
+    sizes it fits. `num_items` counts the rows of the per-item weights; a version without
+    them fits any catalog, so it records 0."""
+
+    prompt_len: int
+    hidden_size: int
+    num_items: int = 0
+    item_bias: bool = False
+    item_tokens: bool = False
+    causal: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.has_item_weights:
+            object.__setattr__(self, "num_items", 0)  # frozen; see the class docstring
+        elif self.num_items <= 0:
+            raise ValueError("item_bias and item_tokens need the catalog size (num_items)")
+
+    @classmethod
+    def of(cls, config: ModelConfig, hidden_size: int, num_items: int = 0) -> PromptStructure:
+        return cls(prompt_len=config.prompt_len, hidden_size=hidden_size, num_items=num_items,
+                   item_bias=config.item_bias, item_tokens=config.item_tokens,
+                   causal=config.causal)
+
+    @property
+    def has_item_weights(self) -> bool:
+        return self.item_bias or self.item_tokens
+
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The tensors this structure has, name -> shape."""
+        shapes = {"soft_prompt": (self.prompt_len, self.hidden_size), "logit_scale": ()}
+        if self.item_bias:
+            shapes["item_bias"] = (self.num_items,)
+        if self.item_tokens:
+            shapes["item_delta"] = (self.num_items, self.hidden_size)
+        if self.causal:
+            shapes["personal_gate"] = ()
+        return shapes
+
+    def differences(self, other: PromptStructure, names: tuple[str, ...] | None = None
+                    ) -> list[str]:
+        """'field mine vs other' for each field (of `names`, default all) that differs."""
+        names = names or tuple(f.name for f in dataclasses.fields(self))
+        return [f"{n} {getattr(self, n)} vs {getattr(other, n)}" for n in names
+                if getattr(self, n) != getattr(other, n)]
+
+    def to_metadata(self) -> dict[str, str]:
+        """{METADATA_KEY: one JSON string}: one key, because safetensors writes several
+        in a random order, and equal weights should give equal bytes (checksums)."""
+        fields = {"format": FORMAT, **dataclasses.asdict(self)}
+        return {METADATA_KEY: json.dumps(fields, sort_keys=True)}
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, str] | None) -> PromptStructure:
+        try:
+            fields = json.loads((meta or {})[METADATA_KEY])
+        except (KeyError, ValueError):
+            raise BadPromptWeights(
+                f"no {METADATA_KEY!r} metadata: weights written before versions recorded "
+                "their structure are not read") from None
+        if not isinstance(fields, dict) or fields.pop("format", None) != FORMAT:
+            raise BadPromptWeights(f"structure metadata is not {FORMAT}: {meta}")
+        types = {f.name: f.type for f in dataclasses.fields(cls)}  # "int" / "bool"
+        if set(fields) != set(types) or any(
+                type(v).__name__ != types[k] for k, v in fields.items()):
+            raise BadPromptWeights(f"bad structure metadata {fields}: need {types}")
+        try:
+            return cls(**fields)
+        except ValueError as err:
+            raise BadPromptWeights(f"bad structure metadata {fields}: {err}") from None
+
+
+@dataclass(frozen=True, eq=False)
+class PromptWeights:
+    """One prompt version: its structure and its tensors (shapes in the module docstring).
+    Decoded versions may be shared (services/decoded.py): treat the tensors as read-only
+    and derive new versions with `dataclasses.replace`."""
+
+    structure: PromptStructure
+    soft_prompt: torch.Tensor
+    logit_scale: torch.Tensor
+    item_bias: torch.Tensor | None = None
+    item_delta: torch.Tensor | None = None
+    personal_gate: torch.Tensor | None = None
+
+    @classmethod
+    def plain(cls, soft_prompt: torch.Tensor, logit_scale: torch.Tensor) -> PromptWeights:
+        """A version with no optional parts: soft_prompt [P, H], logit_scale []."""
+        structure = PromptStructure(prompt_len=soft_prompt.shape[0],
+                                    hidden_size=soft_prompt.shape[1])
+        return cls(structure, soft_prompt=soft_prompt, logit_scale=logit_scale)
+
+    @property
+    def has_item_weights(self) -> bool:
+        return self.structure.has_item_weights
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """name -> tensor, for the tensors that are set."""
+        return {n: getattr(self, n) for n in TENSOR_NAMES if getattr(self, n) is not None}
+
+    def to_bytes(self) -> bytes:
+        """One safetensors blob with the structure in its metadata; not checked here (the
+        reader checks, so refusals can be tested)."""
+        tensors = {k: v.detach().cpu().contiguous().float() for k, v in self.tensors().items()}
+        return st_save(tensors, metadata=self.structure.to_metadata())
+
+    def check(self, hidden_size: int | None = None, num_items: int | None = None,
+              config: ModelConfig | None = None) -> PromptWeights:
+        """Raise `BadPromptWeights` unless the tensors are the structure's, of its shapes,
+        fit what the caller expects (`check_fits`) and are finite; -> self."""
+        shapes = self.structure.tensor_shapes()
+        tensors = self.tensors()
+        if set(tensors) != set(shapes):
+            raise BadPromptWeights(f"tensors {sorted(tensors)}: the structure {self.structure} "
+                                   f"has {sorted(shapes)}")
+        for name, shape in shapes.items():
+            if tuple(tensors[name].shape) != shape:
+                raise BadPromptWeights(f"{name} shape {tuple(tensors[name].shape)}, the "
+                                       f"structure says {shape}")
+        self.check_fits(hidden_size, num_items, config)
+        if not all(torch.isfinite(t).all() for t in tensors.values()):
+            raise BadPromptWeights("non-finite values")
+        return self
+
+    def check_fits(self, hidden_size: int | None = None, num_items: int | None = None,
+                   config: ModelConfig | None = None) -> None:
+        """Raise `BadPromptWeights` unless the version fits a backbone of `hidden_size`, a
+        catalog of `num_items` (when it has per-item weights) and the model `config`."""
+        s = self.structure
+        if hidden_size is not None and s.hidden_size != hidden_size:
+            raise BadPromptWeights(f"soft_prompt shape {tuple(self.soft_prompt.shape)}: "
+                                   f"hidden size {s.hidden_size}, the backbone {hidden_size}")
+        if num_items is not None and s.has_item_weights and s.num_items != num_items:
+            name = "item_bias" if s.item_bias else "item_delta"
+            raise BadPromptWeights(f"{name} has {s.num_items} items, the catalog {num_items}")
+        if config is not None:
+            wanted = PromptStructure.of(config, s.hidden_size, s.num_items or 1)
+            if diff := s.differences(wanted, CONFIG_FIELDS):
+                raise BadPromptWeights(f"weights of another model config ({', '.join(diff)})")
+
+
+def decode_weights(blob: bytes, hidden_size: int | None = None, num_items: int | None = None,
+                   config: ModelConfig | None = None) -> PromptWeights:
+    """Parse and check a blob (see `PromptWeights.check`); raise `BadPromptWeights` rather
+    than serve garbage."""
+    try:
+        tensors = st_load(blob)
+        header_len = int.from_bytes(blob[:8], "little")  # safetensors: u64 LE, then JSON
+        meta = json.loads(blob[8:8 + header_len]).get("__metadata__")
+    except Exception as err:  # safetensors raises several types for corrupt input
+        raise BadPromptWeights(f"not a safetensors blob: {err}") from None
+    structure = PromptStructure.from_metadata(meta)
+    known = set(structure.tensor_shapes())
+    if not set(tensors) <= known:
+        raise BadPromptWeights(f"tensors {sorted(tensors)}: the structure {structure} has "
+                               f"{sorted(known)}")
+    # A missing tensor stays None, and check() names it.
+    weights = PromptWeights(structure, **{n: tensors.get(n) for n in TENSOR_NAMES})
+    return weights.check(hidden_size, num_items, config)
+
+
+def init_soft_prompt(tokenizer, encoder: nn.Module, config: ModelConfig) -> torch.Tensor:
+    """Token embeddings of `prompt_init_text`, repeated/cut to `prompt_len` -> [P, H]."""
+    ids = tokenizer(config.prompt_init_text, add_special_tokens=False)["input_ids"] or [0]
+    ids = (ids * math.ceil(config.prompt_len / len(ids)))[: config.prompt_len]
+    table = encoder.get_input_embeddings().weight
+    return table[torch.tensor(ids)].detach().clone()
+
+
+def initial_weights(tokenizer, encoder: nn.Module, config: ModelConfig,
+                    num_items: int = 0) -> PromptWeights:
+    """A first version of the structure `config` gives: the soft prompt from the task
+    text, temperature 20, zero item weights, gate 0 (as if there were no personal prompt)."""
+    prompt = init_soft_prompt(tokenizer, encoder, config)  # [P, H]
+    s = PromptStructure.of(config, prompt.shape[1], num_items)
+    return PromptWeights(
+        s, soft_prompt=prompt, logit_scale=torch.tensor(math.log(20.0)),
+        item_bias=torch.zeros(s.num_items) if s.item_bias else None,
+        item_delta=torch.zeros(s.num_items, s.hidden_size) if s.item_tokens else None,
+        personal_gate=torch.tensor(0.0) if s.causal else None)
+
+
+def unseen_items_fall_back_to_text(weights: PromptWeights, seen: np.ndarray,
+                                   text_vectors: torch.Tensor | None = None,
+                                   neighbours: int = 10) -> PromptWeights:
+    """seen [N] bool: items that appeared in training data -> the version with every unseen
+    item's bias and item token replaced by what its text says.
+
+    Full softmax only ever pushed an unseen item down (it was a negative, never a target),
+    so what it learned says nothing about it. Without `text_vectors` [N, H] it gets the
+    mean bias of the seen items and a zero token (its text vector alone places it); with
+    them it gets the mean bias and token of its `neighbours` seen items nearest in text
+    space (its text says which trained items it resembles, and they moved).
+    """
+    seen_t = torch.as_tensor(np.asarray(seen, bool))
+    if not weights.has_item_weights or not seen_t.any() or seen_t.all():
+        return weights
+    if text_vectors is None:
+        take = None
+    else:
+        sims = text_vectors[~seen_t] @ text_vectors[seen_t].T  # [unseen, seen]
+        near = sims.topk(min(neighbours, int(seen_t.sum())), dim=1).indices  # [unseen, k]
+        take = torch.nonzero(seen_t).squeeze(1)[near]  # catalog indices [unseen, k]
+    changes = {}
+    if weights.item_bias is not None:
+        bias = weights.item_bias.clone()
+        bias[~seen_t] = bias[seen_t].mean() if take is None else bias[take].mean(1)
+        changes["item_bias"] = bias
+    if weights.item_delta is not None:
+        delta = weights.item_delta.clone()
+        delta[~seen_t] = 0.0 if take is None else delta[take].mean(1)
+        changes["item_delta"] = delta
+    return dataclasses.replace(weights, **changes)
