@@ -14,6 +14,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from services.ray_private import init_local_ray
+
 log = logging.getLogger(__name__)
 
 
@@ -212,7 +214,6 @@ def start_ray(settings, connect_timeout_s: float = 10.0) -> None:
     # then starves every actor and replica at once: with one core kept busy by a plain
     # process, Serve stopped answering within two prompt swaps at 15, and served 120 swaps
     # without a stall at 0. Here the workers are the service, so they get an equal share.
-    ray.init(include_dashboard=False, num_cpus=settings.ray_num_cpus,
-             namespace=settings.namespace, _metrics_export_port=settings.metrics_port,
-             log_to_driver=settings.ray_log_to_driver, logging_level=logging.WARNING,
-             _system_config={"worker_niceness": LOCAL_WORKER_NICENESS})
+    init_local_ray(settings.metrics_port, LOCAL_WORKER_NICENESS, include_dashboard=False,
+                   num_cpus=settings.ray_num_cpus, namespace=settings.namespace,
+                   log_to_driver=settings.ray_log_to_driver, logging_level=logging.WARNING)
