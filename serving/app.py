@@ -19,8 +19,6 @@ Batch size, batch wait, cache size and explained items are runtime knobs: Serve'
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import ray
 import torch
@@ -64,7 +62,9 @@ class Recommender:
 
     def reconfigure(self, knobs: dict) -> None:
         """Serve's user_config (RUNTIME_KNOBS), at start and whenever it changes."""
-        self.settings = dataclasses.replace(self.settings, **knobs).validate()
+        # The same variant pattern as elsewhere (one sweep replaces them all when
+        # Settings gets sections).
+        self.settings = Settings(**{**self.settings.to_dict(), **knobs}).validate()
         self.cache.resize(self.settings.user_cache_size)
         self.batcher.configure(self.settings.batch_max_size, self.settings.batch_wait_ms)
 
