@@ -11,9 +11,9 @@ import logging
 import shutil
 import socket
 import subprocess
-import time
 from pathlib import Path
 
+from services.health import WaitTimeout, wait_until
 from services.ray_private import init_local_ray
 
 log = logging.getLogger(__name__)
@@ -29,15 +29,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def accepts(host: str, port: int) -> bool:
+    """Whether something accepts a TCP connection on host:port now."""
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
 def wait_for_port(host: str, port: int, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return True
-        except OSError:
-            time.sleep(0.02)
-    return False
+    try:
+        return wait_until(lambda: accepts(host, port), timeout_s, f"{host}:{port} accepts", 0.02)
+    except WaitTimeout:
+        return False
 
 
 def stop_process(process: subprocess.Popen | None, timeout_s: float) -> None:
