@@ -17,8 +17,9 @@ Batch size, batch wait, cache size and explained items are runtime knobs: Serve'
 `user_config`, applied by `reconfigure` without restarting the replica.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: Serve's ingress rebuilds the routes, and
+# FastAPI then no longer resolves a string annotation `Request` (a 400 "missing query
+# parameter request" on every call).
 import numpy as np
 import ray
 import torch

@@ -127,3 +127,15 @@ def test_reconfigure_applies_the_runtime_knobs_without_a_restart(recorded):
     assert replica.batcher._idle_wait_s == 0.005
     with pytest.raises(ValueError):  # validated like any settings: batch > ongoing
         Recommender.func_or_class.reconfigure(replica, {**knobs, "batch_max_size": 10_000})
+
+
+def test_routes_take_the_request_by_type_not_by_a_string_annotation():
+    # Serve's ingress rebuilds the routes; a string annotation (`from __future__ import
+    # annotations`) then reads as a query parameter named "request": 400 on every call.
+    import inspect
+
+    from serving.app import Recommender
+
+    for route in ("recommend", "rollback"):
+        method = getattr(Recommender.func_or_class, route)
+        assert inspect.signature(method).parameters["request"].annotation is Request, route
