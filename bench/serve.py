@@ -38,6 +38,7 @@ from bench.load import percentile
 from bench.serve_apps import SIDE_APPS, fresh_ports, log, prepare
 from bench.serve_report import batch_sizes, summary, write
 from services.config import Settings
+from services.config_sources import add_settings_flags, load_settings
 from services.stack import Stack
 
 
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-compare", action="store_true",
                         help="skip the second stack with serve_throughput_optimized off")
     parser.add_argument("--out", default="bench/results/serve.json")
-    Settings.add_arguments(parser)
+    add_settings_flags(parser)
     args = parser.parse_args(argv)
     names = set(Settings.__dataclass_fields__)
     overrides = {"data_dir": ".promptrec/bench", "namespace": "promptrec-bench",
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     load_before = os.getloadavg()
 
-    settings = fresh_ports(Settings.from_sources(env=os.environ, overrides=overrides))
+    settings = fresh_ports(load_settings(env=os.environ, overrides=overrides))
     stack = Stack(settings, progress=False).start(fresh=True)
     try:
         report = _run(stack, settings, args)
@@ -105,7 +106,7 @@ def _run_latency_throughput(stack: Stack, settings: Settings, args) -> dict:
     """The short comparison run: noop and recommend latency (one round), throughput."""
     scenario = prepare(stack, settings, args, SIDE_APPS)
     base = stack.base_url
-    answers, _ = phases.latency(base, scenario.make, args, settings.num_replicas,
+    answers, _ = phases.latency(base, scenario.make, args, settings.serving.num_replicas,
                                 {"noop": "/noop", "recommend": ""}, rounds=1)
     out = {name: summary(results) for name, results in answers.items()}
     out["throughput_recommend"] = phases.throughput(base, scenario.make, args,
@@ -116,7 +117,7 @@ def _run_latency_throughput(stack: Stack, settings: Settings, args) -> dict:
 
 def _run(stack: Stack, settings: Settings, args) -> dict:
     base = stack.base_url
-    replicas = settings.num_replicas
+    replicas = settings.serving.num_replicas
     scenario = prepare(stack, settings, args, SIDE_APPS)
     phase, recommend_hit_rate = phases.latency(base, scenario.make, args, replicas)
     throughput = phases.throughput(base, scenario.make, args)

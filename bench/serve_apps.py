@@ -69,10 +69,10 @@ def fresh_ports(settings: Settings) -> Settings:
 def deploy(settings: Settings, name: str, prefix: str, **changes) -> None:
     variant = Settings(**{**settings.to_dict(), **changes}).validate()
     if name == "noop":
-        app = Noop.options(num_replicas=variant.num_replicas,
-                           max_ongoing_requests=variant.max_ongoing_requests,
-                           max_queued_requests=variant.max_queued_requests,
-                           ray_actor_options={"num_cpus": variant.replica_cpus},
+        app = Noop.options(num_replicas=variant.serving.num_replicas,
+                           max_ongoing_requests=variant.serving.max_ongoing_requests,
+                           max_queued_requests=variant.serving.max_queued_requests,
+                           ray_actor_options={"num_cpus": variant.serving.replica_cpus},
                            logging_config={"enable_access_log": False}).bind()
     else:
         app = build_app(variant)
@@ -100,8 +100,8 @@ class Scenario:
 def prepare(stack: Stack, settings: Settings, args,
             apps: list[tuple[str, str, dict]]) -> Scenario:
     """Replay events, deploy the side apps, pick the user pool, warm everything."""
-    interactions = load_interactions(settings.dataset, args.events)
-    sent = replay(stack.bootstrap, settings.topic_clicks, interactions, settings.dataset,
+    interactions = load_interactions(settings.infra.dataset, args.events)
+    sent = replay(stack.bootstrap, settings.streaming.topic_clicks, interactions, settings.infra.dataset,
                   progress=False)
     stack.wait_handled(sent, timeout_s=600)
     log(f"replayed {sent} events")
@@ -113,8 +113,8 @@ def prepare(stack: Stack, settings: Settings, args,
     pool = _pool(interactions, args.users, seed=1)
     states = {}
     for user in pool:
-        shard = ray.get_actor(shard_actor(shard_for_user(user, settings.num_shards)),
-                              namespace=settings.namespace)
+        shard = ray.get_actor(shard_actor(shard_for_user(user, settings.streaming.num_shards)),
+                              namespace=settings.infra.namespace)
         states[user] = ray.get(shard.get_user.remote(user))
     # Each replica caches on its own and routing is random: after 8 passes a user is
     # uncached on a given replica with probability 1/256.

@@ -60,7 +60,7 @@ def throughput(base: str, make: Callable[[int], Request], args,
 def swaps(stack: Stack, make: Callable[[int], Request], args) -> dict:
     """Publish args.swaps versions under load -> {"results", "swap_ms" (publish -> every
     replica live, as the replicas measured it), "client_seen_ms", "cache_hit_rate"}."""
-    base, replicas = stack.base_url, stack.settings.num_replicas
+    base, replicas = stack.base_url, stack.settings.serving.num_replicas
     base_prompt = prompt_from_bytes(ray.get(stack.registry.serving.remote())["blob"])
     cache_start = cache_counts(base, replicas)
     load = Background(base, make, args.rps, max_requests=10**6, max_seconds=1800)
@@ -90,7 +90,7 @@ def check_answers(stack: Stack, scenario: Scenario,
                   answers: list[Result]) -> tuple[list[Result], list[str]]:
     """Every 200 answer recomputed from the weights of the version it names.
     -> (the answers checked, one line per mixed-version answer)."""
-    _, encoder = load_backbone(resolve_backbone_path(stack.settings.backbone_path))
+    _, encoder = load_backbone(resolve_backbone_path(stack.settings.model.backbone_path))
     checker = VersionChecker(encoder, stack.catalog,
                              lambda v: ray.get(stack.registry.get.remote(v))["blob"])
     answered = [r for r in answers if r.status == 200]

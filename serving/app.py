@@ -30,6 +30,7 @@ from ray.serve.config import BackpressureConfig
 
 from services.catalog import load_catalog
 from services.config import Settings
+from services.config_sources import load_settings
 from services.health import wait_until
 from services.model import load_backbone, resolve_backbone_path
 from services.naming import REGISTRY_ACTOR, shard_actor, shard_for_user
@@ -50,24 +51,24 @@ class Recommender:
     async def __init__(self, settings: dict):
         self.settings = Settings(**settings)
         torch.set_num_threads(1)  # replicas share cores; one thread each scales better
-        backbone = resolve_backbone_path(self.settings.backbone_path)
+        backbone = resolve_backbone_path(self.settings.model.backbone_path)
         _, encoder = load_backbone(backbone)
-        self.catalog = load_catalog(self.settings.dataset, backbone, self.settings.cache)
+        self.catalog = load_catalog(self.settings.infra.dataset, backbone, self.settings.infra.cache)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self._shards: dict[int, object] = {}
-        self.cache = UserVectorCache(self.settings.user_cache_size)
-        self.batcher = EncodeBatcher(self.settings.batch_max_size, self.settings.batch_wait_ms,
-                                     self.settings.encode_thread)
-        self.prompts = PromptSwap(encoder, self.catalog, self.settings.namespace, self.replica)
-        await self.prompts.start(self.settings.pin_version)
+        self.cache = UserVectorCache(self.settings.serving.user_cache_size)
+        self.batcher = EncodeBatcher(self.settings.serving.batch_max_size, self.settings.serving.batch_wait_ms,
+                                     self.settings.serving.encode_thread)
+        self.prompts = PromptSwap(encoder, self.catalog, self.settings.infra.namespace, self.replica)
+        await self.prompts.start(self.settings.serving.pin_version)
 
     def reconfigure(self, knobs: dict) -> None:
         """Serve's user_config (RUNTIME_KNOBS), at start and whenever it changes."""
         # The same variant pattern as elsewhere (one sweep replaces them all when
         # Settings gets sections).
         self.settings = Settings(**{**self.settings.to_dict(), **knobs}).validate()
-        self.cache.resize(self.settings.user_cache_size)
-        self.batcher.configure(self.settings.batch_max_size, self.settings.batch_wait_ms)
+        self.cache.resize(self.settings.serving.user_cache_size)
+        self.batcher.configure(self.settings.serving.batch_max_size, self.settings.serving.batch_wait_ms)
 
     def __del__(self):
         prompts = getattr(self, "prompts", None)
@@ -76,16 +77,16 @@ class Recommender:
 
     # --- user state -----------------------------------------------------
     async def _user_state(self, user_id: str) -> dict | None:
-        index = shard_for_user(user_id, self.settings.num_shards)
+        index = shard_for_user(user_id, self.settings.streaming.num_shards)
         try:
             if index not in self._shards:
                 self._shards[index] = ray.get_actor(shard_actor(index),
-                                                    namespace=self.settings.namespace)
+                                                    namespace=self.settings.infra.namespace)
             return await self._shards[index].get_user.remote(user_id)
         except (ValueError, ray.exceptions.RayActorError) as err:
             self._shards.clear()  # a restarted shard is a new actor: look it up again
             raise retry_later(f"user state unavailable: {type(err).__name__}",
-                              self.settings.retry_after_s) from None
+                              self.settings.serving.retry_after_s) from None
 
     async def _user_vector(self, user_id: str, state_version: int, history: list[int],
                            personal: np.ndarray | None,
@@ -109,7 +110,7 @@ class Recommender:
         state = await self._user_state(query.user_id)
         state_version = state["state_version"] if state else 0
         history = self.catalog.indices(state["history"]) if state else []
-        personal = state.get("personal") if state and self.settings.personal_prompts else None
+        personal = state.get("personal") if state and self.settings.serving.personal_prompts else None
         user, hit = await self._user_vector(query.user_id, state_version, history, personal,
                                             active)
         indices, values = rank(active.model, user, active.items, query.k, history)
@@ -119,7 +120,7 @@ class Recommender:
                   for i, v in zip(indices.tolist(), values.tolist(), strict=True)]
         if query.explain:
             reasons = explain(self.catalog.vectors, history, indices.tolist(),
-                              self.settings.explain_items)
+                              self.settings.serving.explain_items)
             for entry, because in zip(ranked, reasons, strict=True):
                 entry["because"] = [{"item_id": items[h].item_id, "title": items[h].title,
                                      "similarity": sim} for h, sim in because]
@@ -147,14 +148,14 @@ class Recommender:
                 "replica": self.replica,
                 "publish_to_live_ms": active.publish_to_live_ms if active else None,
                 "swap_ms": active.swap_ms if active else None,
-                "pinned": bool(self.settings.pin_version),
-                "personal_prompts": self.settings.personal_prompts,
+                "pinned": bool(self.settings.serving.pin_version),
+                "personal_prompts": self.settings.serving.personal_prompts,
                 "user_cache": {**self.cache.counts, "size": len(self.cache)},
                 "encoded": dict(self.batcher.counts)}
 
     @app.post("/admin/rollback")
     async def rollback(self, request: Request) -> dict:
-        check_admin_token(request, self.settings.admin_token)
+        check_admin_token(request, self.settings.serving.admin_token)
         version = await read_rollback_version(request)
         try:
             entry = await self.prompts.registry.rollback.remote(version)
@@ -172,12 +173,12 @@ def build_app(settings: Settings, name: str = "Recommender"):
     """
     return Recommender.options(
         name=name,
-        num_replicas=settings.num_replicas,
-        max_ongoing_requests=settings.max_ongoing_requests,
-        max_queued_requests=settings.max_queued_requests,
+        num_replicas=settings.serving.num_replicas,
+        max_ongoing_requests=settings.serving.max_ongoing_requests,
+        max_queued_requests=settings.serving.max_queued_requests,
         backpressure_config=BackpressureConfig(status_code=503,
-                                               retry_after_s=settings.retry_after_s),
-        ray_actor_options={"num_cpus": settings.replica_cpus},
+                                               retry_after_s=settings.serving.retry_after_s),
+        ray_actor_options={"num_cpus": settings.serving.replica_cpus},
         user_config={knob: getattr(settings, knob) for knob in RUNTIME_KNOBS},
         # One access-log line per request costs CPU on the hot path; the request metrics
         # carry the same counts and latencies.
@@ -196,17 +197,17 @@ def app_builder(args: dict):
     replicas that fail to start because the registry is missing would mark the
     deployment failed for good.
     """
-    settings = Settings.from_sources(overrides={k: str(v) for k, v in args.items()})
+    settings = load_settings(overrides={k: str(v) for k, v in args.items()})
 
     def registry_exists() -> bool:
         try:
-            ray.get_actor(REGISTRY_ACTOR, namespace=settings.namespace)
+            ray.get_actor(REGISTRY_ACTOR, namespace=settings.infra.namespace)
         except ValueError:
             return False
         return True
 
     wait_until(registry_exists, REGISTRY_WAIT_S,
-               f"registry actor {REGISTRY_ACTOR!r} in namespace {settings.namespace!r} (start "
+               f"registry actor {REGISTRY_ACTOR!r} in namespace {settings.infra.namespace!r} (start "
                f"the driver, `promptrec serve --no-deploy-serve`, against this cluster with "
                f"the same namespace)", interval_s=2.0)
     return build_app(settings)
