@@ -58,6 +58,24 @@ class VersionChecker:
         return ranking_mismatch(self.expected_scores(body["prompt_version"], history, personal),
                                 history, returned, k)
 
+    def mixed(self, answers: list, states: dict[str, dict | None],
+              k: int) -> list[tuple[str, int, str]]:
+        """The answers (bench.load Results with status 200 of /recommend, user_id in the
+        request) that are not what their named version gives the user in `states`
+        ({user: shard state read before the load}), as (user, version, why)."""
+        out = []
+        for r in answers:
+            user = r.request[1]["user_id"]
+            state = states[user]
+            if r.body["state_version"] != (state["state_version"] if state else 0):
+                reason = "state_version changed during the run"
+            else:
+                reason = self.mismatch(r.body, state["history"] if state else [], k,
+                                       state["personal"] if state else None)
+            if reason:
+                out.append((user, r.body["prompt_version"], reason))
+        return out
+
 
 def perturbed_prompt(base: PromptWeights, seed: int) -> PromptWeights:
     """A distinct, reproducible plain version (soft prompt and temperature only): base

@@ -11,8 +11,10 @@ import logging
 import shutil
 import socket
 import subprocess
-import time
 from pathlib import Path
+
+from services.health import WaitTimeout, wait_until
+from services.ray_private import init_local_ray
 
 log = logging.getLogger(__name__)
 
@@ -27,15 +29,30 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def accepts(host: str, port: int) -> bool:
+    """Whether something accepts a TCP connection on host:port now."""
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
 def wait_for_port(host: str, port: int, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    try:
+        return wait_until(lambda: accepts(host, port), timeout_s, f"{host}:{port} accepts", 0.02)
+    except WaitTimeout:
+        return False
+
+
+def stop_process(process: subprocess.Popen | None, timeout_s: float) -> None:
+    """Terminate a child process we started; kill it if it has not exited in timeout_s."""
+    if process and process.poll() is None:
+        process.terminate()
         try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return True
-        except OSError:
-            time.sleep(0.02)
-    return False
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
 
 
 def tansu_binary() -> Path:
@@ -77,12 +94,7 @@ class EmbeddedBroker:
         return self
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
+        stop_process(self.process, timeout_s=10)
         self.process = None
 
     def restart(self) -> None:
@@ -212,7 +224,6 @@ def start_ray(settings, connect_timeout_s: float = 10.0) -> None:
     # then starves every actor and replica at once: with one core kept busy by a plain
     # process, Serve stopped answering within two prompt swaps at 15, and served 120 swaps
     # without a stall at 0. Here the workers are the service, so they get an equal share.
-    ray.init(include_dashboard=False, num_cpus=settings.infra.ray_num_cpus,
-             namespace=settings.infra.namespace, _metrics_export_port=settings.infra.metrics_port,
-             log_to_driver=settings.infra.ray_log_to_driver, logging_level=logging.WARNING,
-             _system_config={"worker_niceness": LOCAL_WORKER_NICENESS})
+    init_local_ray(settings.infra.metrics_port, LOCAL_WORKER_NICENESS, include_dashboard=False,
+                   num_cpus=settings.infra.ray_num_cpus, namespace=settings.infra.namespace,
+                   log_to_driver=settings.infra.ray_log_to_driver, logging_level=logging.WARNING)

@@ -55,14 +55,3 @@ def personal_from_history(history: torch.Tensor, mask: torch.Tensor, alpha: floa
     if every_step:
         return torch.stack(steps, 1) if steps else history.new_zeros(history.shape)
     return personal
-
-
-# Temporary, for serving/ only (not edited on this branch): the lead switches serving to
-# services.backbone / services.prompt_model / services.decoded.decode_version at merge,
-# then these four names go.
-from services.backbone import load_backbone, resolve_backbone_path  # noqa: E402
-from services.prompt_model import PromptRecModel  # noqa: E402
-from services.weights import decode_weights as prompt_from_bytes  # noqa: E402
-
-__all__ = ["EVENT_WEIGHTS", "personal_prompt_update", "personal_from_history",
-           "load_backbone", "resolve_backbone_path", "PromptRecModel", "prompt_from_bytes"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from services.model import PromptRecModel
+from services.prompt_model import PromptRecModel
 
 
 def encode_histories(model: PromptRecModel, item_vectors: torch.Tensor,

@@ -19,6 +19,7 @@ from services.backbone import load_backbone, resolve_backbone_path
 from services.catalog import Catalog, load_catalog
 from services.config import Settings
 from services.embedded import EmbeddedBroker, check_kafka, ensure_topics, start_ray
+from services.health import WaitTimeout, answers, wait_answers, wait_until
 from services.naming import SERVE_APP
 from services.registry import start_registry
 from services.weights import initial_weights
@@ -110,15 +111,7 @@ class Stack:
 
     def wait_healthy(self, timeout_s: float = 180, prefix: str = "") -> None:
         url = self.base_url + prefix
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError(f"Serve did not become healthy at {url} in {timeout_s} s")
+        wait_answers(f"{url}/healthz", timeout_s, f"Serve healthy at {url}")
 
     def deploy_variant(self, name: str, route_prefix: str, **changes) -> str:
         """A second Serve application beside the main one, on the same registry and user
@@ -136,13 +129,13 @@ class Stack:
         return self.base_url + route_prefix
 
     def wait_handled(self, expected: int, timeout_s: float = 300) -> dict:
-        """Block until consumers have handled `expected` records (ok+invalid+duplicate)."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            stats = self.streaming.stats()
-            if stats["handled"] >= expected or time.monotonic() > deadline:
-                return stats
-            time.sleep(0.2)
+        """Block until consumers have handled `expected` records (ok+invalid+duplicate);
+        -> the consumers' stats (as they are at the deadline if it passes first)."""
+        try:
+            return wait_until(lambda: (s := self.streaming.stats())["handled"] >= expected
+                              and s, timeout_s, f"{expected} records handled", 0.2)
+        except WaitTimeout:
+            return self.streaming.stats()
 
     def wait_all_replicas(self, version: int, timeout_s: float = 60, poll_s: float = 0.02,
                           prefix: str = "") -> dict[str, float]:
@@ -152,22 +145,21 @@ class Stack:
         measured it (registry made it the serving version -> its swap done). `prefix` is
         the route prefix of an app other than the main one.
         """
-        started = time.monotonic()
         seen: dict[str, dict] = {}
+
+        def all_on_version() -> dict[str, float] | None:
+            response = answers("/version", http, 10)  # a slow poll or a 503 is retried
+            if response is not None:
+                body = response.json()
+                seen[body["replica"]] = body
+            if len(seen) >= self.settings.serving.num_replicas and all(
+                    b["prompt_version"] == version for b in seen.values()):
+                return {r: b["publish_to_live_ms"] for r, b in seen.items()}
+            return None
+
         with httpx.Client(base_url=self.base_url + prefix, timeout=10) as http:
-            while time.monotonic() - started < timeout_s:
-                try:
-                    response = http.get("/version")
-                except httpx.HTTPError:  # a slow poll is retried until timeout_s
-                    continue
-                if response.status_code == 200:  # an overloaded proxy may answer 503
-                    body = response.json()
-                    seen[body["replica"]] = body
-                if len(seen) >= self.settings.serving.num_replicas and all(
-                        b["prompt_version"] == version for b in seen.values()):
-                    return {r: b["publish_to_live_ms"] for r, b in seen.items()}
-                time.sleep(poll_s)
-        raise TimeoutError(f"replicas {seen} not all on version {version}")
+            return wait_until(all_on_version, timeout_s,
+                              lambda: f"replicas {seen} all on version {version}", poll_s)
 
     def stop(self) -> None:
         from ray import serve

@@ -25,7 +25,8 @@ import yaml
 
 from services.config_sources import load_settings
 from services.data import load_interactions
-from services.embedded import free_port, wait_for_port
+from services.embedded import free_port, stop_process, wait_for_port
+from services.health import WaitTimeout, answers, wait_until
 from services.launch.stack import Stack
 from services.naming import SERVE_APP
 from services.registry import start_registry
@@ -83,16 +84,13 @@ class Prometheus:
                  f"--storage.tsdb.path={self.workdir / 'data'}",
                  f"--web.listen-address=127.0.0.1:{self.port}"],
                 stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
+
+        def ready() -> httpx.Response | None:
             assert self.process.poll() is None, self.log_tail()
-            try:
-                if httpx.get(f"{self.url}/-/ready", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"Prometheus not ready at {self.url}: {self.log_tail()}")
+            return answers(f"{self.url}/-/ready", timeout_s=2)
+
+        wait_until(ready, 60, lambda: f"Prometheus ready at {self.url}: {self.log_tail()}", 0.2)
+        return self
 
     def api(self, path: str, **params) -> dict:
         body = httpx.get(f"{self.url}/api/v1/{path}", params=params, timeout=30).json()
@@ -110,12 +108,7 @@ class Prometheus:
         return self.log_path.read_text()[-3000:] if self.log_path.exists() else ""
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
+        stop_process(self.process, timeout_s=20)
 
 
 def deploy_config(raw: dict) -> None:
@@ -207,28 +200,21 @@ def live(tmp_path_factory):
 def wait_running(base_url: str, timeout_s: float) -> None:
     from ray import serve
 
-    deadline = time.monotonic() + timeout_s
-    status = None
-    while time.monotonic() < deadline:
+    def running() -> bool:
         status = serve.status().applications.get(SERVE_APP)
-        if status is not None and status.status == "RUNNING":
-            try:
-                if httpx.get(f"{base_url}/healthz", timeout=5).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-        time.sleep(0.5)
-    raise TimeoutError(f"Serve app from deploy/serve.yaml not healthy: {status}")
+        return bool(status is not None and status.status == "RUNNING"
+                    and answers(f"{base_url}/healthz"))
+
+    wait_until(running, timeout_s, lambda: "Serve app from deploy/serve.yaml healthy: "
+               f"{serve.status().applications.get(SERVE_APP)}")
 
 
 def eventually(check, timeout_s: float, interval_s: float = 0.5):
     """check() until it returns something truthy (returned) or the deadline (last value)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = check()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval_s)
+    try:
+        return wait_until(check, timeout_s, "eventually", interval_s)
+    except WaitTimeout as err:
+        return err.last
 
 
 # --- the Serve config -------------------------------------------------------------------

@@ -3,7 +3,7 @@
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from serving import app as serving_app
+from serving import api as serving_api
 
 
 class Recorder:
@@ -19,8 +19,8 @@ class Recorder:
 
 def test_counts_by_route_and_status_and_turns_errors_into_json(monkeypatch):
     counted, timed = Recorder(), Recorder()
-    monkeypatch.setattr(serving_app.metrics, "requests", lambda: counted)
-    monkeypatch.setattr(serving_app.metrics, "request_seconds", lambda: timed)
+    monkeypatch.setattr(serving_api.metrics, "requests", lambda: counted)
+    monkeypatch.setattr(serving_api.metrics, "request_seconds", lambda: timed)
     api = FastAPI()
 
     @api.get("/healthz")
@@ -31,7 +31,7 @@ def test_counts_by_route_and_status_and_turns_errors_into_json(monkeypatch):
     async def broken():
         raise RuntimeError("boom")
 
-    api.add_middleware(serving_app.ObserveMiddleware)
+    api.add_middleware(serving_api.ObserveMiddleware)
     client = TestClient(api, raise_server_exceptions=False)
     assert client.get("/healthz").status_code == 200
     response = client.get("/version")

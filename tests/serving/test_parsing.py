@@ -1,7 +1,7 @@
 import pytest
 
-from serving.app import (
-    ApiError,
+from serving.api import ApiError
+from serving.query import (
     parse_explain,
     parse_k,
     parse_recommend_query,

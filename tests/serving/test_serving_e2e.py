@@ -8,6 +8,7 @@ Train rounds, so 20 swaps take seconds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections import Counter
@@ -22,6 +23,7 @@ from services.backbone import load_backbone, resolve_backbone_path
 from services.config_sources import load_settings
 from services.embedded import free_port
 from services.events import ClickEvent
+from services.health import WaitTimeout, wait_answers, wait_until
 from services.launch.stack import Stack
 from services.metrics import parse_prometheus
 from services.naming import shard_actor, shard_for_user
@@ -172,26 +174,16 @@ def test_hot_swap_under_load_serves_each_response_wholly_by_its_named_version(st
             # machine (a fresh-clone run saw 10 of 20 versions answered after 0.3 s each).
             # Counted per version, not in total, so the test means the same on a fast
             # machine and a slow one.
-            deadline = time.monotonic() + 15
-            while time.monotonic() < deadline and sum(
+            with contextlib.suppress(WaitTimeout):  # asserted below, per version
+                wait_until(lambda v=version: sum(
                     1 for r in load.results[-300:]
-                    if r.body and r.body.get("prompt_version") == version) < PER_VERSION:
-                time.sleep(0.05)
+                    if r.body and r.body.get("prompt_version") == v) >= PER_VERSION,
+                    15, f"{PER_VERSION} answers by version {version}", 0.05)
     finally:
         results = load.stop()
     failed = [(r.status, r.error, r.body) for r in results if r.status != 200]
     assert not failed, failed[:5]
-    mixed = []
-    for r in results:
-        user = r.request[1]["user_id"]
-        state = histories[user]
-        if r.body["state_version"] != (state["state_version"] if state else 0):
-            mixed.append((user, "state changed during the test"))
-            continue
-        reason = checker.mismatch(r.body, state["history"] if state else [], 10,
-                                          state["personal"] if state else None)
-        if reason:
-            mixed.append((user, r.body["prompt_version"], reason))
+    mixed = checker.mixed(results, histories, 10)
     assert not mixed, mixed[:5]
     answered = Counter(r.body["prompt_version"] for r in results)
     short = {v: answered[v] for v in published if answered[v] < PER_VERSION}
@@ -219,10 +211,7 @@ def test_overload_is_answered_with_503_and_retry_after(stack):
     serve.run(build_app(tiny, name="TinyRecommender"), name="tiny", route_prefix="/tiny",
               blocking=False)
     base = f"{stack.base_url}/tiny"
-    deadline = time.monotonic() + 120
-    while httpx.get(f"{base}/healthz", timeout=10).status_code != 200:
-        assert time.monotonic() < deadline, "tiny app did not come up"
-        time.sleep(0.5)
+    wait_answers(f"{base}/healthz", 120, "tiny app up")
     try:
         results = asyncio.run(open_loop(
             base, lambda i: ("/recommend", {"user_id": f"burst-{i}", "k": "5"}),
@@ -246,6 +235,7 @@ def test_admin_rollback_needs_the_token_and_swaps_back(stack):
     auth = {"Authorization": f"Bearer {TOKEN}"}
     assert httpx.post(url, json={"version": 10_000}, headers=auth).status_code == 404
     assert httpx.post(url, json={"version": "1"}, headers=auth).status_code == 400
+    assert httpx.post(url, content=b"nope", headers=auth).status_code == 400
     response = httpx.post(url, json={"version": 2}, headers=auth)
     assert response.status_code == 200 and response.json()["prompt_version"] == 2
     live = stack.wait_all_replicas(2)
@@ -258,15 +248,15 @@ def test_cache_hit_rate_and_batch_metrics_are_exported(stack):
     cache = [_get(stack, "/recommend", user_id="hist-b").headers["x-user-cache"]
              for _ in range(5)]
     assert set(cache) <= {"hit", "miss"} and cache.count("hit") >= 2, cache
-    deadline = time.monotonic() + 60  # Ray exports every few seconds
-    while time.monotonic() < deadline:
+
+    def exported() -> dict | None:
         scraped = parse_prometheus(httpx.get(stack.metrics_url, timeout=10).text)
         results = {labels.get("result") for labels, _ in
                    scraped.get("promptrec_user_cache_total", [])}
-        if {"hit", "miss"} <= results and "promptrec_encode_batch_users_bucket" in scraped:
-            break
-        time.sleep(1)
-    assert {"hit", "miss"} <= results
-    assert "promptrec_encode_batch_users_bucket" in scraped
+        return scraped if {"hit", "miss"} <= results \
+            and "promptrec_encode_batch_users_bucket" in scraped else None
+
+    # Ray exports every few seconds.
+    scraped = wait_until(exported, 60, "cache hits and misses and batch sizes exported", 1)
     by_status = {labels["status"] for labels, _ in scraped["promptrec_requests_total"]}
     assert {"200", "400"} <= by_status

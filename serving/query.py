@@ -1,0 +1,88 @@
+"""Request parsing: query strings and bodies in, typed values out, or a 400 `ApiError`.
+
+Strict on purpose: a typo (`kk=5`), a repeated parameter, Python-only integer syntax
+(`1_0`) or a non-printable user id is refused with a reason, never silently defaulted.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from services.events import MAX_ID_CHARS
+from serving.api import ApiError
+
+MAX_K = 1000
+RECOMMEND_PARAMS = ("user_id", "k", "explain")
+_K_PATTERN = re.compile(r"[0-9]{1,4}")  # ASCII digits only: int() also takes "1_0", " 5", "٣"
+_TRUE, _FALSE = ("true", "1"), ("false", "0")
+_ROLLBACK_BODY = "body must be JSON: {\"version\": <int>}"
+
+
+def parse_user_id(user_id: str | None) -> str:
+    if user_id is None or user_id == "":
+        raise ApiError(400, "user_id is required")
+    if len(user_id) > MAX_ID_CHARS:
+        raise ApiError(400, f"user_id longer than {MAX_ID_CHARS} characters")
+    if not user_id.isprintable():
+        raise ApiError(400, "user_id must be printable characters")
+    return user_id
+
+
+def parse_k(k: str | None) -> int:
+    if k is None or k == "":
+        return 10
+    if not _K_PATTERN.fullmatch(k):
+        raise ApiError(400, f"k must be an integer in 1..{MAX_K}, got {k[:20]!r}")
+    value = int(k)
+    if not 1 <= value <= MAX_K:
+        raise ApiError(400, f"k must be in 1..{MAX_K}, got {value}")
+    return value
+
+
+def parse_explain(explain_flag: str | None) -> bool:
+    if explain_flag is None or explain_flag == "":
+        return False
+    lowered = explain_flag.lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ApiError(400, f"explain must be true or false, got {explain_flag[:20]!r}")
+
+
+@dataclass(frozen=True)
+class RecommendQuery:
+    user_id: str
+    k: int
+    explain: bool
+
+
+def parse_recommend_query(params: list[tuple[str, str]]) -> RecommendQuery:
+    """Query string pairs -> RecommendQuery; unknown or repeated parameters are refused
+    (a typo like `kk=5` must not silently become the default k)."""
+    given: dict[str, str] = {}
+    for name, value in params:
+        if name not in RECOMMEND_PARAMS:
+            raise ApiError(400, f"unknown parameter {name[:40]!r}; allowed: "
+                           + ", ".join(RECOMMEND_PARAMS))
+        if name in given:
+            raise ApiError(400, f"parameter {name!r} given more than once")
+        given[name] = value
+    return RecommendQuery(parse_user_id(given.get("user_id")), parse_k(given.get("k")),
+                          parse_explain(given.get("explain")))
+
+
+async def read_rollback_version(request: Request) -> int:
+    """POST /admin/rollback's body -> the version asked for. A bool is refused although
+    Python counts it as an int: `true` is not version 1."""
+    try:
+        body = await request.json()
+    except ValueError:
+        raise ApiError(400, _ROLLBACK_BODY) from None
+    version = body.get("version") if isinstance(body, dict) else None
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ApiError(400, _ROLLBACK_BODY)
+    return version
