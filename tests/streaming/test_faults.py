@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import ray
 
+from services.batch import EventBatch
 from services.catalog import load_catalog
 from services.config import Settings
 from services.data import load_interactions
@@ -70,9 +71,7 @@ def _reference(settings: Settings, catalog, events) -> dict:
     """The state of one uninterrupted shard fed every event once, in order."""
     shard = UserStateShard(0, settings.history_len, settings.dedupe_window,
                            catalog.vectors.numpy(), list(catalog.index), settings.personal_alpha)
-    wire = [(0, i, e.event_id, e.user_id, e.item_id, e.ts, e.type, 0)
-            for i, e in enumerate(events)]
-    shard.apply(wire, {0: ("E", 0, len(wire))})
+    shard.apply(EventBatch.of(events), {0: ("E", 0, len(events))})
     return shard.dump()
 
 
