@@ -75,7 +75,10 @@ class EventBatch:
 
     def take(self, rows: Sequence[int]) -> EventBatch:
         """The given rows, in the given order."""
-        return EventBatch(*([column[i] for i in rows] for column in self.columns()))
+        if len(rows) < 2:
+            return EventBatch(*([column[i] for i in rows] for column in self.columns()))
+        pick = operator.itemgetter(*rows)  # one C-level gather per column
+        return EventBatch(*(list(pick(column)) for column in self.columns()))
 
     def extend(self, other: EventBatch) -> None:
         for mine, theirs in zip(self.columns(), other.columns(), strict=True):
@@ -87,6 +90,7 @@ class EventBatch:
 
     @classmethod
     def concat(cls, batches: Sequence[EventBatch]) -> EventBatch:
+        """The batches one after the other (the batch itself when there is one)."""
         if len(batches) == 1:
             return batches[0]
         return cls(*(list(chain.from_iterable(columns))

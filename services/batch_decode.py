@@ -157,15 +157,21 @@ def decode_batch(keys: Sequence[bytes | None], values: Sequence[bytes | None],
     invalid: list[tuple[int, InvalidEvent]] = []
     if len(rows) < len(values):
         rows, events = _merge_others(keys, values, known_items, now, rows, events, invalid)
-    n = len(values)
+    n, valid = len(values), len(rows)
     offsets = range(n) if offsets is None else offsets
     kafka_ms = [0] * n if kafka_ms is None else kafka_ms
-    if len(rows) == n:  # all valid: the record columns are the event columns
-        where = (list(offsets), list(kafka_ms))
-    else:
-        where = ([offsets[i] for i in rows], [kafka_ms[i] for i in rows])
     return DecodedBatch(rows=rows, invalid=invalid, events=EventBatch(
-        *events, partition=[partition] * len(rows), offset=where[0], kafka_ms=where[1]))
+        *events, partition=[partition] * valid, offset=_pick(offsets, rows, n),
+        kafka_ms=_pick(kafka_ms, rows, n)))
+
+
+def _pick(column: Sequence[int], rows: list[int], n: int) -> list[int]:
+    """column[i] for i in rows, ascending indices of n records (C-level where it can)."""
+    if len(rows) == n:  # all valid: the record column is the event column
+        return column if isinstance(column, list) else list(column)
+    if len(rows) < 2:
+        return [column[i] for i in rows]
+    return list(operator.itemgetter(*rows)(column))
 
 
 def _merge_others(keys: list[bytes | None], values: list[bytes | None],
