@@ -36,6 +36,7 @@ from kafka import KafkaAdminClient
 
 from services.catalog import load_catalog
 from services.config import Settings
+from services.config_sources import load_settings
 from services.data import load_interactions
 from services.embedded import EmbeddedBroker, ensure_topics, free_port, start_ray
 from services.model import resolve_backbone_path
@@ -117,21 +118,21 @@ def produce_paced(bootstrap: str, topic: str, events: list, rate: float) -> floa
 def measure_client(client: str, args, run: str, bulk: list, paced: list, catalog,
                    bootstrap: str, kafka_python_raw: float | None = None) -> dict:
     """Raw drains, pipeline throughput and latency of one Kafka client, on its own topic."""
-    settings = Settings.from_sources(overrides={
+    settings = load_settings(overrides={
         "data_dir": f"/tmp/promptrec-bench-{run}/{client}", "metrics_port": free_port(),
         "topic_clicks": f"bench-{run}-{client}", "topic_dlq": f"bench-dlq-{run}-{client}",
         "consumer_group": f"bench-{run}-{client}", "partitions": args.partitions,
         "num_consumers": args.consumers, "num_shards": args.shards, "kafka_client": client,
         "namespace": f"bench-{run}-{client}",
         "cache_dir": str(Path(".promptrec/cache").resolve())})
-    ensure_topics(bootstrap, {settings.topic_clicks: settings.partitions,
-                              settings.topic_dlq: 1})
+    ensure_topics(bootstrap, {settings.streaming.topic_clicks: settings.streaming.partitions,
+                              settings.streaming.topic_dlq: 1})
     producer = make_producer(bootstrap)
-    send_events(producer, settings.topic_clicks, bulk)
+    send_events(producer, settings.streaming.topic_clicks, bulk)
     producer.close()
     # The raw figure swings by a third from one drain to the next on a shared machine:
     # take the median of three.
-    raw_runs = [round(RAW_DRAINS[client](bootstrap, settings.topic_clicks, settings.partitions,
+    raw_runs = [round(RAW_DRAINS[client](bootstrap, settings.streaming.topic_clicks, settings.streaming.partitions,
                                          len(bulk)), 1) for _ in range(3)]
     raw_eps = float(np.median(raw_runs))
     print(f"[{client}] raw consumer: {raw_eps:,.0f} events/s (median of {raw_runs})")
@@ -142,7 +143,7 @@ def measure_client(client: str, args, run: str, bulk: list, paced: list, catalog
     started = time.perf_counter()
     plane = start_streaming(settings, bootstrap, list(catalog.index), catalog.vectors.numpy(),
                             paused=True)
-    plane.wait_for_assignment(settings.partitions)
+    plane.wait_for_assignment(settings.streaming.partitions)
     startup_s = time.perf_counter() - started
     # One admin client for the whole wait: a new one per check costs a connection and
     # CPU that the plane under test would otherwise have.
@@ -153,7 +154,7 @@ def measure_client(client: str, args, run: str, bulk: list, paced: list, catalog
         now_applied = sum(ray.get([s.applied_count.remote() for s in plane.shards]))
         applied, first = _clock(applied, now_applied - applied, first)
         if applied >= len(bulk) and committed_total(
-                admin, settings.consumer_group, settings.topic_clicks) >= len(bulk):
+                admin, settings.streaming.consumer_group, settings.streaming.topic_clicks) >= len(bulk):
             break
         time.sleep(0.02)
     admin.close()
@@ -165,7 +166,7 @@ def measure_client(client: str, args, run: str, bulk: list, paced: list, catalog
     # flush, commit and shard snapshot (written from a copy on a thread) finish.
     time.sleep(2.0)
     ray.get([s.latency_sample.remote(clear=True) for s in plane.shards])
-    offered = produce_paced(bootstrap, settings.topic_clicks, paced, args.rate)
+    offered = produce_paced(bootstrap, settings.streaming.topic_clicks, paced, args.rate)
     deadline = time.monotonic() + 120
     while plane.stats()["applied"] < len(bulk) + len(paced) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -215,7 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
     broker = EmbeddedBroker().start()
     by_client: dict[str, dict] = {}
     try:
-        start_ray(Settings.from_sources(overrides={"metrics_port": free_port(),
+        start_ray(load_settings(overrides={"metrics_port": free_port(),
                                                    "namespace": f"bench-{run}"}))
         catalog = load_catalog("ml-100k", resolve_backbone_path(""),
                                Path(".promptrec/cache").resolve())

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from services.config import Settings
+from services.config_sources import add_settings_flags, load_settings
 from services.data import load_interactions
 from services.embedded import free_port
 from services.stack import Stack
@@ -38,21 +39,21 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=3, help="rounds run back to back")
     parser.add_argument("--events", type=int, default=20_000, help="events replayed first")
     parser.add_argument("--out", default=str(RESULTS))
-    Settings.add_arguments(parser)
+    add_settings_flags(parser)
     args = parser.parse_args(argv)
     names = set(Settings.__dataclass_fields__)
     overrides = {"data_dir": ".promptrec/bench-rounds", "namespace": "promptrec-rounds",
                  "deploy_serve": False, "metrics_port": free_port()}
     overrides.update({k: v for k, v in vars(args).items() if k in names and v is not None})
-    settings = Settings.from_sources(env=os.environ, overrides=overrides)
+    settings = load_settings(env=os.environ, overrides=overrides)
 
     stack = Stack(settings, progress=False).start(fresh=True)
     try:
-        interactions = load_interactions(settings.dataset, args.events)
-        sent = replay(stack.bootstrap, settings.topic_clicks, interactions, settings.dataset,
+        interactions = load_interactions(settings.infra.dataset, args.events)
+        sent = replay(stack.bootstrap, settings.streaming.topic_clicks, interactions, settings.infra.dataset,
                       progress=False)
         stack.wait_handled(sent, timeout_s=600)
-        time.sleep(settings.log_flush_s * 2)  # the consumers' last event-log flush
+        time.sleep(settings.streaming.log_flush_s * 2)  # the consumers' last event-log flush
         rounds = []
         for _ in range(args.rounds):
             result = stack.runner.run(since_ingest_ts=0.0)
@@ -76,8 +77,8 @@ def main(argv: list[str] | None = None) -> dict:
         "later_round_overhead_share_median": round(float(np.median(
             [r["overhead_share"] for r in later])), 3) if later else None,
         "ray_train_runs_started": runs_started,
-        "train_workers": settings.train_workers, "train_steps": settings.train_steps,
-        "batch_size": settings.batch_size, "use_gpu": settings.use_gpu,
+        "train_workers": settings.training.train_workers, "train_steps": settings.training.train_steps,
+        "batch_size": settings.training.batch_size, "use_gpu": settings.training.use_gpu,
         "events": sent,
         "per_round": rounds,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",

@@ -45,6 +45,7 @@ from ray import serve
 from bench.check import VersionChecker, perturbed_prompt
 from bench.load import Background, Result, closed_loop, open_loop, percentile
 from services.config import Settings
+from services.config_sources import add_settings_flags, load_settings
 from services.data import load_interactions
 from services.embedded import free_port
 from services.model import (
@@ -87,10 +88,10 @@ SIDE_APPS = [
 def _deploy(settings: Settings, name: str, prefix: str, **changes) -> None:
     variant = Settings(**{**settings.to_dict(), **changes}).validate()
     if name == "noop":
-        app = Noop.options(num_replicas=variant.num_replicas,
-                           max_ongoing_requests=variant.max_ongoing_requests,
-                           max_queued_requests=variant.max_queued_requests,
-                           ray_actor_options={"num_cpus": variant.replica_cpus},
+        app = Noop.options(num_replicas=variant.serving.num_replicas,
+                           max_ongoing_requests=variant.serving.max_ongoing_requests,
+                           max_queued_requests=variant.serving.max_queued_requests,
+                           ray_actor_options={"num_cpus": variant.serving.replica_cpus},
                            logging_config={"enable_access_log": False}).bind()
     else:
         app = build_app(variant)
@@ -197,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-compare", action="store_true",
                         help="skip the second stack with serve_throughput_optimized off")
     parser.add_argument("--out", default="bench/results/serve.json")
-    Settings.add_arguments(parser)
+    add_settings_flags(parser)
     args = parser.parse_args(argv)
     names = set(Settings.__dataclass_fields__)
     overrides = {"data_dir": ".promptrec/bench", "namespace": "promptrec-bench",
@@ -206,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     load_before = os.getloadavg()
 
-    settings = _fresh_ports(Settings.from_sources(env=os.environ, overrides=overrides))
+    settings = _fresh_ports(load_settings(env=os.environ, overrides=overrides))
     stack = Stack(settings, progress=False).start(fresh=True)
     try:
         report = _run(stack, settings, args)
@@ -258,8 +259,8 @@ def _fresh_ports(settings: Settings) -> Settings:
 def _prepare(stack: Stack, settings: Settings, args, apps: list[tuple[str, str, dict]]):
     """Replay events, deploy the side apps, pick the user pool, warm everything.
     -> (pool, {user: state}, request maker)."""
-    interactions = load_interactions(settings.dataset, args.events)
-    sent = replay(stack.bootstrap, settings.topic_clicks, interactions, settings.dataset,
+    interactions = load_interactions(settings.infra.dataset, args.events)
+    sent = replay(stack.bootstrap, settings.streaming.topic_clicks, interactions, settings.infra.dataset,
                   progress=False)
     stack.wait_handled(sent, timeout_s=600)
     _log(f"replayed {sent} events")
@@ -271,8 +272,8 @@ def _prepare(stack: Stack, settings: Settings, args, apps: list[tuple[str, str, 
     pool = _pool(interactions, args.users, seed=1)
     histories = {}
     for user in pool:
-        shard = ray.get_actor(shard_actor(shard_for_user(user, settings.num_shards)),
-                              namespace=settings.namespace)
+        shard = ray.get_actor(shard_actor(shard_for_user(user, settings.streaming.num_shards)),
+                              namespace=settings.infra.namespace)
         histories[user] = ray.get(shard.get_user.remote(user))
     # Each replica caches on its own and routing is random: after 8 passes a user is
     # uncached on a given replica with probability 1/256.
@@ -302,7 +303,7 @@ def _run_latency_throughput(stack: Stack, settings: Settings, args) -> dict:
 
 def _run(stack: Stack, settings: Settings, args) -> dict:
     base = stack.base_url
-    replicas = settings.num_replicas
+    replicas = settings.serving.num_replicas
     pool, histories, make = _prepare(stack, settings, args, SIDE_APPS)
 
     # 1. Latency at the offered load, apps interleaved.
@@ -352,7 +353,7 @@ def _run(stack: Stack, settings: Settings, args) -> dict:
     swap_cache_end = _cache_counts(base, replicas)
 
     # Every recommend answer must be what the version it names computes.
-    _, encoder = load_backbone(resolve_backbone_path(settings.backbone_path))
+    _, encoder = load_backbone(resolve_backbone_path(settings.model.backbone_path))
     checker = VersionChecker(encoder, stack.catalog,
                              lambda v: ray.get(stack.registry.get.remote(v))["blob"])
     answered = [r for r in phase["recommend"] + swap_results if r.status == 200]

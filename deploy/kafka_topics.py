@@ -21,6 +21,7 @@ import argparse
 import sys
 
 from services.config import ConfigError, Settings
+from services.config_sources import add_settings_flags, settings_from_flags
 from services.embedded import InfrastructureError, check_kafka, ensure_topics, topic_settings
 
 HOUR_MS = 3_600_000
@@ -29,13 +30,13 @@ HOUR_MS = 3_600_000
 def topic_plan(settings: Settings, retention_hours: float, dlq_retention_hours: float
                ) -> tuple[dict[str, int], dict[str, dict[str, str]]]:
     """({topic: partitions}, {topic: configs}) for the click and dead-letter topics."""
-    partitions = {settings.topic_clicks: settings.partitions, settings.topic_dlq: 1}
+    partitions = {settings.streaming.topic_clicks: settings.streaming.partitions, settings.streaming.topic_dlq: 1}
     configs = {
         # Long enough to replay from the oldest shard snapshot after an outage.
-        settings.topic_clicks: {"cleanup.policy": "delete",
+        settings.streaming.topic_clicks: {"cleanup.policy": "delete",
                                 "retention.ms": str(int(retention_hours * HOUR_MS))},
         # Dead letters are read by people, later: keep them longer.
-        settings.topic_dlq: {"cleanup.policy": "delete",
+        settings.streaming.topic_dlq: {"cleanup.policy": "delete",
                              "retention.ms": str(int(dlq_retention_hours * HOUR_MS))},
     }
     return partitions, configs
@@ -50,15 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="retention of the dead-letter topic (default: 30 days)")
     parser.add_argument("--replication-factor", type=int, default=3,
                         help="replicas of each partition for new topics (1 for a single broker)")
-    Settings.add_arguments(parser)
+    add_settings_flags(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        settings = Settings.from_args(args)
-        if not settings.kafka_bootstrap:
+        settings = settings_from_flags(args)
+        if not settings.infra.kafka_bootstrap:
             raise ConfigError("kafka_bootstrap", "required here (the Kafka to set up)")
         if args.retention_hours <= 0 or args.dlq_retention_hours <= 0:
             raise ConfigError("retention_hours", "retention must be > 0 hours")
@@ -67,10 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     partitions, configs = topic_plan(settings, args.retention_hours, args.dlq_retention_hours)
     try:
-        check_kafka(settings.kafka_bootstrap)
-        status = ensure_topics(settings.kafka_bootstrap, partitions, configs,
+        check_kafka(settings.infra.kafka_bootstrap)
+        status = ensure_topics(settings.infra.kafka_bootstrap, partitions, configs,
                                replication_factor=args.replication_factor)
-        found = topic_settings(settings.kafka_bootstrap, list(partitions))
+        found = topic_settings(settings.infra.kafka_bootstrap, list(partitions))
     except InfrastructureError as err:
         print(f"kafka_topics: {err}", file=sys.stderr)
         return 3

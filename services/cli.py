@@ -16,6 +16,7 @@ import sys
 import time
 
 from services.config import ConfigError, Settings
+from services.config_sources import add_settings_flags, settings_from_flags
 from services.embedded import InfrastructureError
 
 log = logging.getLogger("promptrec")
@@ -42,18 +43,18 @@ def _parser() -> argparse.ArgumentParser:
                       help="keep prompt versions and event log of earlier runs in data_dir")
     demo.add_argument("--serve-forever", action="store_true",
                       help="keep serving (with scheduled rounds) after the demo, until Ctrl-C")
-    Settings.add_arguments(demo)
+    add_settings_flags(demo)
 
     serve = sub.add_parser("serve", help="start the stack and serve until Ctrl-C",
                            description="Start (or connect to) Kafka and Ray, deploy Serve, consume "
                            "events and run training rounds by the train_every_* settings.")
-    Settings.add_arguments(serve)
+    add_settings_flags(serve)
 
     replay = sub.add_parser("replay", help="produce a MovieLens data set into Kafka",
                             description="Produce events in timestamp order (key = user_id).")
     replay.add_argument("--start", type=int, default=0, help="first event index")
     replay.add_argument("--stop", type=int, default=None, help="stop before this event index")
-    Settings.add_arguments(replay)
+    add_settings_flags(replay)
 
     evaluate = sub.add_parser("eval", help="measure recommendation quality")
     kinds = evaluate.add_subparsers(dest="eval_kind", required=True)
@@ -68,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     offline.add_argument("--max-users", type=int, default=None,
                          help="evaluate the first N users only (quick runs)")
     offline.add_argument("--out", default=None, help="result file (default bench/results/…)")
-    Settings.add_arguments(offline)
+    add_settings_flags(offline)
 
     from services.prequential import ALL_ARMS, DEFAULT_ARMS
 
@@ -93,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     prequential.add_argument("--concurrency", type=int, default=8,
                              help="requests in flight per arm")
     prequential.add_argument("--out", default=None, help="result file (default bench/results/…)")
-    Settings.add_arguments(prequential)
+    add_settings_flags(prequential)
     return parser
 
 
@@ -139,14 +140,14 @@ def run_demo(settings: Settings, args: argparse.Namespace) -> int:
         for user in users:
             _show(stack, user, "no history yet")
 
-        interactions = load_interactions(settings.dataset, limit=args.max_events)
-        print(f"\n== replaying {len(interactions):,} {settings.dataset} events into Kafka "
+        interactions = load_interactions(settings.infra.dataset, limit=args.max_events)
+        print(f"\n== replaying {len(interactions):,} {settings.infra.dataset} events into Kafka "
               f"(+{len(BAD_EVENTS)} malformed ones)")
         t = time.monotonic()
-        sent = replay(stack.bootstrap, settings.topic_clicks, interactions, settings.dataset)
+        sent = replay(stack.bootstrap, settings.streaming.topic_clicks, interactions, settings.infra.dataset)
         producer = make_producer(stack.bootstrap)
         for key, value in BAD_EVENTS:
-            producer.send(settings.topic_clicks, key=key, value=value)
+            producer.send(settings.streaming.topic_clicks, key=key, value=value)
         producer.close()
         stats = stack.wait_handled(sent + len(BAD_EVENTS))
         print(f"   consumed {stats['handled']:,} records in {time.monotonic() - t:.1f} s: "
@@ -156,8 +157,8 @@ def run_demo(settings: Settings, args: argparse.Namespace) -> int:
         for user in users:
             _show(stack, user, "after events")
 
-        print(f"\n== training round ({settings.train_workers} Ray Train workers, "
-              f"{settings.train_steps} steps)")
+        print(f"\n== training round ({settings.training.train_workers} Ray Train workers, "
+              f"{settings.training.train_steps} steps)")
         result = stack.runner.run()
         print(f"   {result.outcome}: {result.reason} (loss {result.loss}, "
               f"fit {result.fit_seconds:.1f} s of which training steps "
@@ -200,15 +201,15 @@ def run_offline_eval(settings: Settings, args: argparse.Namespace) -> int:
     from training.offline import run_offline
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    backbone = resolve_backbone_path(settings.backbone_path)
-    catalog = load_catalog(settings.dataset, backbone, settings.cache, progress=True)
-    result = run_offline(settings.dataset, catalog, load_interactions(settings.dataset),
-                         str(backbone), steps=args.steps, batch_size=settings.batch_size,
-                         learning_rate=settings.learning_rate,
-                         history_len=settings.history_len, prompt_len=settings.prompt_len,
-                         personal_alpha=settings.personal_alpha, item_bias=settings.item_bias,
-                         item_tokens=settings.item_tokens, causal=settings.causal,
-                         item_token_lr=settings.item_token_lr, eval_every=args.eval_every,
+    backbone = resolve_backbone_path(settings.model.backbone_path)
+    catalog = load_catalog(settings.infra.dataset, backbone, settings.infra.cache, progress=True)
+    result = run_offline(settings.infra.dataset, catalog, load_interactions(settings.infra.dataset),
+                         str(backbone), steps=args.steps, batch_size=settings.training.batch_size,
+                         learning_rate=settings.training.learning_rate,
+                         history_len=settings.streaming.history_len, prompt_len=settings.model.prompt_len,
+                         personal_alpha=settings.streaming.personal_alpha, item_bias=settings.model.item_bias,
+                         item_tokens=settings.model.item_tokens, causal=settings.model.causal,
+                         item_token_lr=settings.training.item_token_lr, eval_every=args.eval_every,
                          max_users=args.max_users, out=Path(args.out) if args.out else None)
     print(json.dumps(result, indent=2))
     return 0
@@ -243,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv)
     try:
-        settings = Settings.from_args(args)
+        settings = settings_from_flags(args)
     except ConfigError as err:
         print(f"promptrec: {err}", file=sys.stderr)
         return 2
@@ -268,15 +269,15 @@ def main(argv: list[str] | None = None) -> int:
             from services.embedded import check_kafka
             from streaming.replay import replay
 
-            bootstrap = settings.kafka_bootstrap
+            bootstrap = settings.infra.kafka_bootstrap
             if not bootstrap:
                 print("promptrec replay: set --kafka-bootstrap", file=sys.stderr)
                 return 2
             check_kafka(bootstrap)
-            sent = replay(bootstrap, settings.topic_clicks,
-                          load_interactions(settings.dataset), settings.dataset,
+            sent = replay(bootstrap, settings.streaming.topic_clicks,
+                          load_interactions(settings.infra.dataset), settings.infra.dataset,
                           args.start, args.stop)
-            print(f"sent {sent} events to {settings.topic_clicks}")
+            print(f"sent {sent} events to {settings.streaming.topic_clicks}")
             return 0
     except InfrastructureError as err:
         print(f"promptrec: {err}", file=sys.stderr)

@@ -183,36 +183,36 @@ def start_ray(settings, connect_timeout_s: float = 10.0) -> None:
     project_root = str(Path(__file__).resolve().parent.parent)
     os.environ["PYTHONPATH"] = os.pathsep.join(
         filter(None, [project_root, os.environ.get("PYTHONPATH", "")]))
-    if settings.ray_address:
+    if settings.infra.ray_address:
         hint = ("Check the head node runs (`ray status` there), the client port (10001 for "
                 "ray://) or GCS port (6379) is open from this machine, and RAY_AUTH_TOKEN if "
                 "token auth is on")
-        endpoint = ray_endpoint(settings.ray_address)
+        endpoint = ray_endpoint(settings.infra.ray_address)
         # Probe first: ray.init retries an unreachable address for 30-60 s and then names
         # neither the setting nor the port.
         if endpoint and not wait_for_port(*endpoint, connect_timeout_s):
             host, port = endpoint
             raise InfrastructureError(
-                f"cannot reach Ray at {settings.ray_address} (setting ray_address / "
+                f"cannot reach Ray at {settings.infra.ray_address} (setting ray_address / "
                 f"PROMPTREC_RAY_ADDRESS): nothing accepts connections on host {host} port "
                 f"{port} after {connect_timeout_s:g} s. {hint}")
         try:
-            ray.init(address=settings.ray_address, namespace=settings.namespace,
-                     log_to_driver=settings.ray_log_to_driver)
+            ray.init(address=settings.infra.ray_address, namespace=settings.infra.namespace,
+                     log_to_driver=settings.infra.ray_log_to_driver)
         except Exception as err:  # ray raises ConnectionError, RuntimeError, ValueError ...
             raise InfrastructureError(
-                f"cannot reach Ray at {settings.ray_address} (setting ray_address / "
+                f"cannot reach Ray at {settings.infra.ray_address} (setting ray_address / "
                 f"PROMPTREC_RAY_ADDRESS): {err}. {hint}") from err
         return
     # Read by Serve's proxy and replicas at import: they inherit it from this process.
     os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = \
-        "1" if settings.serve_throughput_optimized else "0"
+        "1" if settings.serving.serve_throughput_optimized else "0"
     # Ray starts its workers at niceness 15 (`worker_niceness`), below the driver, the
     # embedded broker, raylet and GCS. On a small machine any of those busy for a while
     # then starves every actor and replica at once: with one core kept busy by a plain
     # process, Serve stopped answering within two prompt swaps at 15, and served 120 swaps
     # without a stall at 0. Here the workers are the service, so they get an equal share.
-    ray.init(include_dashboard=False, num_cpus=settings.ray_num_cpus,
-             namespace=settings.namespace, _metrics_export_port=settings.metrics_port,
-             log_to_driver=settings.ray_log_to_driver, logging_level=logging.WARNING,
+    ray.init(include_dashboard=False, num_cpus=settings.infra.ray_num_cpus,
+             namespace=settings.infra.namespace, _metrics_export_port=settings.infra.metrics_port,
+             log_to_driver=settings.infra.ray_log_to_driver, logging_level=logging.WARNING,
              _system_config={"worker_niceness": LOCAL_WORKER_NICENESS})

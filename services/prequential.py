@@ -385,7 +385,7 @@ def run_prequential(settings, window: int = 1000, sample: SampleRule | None = No
         raise ValueError(f"unknown arms {unknown}; choose from {list(ALL_ARMS)}")
     sample = sample or SampleRule()
     started = time.monotonic()
-    dataset = settings.dataset
+    dataset = settings.infra.dataset
     interactions = load_interactions(dataset, limit=max_events)
     events = [interactions.event(i, dataset) for i in range(len(interactions))]
     stack = Stack(settings, progress=progress)
@@ -393,7 +393,7 @@ def run_prequential(settings, window: int = 1000, sample: SampleRule | None = No
         stack.start(fresh=True)
         initial = ray.get(stack.registry.serving_version.remote())
         popularity = PopularityArm([item.item_id for item in stack.catalog.items],
-                                   settings.history_len)
+                                   settings.streaming.history_len)
         arm_objects, arm_apps, follow_prefixes = _deploy_arms(stack, arms, popularity,
                                                               initial, concurrency)
         producer = make_producer(stack.bootstrap)
@@ -419,7 +419,7 @@ def run_prequential(settings, window: int = 1000, sample: SampleRule | None = No
                      state["produced"], done.outcome, done.reason, done.seconds)
 
         def learn(batch: Sequence[ClickEvent]) -> None:
-            send_events(producer, settings.topic_clicks, batch)
+            send_events(producer, settings.streaming.topic_clicks, batch)
             state["produced"] += len(batch)
             expected = baseline + state["produced"]
             handled = stack.wait_handled(expected, timeout_s=600)["handled"]
@@ -512,7 +512,7 @@ def _wait_logged(settings, expected: int, timeout_s: float = 60) -> None:
     from services.eventlog import read_event_log
 
     deadline = time.monotonic() + timeout_s
-    while read_event_log(str(settings.root / "eventlog")).num_rows < expected:
+    while read_event_log(str(settings.infra.root / "eventlog")).num_rows < expected:
         if time.monotonic() > deadline:
             raise TimeoutError(f"event log holds fewer than {expected} events")
         time.sleep(0.2)

@@ -148,6 +148,6 @@ def start_registry(settings, hidden_size: int):
     from services.naming import REGISTRY_ACTOR
 
     actor_cls = ray.remote(PromptRegistry)
-    return actor_cls.options(name=REGISTRY_ACTOR, namespace=settings.namespace, get_if_exists=True,
+    return actor_cls.options(name=REGISTRY_ACTOR, namespace=settings.infra.namespace, get_if_exists=True,
                              num_cpus=0, max_concurrency=1000).remote(
-        str(settings.root / "registry"), hidden_size)
+        str(settings.infra.root / "registry"), hidden_size)

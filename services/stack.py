@@ -45,11 +45,11 @@ class Stack:
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.settings.http_host}:{self.settings.http_port}"
+        return f"http://{self.settings.serving.http_host}:{self.settings.serving.http_port}"
 
     @property
     def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.settings.metrics_port}/metrics"
+        return f"http://127.0.0.1:{self.settings.infra.metrics_port}/metrics"
 
     def _step(self, name: str, started: float) -> None:
         self.timings[name] = time.monotonic() - started
@@ -65,16 +65,16 @@ class Stack:
         s = self.settings
         if fresh:
             for name in ("registry", "eventlog", "train", "snapshots"):
-                shutil.rmtree(s.root / name, ignore_errors=True)
-        s.root.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(s.infra.root / name, ignore_errors=True)
+        s.infra.root.mkdir(parents=True, exist_ok=True)
         t = time.monotonic()
-        if s.kafka_bootstrap:
-            check_kafka(s.kafka_bootstrap)
-            self.bootstrap = s.kafka_bootstrap
+        if s.infra.kafka_bootstrap:
+            check_kafka(s.infra.kafka_bootstrap)
+            self.bootstrap = s.infra.kafka_bootstrap
         else:
-            self.broker = EmbeddedBroker(log_path=s.root / "broker.log").start()
+            self.broker = EmbeddedBroker(log_path=s.infra.root / "broker.log").start()
             self.bootstrap = self.broker.bootstrap
-        ensure_topics(self.bootstrap, {s.topic_clicks: s.partitions, s.topic_dlq: 1})
+        ensure_topics(self.bootstrap, {s.streaming.topic_clicks: s.streaming.partitions, s.streaming.topic_dlq: 1})
         self._step(f"kafka ready ({self.bootstrap})", t)
 
         t = time.monotonic()
@@ -82,8 +82,8 @@ class Stack:
         self._step("ray ready", t)
 
         t = time.monotonic()
-        backbone = resolve_backbone_path(s.backbone_path)
-        self.catalog = load_catalog(s.dataset, backbone, s.cache, progress=self.progress)
+        backbone = resolve_backbone_path(s.model.backbone_path)
+        self.catalog = load_catalog(s.infra.dataset, backbone, s.infra.cache, progress=self.progress)
         self._step(f"catalog ready ({len(self.catalog)} items)", t)
 
         t = time.monotonic()
@@ -91,24 +91,24 @@ class Stack:
         if ray.get(self.registry.serving_version.remote()) == 0:
             tokenizer, encoder = load_backbone(backbone)
             state = initial_prompt_state(
-                tokenizer, encoder, PromptConfig(s.prompt_len, s.prompt_init_text, s.item_bias,
-                                                s.item_tokens, s.causal),
+                tokenizer, encoder, PromptConfig(s.model.prompt_len, s.model.prompt_init_text, s.model.item_bias,
+                                                s.model.item_tokens, s.model.causal),
                 num_items=len(self.catalog))
             ray.get(self.registry.publish.remote(prompt_to_bytes(state),
-                                                 {"source": "initial", "text": s.prompt_init_text}))
+                                                 {"source": "initial", "text": s.model.prompt_init_text}))
         self.streaming = start_streaming(s, self.bootstrap, list(self.catalog.index),
                                          self.catalog.vectors.numpy())
         self._step("registry, shards, consumers", t)
 
-        if s.deploy_serve:
+        if s.infra.deploy_serve:
             t = time.monotonic()
             from ray import serve
 
-            serve.start(http_options={"host": s.http_host, "port": s.http_port},
+            serve.start(http_options={"host": s.serving.http_host, "port": s.serving.http_port},
                         logging_config={"log_level": "WARNING", "enable_access_log": False})
             serve.run(build_app(s), name=SERVE_APP, route_prefix="/", blocking=False)
             self.wait_healthy()
-            self._step(f"serve ready ({s.num_replicas} replicas)", t)
+            self._step(f"serve ready ({s.serving.num_replicas} replicas)", t)
         else:
             log.info("Serve left to its config (deploy_serve off)")
         self.runner = RoundRunner(s, self.catalog, self.registry)
@@ -169,7 +169,7 @@ class Stack:
                 if response.status_code == 200:  # an overloaded proxy may answer 503
                     body = response.json()
                     seen[body["replica"]] = body
-                if len(seen) >= self.settings.num_replicas and all(
+                if len(seen) >= self.settings.serving.num_replicas and all(
                         b["prompt_version"] == version for b in seen.values()):
                     return {r: b["publish_to_live_ms"] for r, b in seen.items()}
                 time.sleep(poll_s)
@@ -183,7 +183,7 @@ class Stack:
                 self.runner.close()
             # A Serve app that a config deployed belongs to that config (its replicas find
             # the registry of the next driver by name), not to this process.
-            if self.settings.deploy_serve:
+            if self.settings.infra.deploy_serve:
                 try:
                     serve.shutdown()
                 except Exception:  # noqa: BLE001 - best effort on the way out

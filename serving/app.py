@@ -39,6 +39,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from services import metrics
 from services.catalog import load_catalog
 from services.config import Settings
+from services.config_sources import load_settings
 from services.events import MAX_ID_CHARS
 from services.model import (
     PromptRecModel,
@@ -197,25 +198,25 @@ class Recommender:
     async def __init__(self, settings: dict):
         self.settings = Settings(**settings)
         torch.set_num_threads(1)  # replicas share cores; one thread each scales better
-        backbone = resolve_backbone_path(self.settings.backbone_path)
+        backbone = resolve_backbone_path(self.settings.model.backbone_path)
         _, self.encoder = load_backbone(backbone)
-        self.catalog = load_catalog(self.settings.dataset, backbone, self.settings.cache)
-        self.registry = ray.get_actor(REGISTRY_ACTOR, namespace=self.settings.namespace)
+        self.catalog = load_catalog(self.settings.infra.dataset, backbone, self.settings.infra.cache)
+        self.registry = ray.get_actor(REGISTRY_ACTOR, namespace=self.settings.infra.namespace)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self._shards: dict[int, object] = {}
         # user_id -> ((state_version, prompt_version), [H] user vector), least recent first
         self._user_cache: OrderedDict[str, tuple[tuple[int, int], torch.Tensor]] = OrderedDict()
         self._cache_counts = {"hit": 0, "miss": 0}
         self._encode_counts = {"passes": 0, "users": 0}  # written by the encoder thread only
-        self._idle_wait_s = self._busy_wait_s = self.settings.batch_wait_ms / 1000
-        self._encode.set_max_batch_size(self.settings.batch_max_size)
+        self._idle_wait_s = self._busy_wait_s = self.settings.serving.batch_wait_ms / 1000
+        self._encode.set_max_batch_size(self.settings.serving.batch_max_size)
         self._encode.set_batch_wait_timeout_s(self._idle_wait_s)
         self._encoder = ThreadPoolExecutor(1, thread_name_prefix="encoder")  # torch: 1 thread
         self.active: ActivePrompt | None = None
         self._stopping = threading.Event()
-        if self.settings.pin_version:
+        if self.settings.serving.pin_version:
             # A pinned replica serves that one version for good: no watcher, no swaps.
-            self._swap(await self.registry.get.remote(self.settings.pin_version), initial=True)
+            self._swap(await self.registry.get.remote(self.settings.serving.pin_version), initial=True)
             return
         entry = await self.registry.serving.remote()
         if entry:
@@ -254,7 +255,7 @@ class Recommender:
         # restart on its own; its new registry actor has the same name, the old handle
         # stays dead.
         try:
-            self.registry = ray.get_actor(REGISTRY_ACTOR, namespace=self.settings.namespace)
+            self.registry = ray.get_actor(REGISTRY_ACTOR, namespace=self.settings.infra.namespace)
         except ValueError:
             pass
 
@@ -278,10 +279,10 @@ class Recommender:
 
     # --- user state -----------------------------------------------------
     def _shard(self, user_id: str):
-        index = shard_for_user(user_id, self.settings.num_shards)
+        index = shard_for_user(user_id, self.settings.streaming.num_shards)
         if index not in self._shards:
             self._shards[index] = ray.get_actor(shard_actor(index),
-                                                namespace=self.settings.namespace)
+                                                namespace=self.settings.infra.namespace)
         return self._shards[index]
 
     async def _user_state(self, user_id: str) -> dict | None:
@@ -290,7 +291,7 @@ class Recommender:
         except (ValueError, ray.exceptions.RayActorError) as err:
             self._shards.clear()
             raise ApiError(503, f"user state unavailable: {type(err).__name__}",
-                           {"Retry-After": str(max(1, round(self.settings.retry_after_s)))}
+                           {"Retry-After": str(max(1, round(self.settings.serving.retry_after_s)))}
                            ) from None
 
     # Batch size and wait are placeholders: __init__ sets them from the settings.
@@ -307,7 +308,7 @@ class Recommender:
         wait applies again. Without `encode_thread` the loop itself computes, and
         misses that arrive meanwhile queue up behind it.
         """
-        if not self.settings.encode_thread:
+        if not self.settings.serving.encode_thread:
             return self._encode_now(jobs)
         self._encode.set_batch_wait_timeout_s(max(self._idle_wait_s, self._busy_wait_s))
         started = time.perf_counter()
@@ -355,10 +356,10 @@ class Recommender:
         self._count_cache("miss")
         personal_bytes = None if personal is None else np.asarray(personal, np.float32).tobytes()
         user = await self._encode(EncodeJob(active, tuple(history), personal_bytes))
-        if self.settings.user_cache_size:
+        if self.settings.serving.user_cache_size:
             self._user_cache[user_id] = (key, user)
             self._user_cache.move_to_end(user_id)
-            if len(self._user_cache) > self.settings.user_cache_size:
+            if len(self._user_cache) > self.settings.serving.user_cache_size:
                 self._user_cache.popitem(last=False)
         return user, False
 
@@ -376,7 +377,7 @@ class Recommender:
         state = await self._user_state(query.user_id)
         state_version = state["state_version"] if state else 0
         history = self.catalog.indices(state["history"]) if state else []
-        personal = state.get("personal") if state and self.settings.personal_prompts else None
+        personal = state.get("personal") if state and self.settings.serving.personal_prompts else None
         user, hit = await self._user_vector(query.user_id, state_version, history, personal,
                                             active)
         indices, values = rank(active.model, user, active.items, query.k, history)
@@ -386,7 +387,7 @@ class Recommender:
                   for i, v in zip(indices.tolist(), values.tolist(), strict=True)]
         if query.explain:
             reasons = explain(self.catalog.vectors, history, indices.tolist(),
-                              self.settings.explain_items)
+                              self.settings.serving.explain_items)
             for entry, because in zip(ranked, reasons, strict=True):
                 entry["because"] = [{"item_id": items[h].item_id, "title": items[h].title,
                                      "similarity": sim} for h, sim in because]
@@ -413,14 +414,14 @@ class Recommender:
                 "replica": self.replica,
                 "publish_to_live_ms": active.publish_to_live_ms if active else None,
                 "swap_ms": active.swap_ms if active else None,
-                "pinned": bool(self.settings.pin_version),
-                "personal_prompts": self.settings.personal_prompts,
+                "pinned": bool(self.settings.serving.pin_version),
+                "personal_prompts": self.settings.serving.personal_prompts,
                 "user_cache": {**self._cache_counts, "size": len(self._user_cache)},
                 "encoded": dict(self._encode_counts)}
 
     @app.post("/admin/rollback")
     async def rollback(self, request: Request) -> dict:
-        token = self.settings.admin_token
+        token = self.settings.serving.admin_token
         if not token:
             raise ApiError(404, "admin routes are off (no admin_token configured)")
         auth = request.headers.get("authorization", "")
@@ -451,12 +452,12 @@ def build_app(settings: Settings, name: str = "Recommender"):
     """
     return Recommender.options(
         name=name,
-        num_replicas=settings.num_replicas,
-        max_ongoing_requests=settings.max_ongoing_requests,
-        max_queued_requests=settings.max_queued_requests,
+        num_replicas=settings.serving.num_replicas,
+        max_ongoing_requests=settings.serving.max_ongoing_requests,
+        max_queued_requests=settings.serving.max_queued_requests,
         backpressure_config=BackpressureConfig(status_code=503,
-                                               retry_after_s=settings.retry_after_s),
-        ray_actor_options={"num_cpus": settings.replica_cpus},
+                                               retry_after_s=settings.serving.retry_after_s),
+        ray_actor_options={"num_cpus": settings.serving.replica_cpus},
         # One access-log line per request costs CPU on the hot path; the request metrics
         # carry the same counts and latencies.
         logging_config={"enable_access_log": False},
@@ -474,16 +475,16 @@ def app_builder(args: dict):
     replicas that fail to start because the registry is missing would mark the
     deployment failed for good.
     """
-    settings = Settings.from_sources(overrides={k: str(v) for k, v in args.items()})
+    settings = load_settings(overrides={k: str(v) for k, v in args.items()})
     deadline = time.monotonic() + REGISTRY_WAIT_S
     while True:
         try:
-            ray.get_actor(REGISTRY_ACTOR, namespace=settings.namespace)
+            ray.get_actor(REGISTRY_ACTOR, namespace=settings.infra.namespace)
             break
         except ValueError:
             if time.monotonic() > deadline:
                 raise RuntimeError(
-                    f"no registry actor {REGISTRY_ACTOR!r} in namespace {settings.namespace!r} "
+                    f"no registry actor {REGISTRY_ACTOR!r} in namespace {settings.infra.namespace!r} "
                     f"after {REGISTRY_WAIT_S:.0f} s: start the driver (`promptrec serve "
                     f"--no-deploy-serve`) against this cluster with the same namespace") from None
             time.sleep(2.0)

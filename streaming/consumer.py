@@ -126,11 +126,11 @@ class IngestConsumer:
 
         s = self.settings
         # A broker that restarted empty has no topics: recreate them (idempotent).
-        ensure_topics(self.bootstrap, {s.topic_clicks: s.partitions, s.topic_dlq: 1})
-        consumer, dlq = open_clients(s.kafka_client, self.bootstrap, s.topic_clicks,
-                                     s.consumer_group, f"promptrec-ingest-{self.index}",
-                                     s.poll_max_records)
-        event_log = EventLogWriter(str(s.root / "eventlog"), f"consumer{self.index}")
+        ensure_topics(self.bootstrap, {s.streaming.topic_clicks: s.streaming.partitions, s.streaming.topic_dlq: 1})
+        consumer, dlq = open_clients(s.streaming.kafka_client, self.bootstrap, s.streaming.topic_clicks,
+                                     s.streaming.consumer_group, f"promptrec-ingest-{self.index}",
+                                     s.streaming.poll_max_records)
+        event_log = EventLogWriter(str(s.infra.root / "eventlog"), f"consumer{self.index}")
         # Everything alive now (Ray, the Kafka client, pyarrow and their modules) lives as
         # long as the process: out of the collector's sight, a full collection no longer
         # pauses ingestion for 200-300 ms (measured in bench.ingest).
@@ -173,7 +173,7 @@ class IngestConsumer:
                 if self._paused.is_set() != paused:
                     paused = self._paused.is_set()
                     consumer.pause() if paused else consumer.resume()
-                batches = consumer.poll(0.1, s.poll_max_records)
+                batches = consumer.poll(0.1, s.streaming.poll_max_records)
                 self.assigned = consumer.assignment()
                 prepared = self._decode(batches, dlq) if batches else {}
                 # One batch in flight: the shards apply batch k while this consumer fetches
@@ -190,9 +190,9 @@ class IngestConsumer:
                 # a burst (a poll's worth of events or more since the last commit), at once.
                 since_flush = time.monotonic() - last_flush
                 caught_up = not batches and inflight is None
-                if pending and (since_flush >= s.log_flush_s or (caught_up and (
-                        since_flush >= s.log_flush_s / 5
-                        or len(event_log) >= s.poll_max_records))):
+                if pending and (since_flush >= s.streaming.log_flush_s or (caught_up and (
+                        since_flush >= s.streaming.log_flush_s / 5
+                        or len(event_log) >= s.streaming.poll_max_records))):
                     commit()
                     last_flush = time.monotonic()
                 self._update_lag(consumer)
@@ -214,10 +214,10 @@ class IngestConsumer:
                                    partition=partition, offsets=offsets,
                                    kafka_ms=records.timestamps_ms)
             for i, bad in decoded.invalid:
-                dlq.send(self.settings.topic_dlq, records.keys[i], records.values[i],
+                dlq.send(self.settings.streaming.topic_dlq, records.keys[i], records.values[i],
                          [("reason", bad.reason.encode()),
                           ("detail", bad.detail[:512].encode("utf-8", "replace")),
-                          ("source", f"{self.settings.topic_clicks}/{partition}/{offsets[i]}"
+                          ("source", f"{self.settings.streaming.topic_clicks}/{partition}/{offsets[i]}"
                            .encode())])
                 self._count("invalid", bad.reason)
             parts[partition] = _Part(offsets[0], offsets[-1] + 1, decoded.events)
@@ -265,7 +265,7 @@ class IngestConsumer:
             self.epoch = current  # first sight, not a change
             return None
         log.warning("consumer %d: topic %s was recreated (id %s -> %s); reading it from the "
-                    "beginning", self.index, self.settings.topic_clicks, self.epoch, current)
+                    "beginning", self.index, self.settings.streaming.topic_clicks, self.epoch, current)
         self.epoch_changes += 1
         return current
 

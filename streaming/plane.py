@@ -68,18 +68,18 @@ def start_streaming(settings: Settings, bootstrap: str, item_ids: list[str],
     """
     vectors_ref = ray.put(item_vectors)
     shard_cls = ray.remote(UserStateShard)
-    shards = [shard_cls.options(name=shard_actor(i), namespace=settings.namespace,
+    shards = [shard_cls.options(name=shard_actor(i), namespace=settings.infra.namespace,
                                 num_cpus=0.25, max_concurrency=1, max_restarts=-1,
                                 max_task_retries=-1).remote(
-        i, settings.history_len, settings.dedupe_window, vectors_ref, item_ids,
-        settings.personal_alpha, str(settings.root / "snapshots"), settings.snapshot_every_s)
-        for i in range(settings.num_shards)]
+        i, settings.streaming.history_len, settings.streaming.dedupe_window, vectors_ref, item_ids,
+        settings.streaming.personal_alpha, str(settings.infra.root / "snapshots"), settings.streaming.snapshot_every_s)
+        for i in range(settings.streaming.num_shards)]
     consumer_cls = ray.remote(IngestConsumer)
     # max_concurrency=4: stats()/stop() must run while the poll loop's thread is busy.
     consumers = [consumer_cls.options(num_cpus=0.25, max_concurrency=4, max_restarts=-1,
                                       max_task_retries=-1).remote(
         settings.to_dict(), i, shards, item_ids, bootstrap)
-        for i in range(settings.num_consumers)]
+        for i in range(settings.streaming.num_consumers)]
     ray.get([c.stats.remote() for c in consumers])  # constructed (and polling)
     plane = StreamingPlane(shards=shards, consumers=consumers)
     if paused:

@@ -15,6 +15,7 @@ import ray
 import torch
 
 from services.config import Settings
+from services.config_sources import load_settings
 from services.data import load_interactions
 from services.embedded import free_port
 from services.events import ClickEvent
@@ -33,7 +34,7 @@ ACTIVE_USERS: list[str] = []  # the replay's most active users, filled by the fi
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    settings = Settings.from_sources(env={}, overrides={
+    settings = load_settings(env={}, overrides={
         "data_dir": str(tmp_path_factory.mktemp("promptrec")), "http_port": free_port(),
         "metrics_port": free_port(), "partitions": 2, "num_consumers": 2, "num_shards": 2,
         "num_replicas": 2, "train_workers": 2, "train_steps": 4, "batch_size": 16,
@@ -42,7 +43,7 @@ def stack(tmp_path_factory):
         "namespace": "promptrec-e2e", "cache_dir": str(TEST_CACHE)})
     stack = Stack(settings, progress=False).start(fresh=True)
     interactions = load_interactions("ml-100k", REPLAYED)
-    sent = replay(stack.bootstrap, settings.topic_clicks, interactions, "ml-100k", progress=False)
+    sent = replay(stack.bootstrap, settings.streaming.topic_clicks, interactions, "ml-100k", progress=False)
     users, counts = np.unique(interactions.user_ids.astype(str), return_counts=True)
     ACTIVE_USERS[:] = list(users[np.argsort(-counts)][:3])
     assert stack.wait_handled(sent, timeout_s=120)["handled"] == sent
@@ -56,7 +57,7 @@ def _get(stack, path, **params):
 
 def _produce(stack, events):
     producer = make_producer(stack.bootstrap)
-    send_events(producer, stack.settings.topic_clicks, events)
+    send_events(producer, stack.settings.streaming.topic_clicks, events)
     producer.close()
 
 
@@ -99,9 +100,9 @@ def test_the_bad_input_corpus_goes_to_the_dead_letter_topic(stack):
                              max_request_size=8 << 20)
     sendable = [(k, v, r) for k, v, r in BAD if v is not None]
     for key, value, _ in sendable:
-        producer.send(stack.settings.topic_clicks, key=key, value=value)
+        producer.send(stack.settings.streaming.topic_clicks, key=key, value=value)
     producer.close()
-    dlq = KafkaConsumer(stack.settings.topic_dlq, bootstrap_servers=stack.bootstrap,
+    dlq = KafkaConsumer(stack.settings.streaming.topic_dlq, bootstrap_servers=stack.bootstrap,
                         auto_offset_reset="earliest", consumer_timeout_ms=20000,
                         enable_auto_commit=False, fetch_max_bytes=64 << 20,
                         max_partition_fetch_bytes=16 << 20)
@@ -112,7 +113,7 @@ def test_the_bad_input_corpus_goes_to_the_dead_letter_topic(stack):
             break
     dlq.close()
     assert sorted(h["reason"].decode() for _, h in dead) == sorted(r for _, _, r in sendable)
-    assert all(h["source"].startswith(stack.settings.topic_clicks.encode()) for _, h in dead)
+    assert all(h["source"].startswith(stack.settings.streaming.topic_clicks.encode()) for _, h in dead)
     # Nothing is lost: the oversized payload is dead-lettered whole.
     assert max(len(v) for v, _ in dead) > 1 << 20
     totals = stack.streaming.stats()["totals"]
@@ -128,10 +129,10 @@ def test_offsets_are_committed_after_apply(stack):
     handled = stack.streaming.stats()["handled"]
     committed = 0
     while time.monotonic() < deadline:
-        group = stack.settings.consumer_group
+        group = stack.settings.streaming.consumer_group
         offsets = admin.list_group_offsets(group)[group]
         committed = sum(o.offset for tp, o in offsets.items()
-                        if tp.topic == stack.settings.topic_clicks)
+                        if tp.topic == stack.settings.streaming.topic_clicks)
         if committed == handled:
             break
         time.sleep(0.2)
@@ -181,7 +182,7 @@ def test_training_round_hot_swaps_while_serving(stack):
         thread.join(timeout=60)
     print(f"\npublish -> live per replica: {sorted(live_ms.values())} ms; round "
           f"{result.seconds:.1f} s, fit {result.fit_seconds:.1f} s, {len(results)} requests")
-    assert len(live_ms) == stack.settings.num_replicas
+    assert len(live_ms) == stack.settings.serving.num_replicas
     statuses = {status for status, _ in results}
     versions = [v for _, v in results]
     assert statuses == {200}, f"failed requests: {[r for r in results if r[0] != 200][:5]}"
@@ -201,7 +202,7 @@ def _unlogged_items_take_their_text_neighbours_weights(stack, version: int) -> N
 
     state = prompt_from_bytes(ray.get(stack.registry.get.remote(version))["blob"])
     logged = sorted({stack.catalog.index[i] for i in read_event_log(
-        str(stack.settings.root / "eventlog"))["item_id"].to_pylist()})
+        str(stack.settings.infra.root / "eventlog"))["item_id"].to_pylist()})
     unlogged = sorted(set(range(len(stack.catalog))) - set(logged))
     assert unlogged and (state["item_delta"][logged].abs().sum(1) > 0).all()
     text = stack.catalog.vectors

@@ -77,7 +77,7 @@ class RoundRunner:
         self.registry = registry
         self.round = 0
         self.last_ingest_ts = 0.0
-        self._backbone_path = str(resolve_backbone_path(settings.backbone_path))
+        self._backbone_path = str(resolve_backbone_path(settings.model.backbone_path))
         self._gate_model: PromptRecModel | None = None
         self.trainer = LongLivedTrainer(settings, self._backbone_path)
 
@@ -90,7 +90,7 @@ class RoundRunner:
             self._gate_model = PromptRecModel(self._gate_model.encoder, state)
         self._gate_model.load_prompt_state(state)
         return evaluate(self._gate_model, examples, self.catalog.vectors,
-                        personal_alpha=self.settings.personal_alpha)
+                        personal_alpha=self.settings.streaming.personal_alpha)
 
     def run(self, since_ingest_ts: float | None = None) -> RoundResult:
         """One round; never raises for a bad round (it is counted and reported)."""
@@ -99,9 +99,9 @@ class RoundRunner:
         since = self.last_ingest_ts if since_ingest_ts is None else since_ingest_ts
         s = self.settings
         serving = ray.get(self.registry.serving.remote())
-        log_table = read_event_log(str(s.root / "eventlog"))
-        train, val = build_examples(log_table, self.catalog.index, s.history_len,
-                                    since_ingest_ts=since, val_users=s.val_users)
+        log_table = read_event_log(str(s.infra.root / "eventlog"))
+        train, val = build_examples(log_table, self.catalog.index, s.streaming.history_len,
+                                    since_ingest_ts=since, val_users=s.training.val_users)
         result = RoundResult(round=self.round, outcome="skipped", reason="", version=None,
                              serving_version=serving.get("version", 0),
                              train_examples=len(train), val_examples=len(val), loss=None,
@@ -159,10 +159,10 @@ class RoundRunner:
         base = self._evaluate(serving["blob"], val)
         result.candidate_ndcg10, result.candidate_hr10 = cand["ndcg10"], cand["hr10"]
         result.serving_ndcg10, result.serving_hr10 = base["ndcg10"], base["hr10"]
-        if len(val) and cand["ndcg10"] < base["ndcg10"] - self.settings.gate_margin:
+        if len(val) and cand["ndcg10"] < base["ndcg10"] - self.settings.training.gate_margin:
             result.outcome = "rejected"
             result.reason = (f"held-out NDCG@10 {cand['ndcg10']:.4f} < serving "
-                             f"{base['ndcg10']:.4f} - margin {self.settings.gate_margin}")
+                             f"{base['ndcg10']:.4f} - margin {self.settings.training.gate_margin}")
             return
         meta = {"round": result.round, "loss": result.loss, "val_ndcg10": cand["ndcg10"],
                 "val_hr10": cand["hr10"], "parent": serving.get("version"),

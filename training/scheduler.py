@@ -17,8 +17,8 @@ class RoundScheduler:
     def __init__(self, runner, settings, events_applied: Callable[[], int],
                  check_every_s: float = 2.0):
         self.runner = runner
-        self.every_events = settings.train_every_events
-        self.every_s = settings.train_every_s
+        self.every_events = settings.training.train_every_events
+        self.every_s = settings.training.train_every_s
         self.events_applied = events_applied
         self.check_every_s = check_every_s
         self.results: list = []

@@ -16,7 +16,7 @@ from torch import nn
 from services.personal import replay
 from training.examples import PAD, Examples
 
-# The personal-prompt rate of the shards (settings.personal_alpha); examples carry no shard
+# The personal-prompt rate of the shards (settings.streaming.personal_alpha); examples carry no shard
 # state, so training replays the rule over each example's history window.
 DEFAULT_PERSONAL_ALPHA = 0.1
 

@@ -186,14 +186,14 @@ class LongLivedTrainer:
         trainer = TorchTrainer(
             rounds_loop_per_worker,
             train_loop_config={"board": self.board, "backbone_path": self.backbone_path,
-                               "steps": s.train_steps, "batch_size": s.batch_size,
-                               "learning_rate": s.learning_rate,
-                               "item_token_lr": s.item_token_lr, "threads": 1,
-                               "personal_alpha": s.personal_alpha},
-            scaling_config=ScalingConfig(num_workers=s.train_workers, use_gpu=s.use_gpu,
+                               "steps": s.training.train_steps, "batch_size": s.training.batch_size,
+                               "learning_rate": s.training.learning_rate,
+                               "item_token_lr": s.training.item_token_lr, "threads": 1,
+                               "personal_alpha": s.streaming.personal_alpha},
+            scaling_config=ScalingConfig(num_workers=s.training.train_workers, use_gpu=s.training.use_gpu,
                                          resources_per_worker={"CPU": 1}),
             run_config=RunConfig(name=f"rounds-{self.runs_started}-{int(time.time())}",
-                                 storage_path=str(s.root / "train")),
+                                 storage_path=str(s.infra.root / "train")),
         )
         self._error = None
 

@@ -15,6 +15,7 @@ import pytest
 
 from services.cli import main as cli_main
 from services.config import Settings
+from services.config_sources import load_settings
 from services.embedded import (
     EmbeddedBroker,
     InfrastructureError,
@@ -55,7 +56,7 @@ def test_unreachable_ray_names_host_port_and_setting(closed_port, scheme):
     import ray
 
     address = f"{scheme}127.0.0.1:{closed_port}"
-    settings = Settings.from_sources(env={}, overrides={"ray_address": address})
+    settings = load_settings(env={}, overrides={"ray_address": address})
     started = time.monotonic()
     with pytest.raises(InfrastructureError) as err:
         start_ray(settings, connect_timeout_s=1.0)

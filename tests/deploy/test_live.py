@@ -24,6 +24,7 @@ import ray
 import yaml
 
 from services.config import Settings
+from services.config_sources import load_settings
 from services.data import load_interactions
 from services.embedded import free_port, wait_for_port
 from services.naming import SERVE_APP
@@ -165,20 +166,20 @@ def live(tmp_path_factory):
     config = yaml.safe_load(SERVE_YAML.read_text())
     app = config["applications"][0]
     # The driver gets the Serve config's shared settings; only ports and paths are local.
-    settings = Settings.from_sources(env={}, overrides={
+    settings = load_settings(env={}, overrides={
         **{k: str(v) for k, v in app["args"].items()},
         "data_dir": str(tmp / "data"), "http_port": free_port(), "metrics_port": free_port(),
         "deploy_serve": False, "partitions": 2, "num_consumers": 2, "train_workers": 1,
         "train_steps": 2, "batch_size": 8, "val_users": 20, "gate_margin": 1.0,
         "log_flush_s": 0.2})
-    config["http_options"].update(host="127.0.0.1", port=settings.http_port)
-    app["args"]["data_dir"] = settings.data_dir
+    config["http_options"].update(host="127.0.0.1", port=settings.serving.http_port)
+    app["args"]["data_dir"] = settings.infra.data_dir
     # The admin token reaches the app as in production: the nodes' environment, which the
     # local Ray inherits from this process.
     saved_token = os.environ.get("PROMPTREC_ADMIN_TOKEN")
     os.environ["PROMPTREC_ADMIN_TOKEN"] = TOKEN
     stack = Stack(settings, progress=False)
-    prometheus = Prometheus(tmp / "prometheus", settings.metrics_port)
+    prometheus = Prometheus(tmp / "prometheus", settings.infra.metrics_port)
     timings: dict[str, float] = {}
     try:
         t = time.monotonic()
@@ -246,11 +247,11 @@ def test_serve_config_runs_the_configured_replicas(live):
 
 def test_streamed_events_reach_the_config_deployed_replicas(live):
     interactions = load_interactions("ml-100k", REPLAYED)
-    sent = replay(live.stack.bootstrap, live.stack.settings.topic_clicks, interactions,
+    sent = replay(live.stack.bootstrap, live.stack.settings.streaming.topic_clicks, interactions,
                   "ml-100k", progress=False)
     producer = make_producer(live.stack.bootstrap)
     for key, value in BAD_EVENTS:  # so the dead-letter panels and alerts have data
-        producer.send(live.stack.settings.topic_clicks, key=key, value=value)
+        producer.send(live.stack.settings.streaming.topic_clicks, key=key, value=value)
     producer.close()
     sent += len(BAD_EVENTS)
     assert live.stack.wait_handled(sent, timeout_s=120)["handled"] == sent
@@ -318,7 +319,7 @@ def test_prometheus_scrapes_service_and_serve_metrics(live):
                       and prometheus.value("min(promptrec_serving_prompt_version)") == 1.0,
                       timeout_s=60)
     # Gauges set long ago (users held: during the replay) are still exported.
-    shards = live.stack.settings.num_shards
+    shards = live.stack.settings.streaming.num_shards
     assert prometheus.value("count(promptrec_users_held)") == shards
     assert prometheus.value("count(promptrec_training_loss)") == 1
     healthy = prometheus.value(

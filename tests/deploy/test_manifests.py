@@ -18,6 +18,7 @@ from ray.serve.schema import ServeDeploySchema
 from services import metrics
 from services.cli import _parser as cli_parser
 from services.config import ENV_PREFIX, Settings
+from services.config_sources import load_settings, settings_from_flags
 from services.naming import SERVE_APP
 from tests.deploy.files import (
     ALERTS,
@@ -79,7 +80,7 @@ def test_serve_config_validates_against_rays_schema():
     (app,) = config.applications
     assert app.name == SERVE_APP
     assert app.import_path == "serving.app:app_builder"
-    assert config.http_options.port == DEFAULTS.http_port
+    assert config.http_options.port == DEFAULTS.serving.http_port
     (deployment,) = app.deployments
     assert deployment.name == "Recommender"
     assert deployment.num_replicas >= 1
@@ -101,8 +102,8 @@ def test_serve_config_names_what_the_code_defines():
     module, _, attr = app["import_path"].partition(":")
     assert module == serving_app.__name__ and callable(getattr(serving_app, attr))
     assert app["deployments"][0]["name"] == serving_app.Recommender.name
-    settings = Settings.from_sources(env={}, overrides={k: str(v) for k, v in app["args"].items()})
-    assert settings.admin_token == ""  # the token comes from the nodes' environment only
+    settings = load_settings(env={}, overrides={k: str(v) for k, v in app["args"].items()})
+    assert settings.serving.admin_token == ""  # the token comes from the nodes' environment only
     assert "admin_token" not in app["args"]
 
 
@@ -126,12 +127,12 @@ def test_rayservice_images_and_ray_version_are_the_projects():
 
 def test_rayservice_ports_are_the_settings_defaults():
     for name, group in groups().items():
-        assert ports(group)["metrics"] == DEFAULTS.metrics_port, name
-        assert group["rayStartParams"]["metrics-export-port"] == str(DEFAULTS.metrics_port), name
+        assert ports(group)["metrics"] == DEFAULTS.infra.metrics_port, name
+        assert group["rayStartParams"]["metrics-export-port"] == str(DEFAULTS.infra.metrics_port), name
     head = groups()["head"]
-    assert ports(head)["serve"] == DEFAULTS.http_port
+    assert ports(head)["serve"] == DEFAULTS.serving.http_port
     assert ports(head)["client"] == 10001 and ports(head)["gcs-server"] == 6379
-    assert ports(groups()["cpu"])["serve"] == DEFAULTS.http_port
+    assert ports(groups()["cpu"])["serve"] == DEFAULTS.serving.http_port
 
 
 def test_gpu_group_requests_gpus_and_cpu_group_does_not():
@@ -141,17 +142,17 @@ def test_gpu_group_requests_gpus_and_cpu_group_does_not():
     assert resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"]
     assert "nvidia.com/gpu" not in json.dumps(container(cpu)["resources"])
     assert "nvidia.com/gpu" not in json.dumps(container(groups()["head"])["resources"])
-    settings = Settings.from_sources(env=configmap())
-    assert settings.use_gpu
+    settings = load_settings(env=configmap())
+    assert settings.training.use_gpu
     gpus = gpu["maxReplicas"] * int(resources["limits"]["nvidia.com/gpu"])
-    assert gpus >= settings.train_workers, "not enough GPUs for one round's Train workers"
+    assert gpus >= settings.training.train_workers, "not enough GPUs for one round's Train workers"
 
 
 def test_ray_pods_share_settings_storage_and_secrets():
     objects = load_all(DRIVER)
     claim = objects["PersistentVolumeClaim/promptrec-data"]
     assert "ReadWriteMany" in claim["spec"]["accessModes"]
-    settings = Settings.from_sources(env=configmap())
+    settings = load_settings(env=configmap())
     for name, group in groups().items():
         c = container(group)
         assert {"configMapRef": {"name": "promptrec-settings"}} in c["envFrom"], name
@@ -159,7 +160,7 @@ def test_ray_pods_share_settings_storage_and_secrets():
         volumes = {v["name"]: v["persistentVolumeClaim"]["claimName"]
                    for v in group["template"]["spec"]["volumes"]}
         assert volumes[next(iter(mounts))] == "promptrec-data", name
-        assert settings.data_dir in mounts.values(), name
+        assert settings.infra.data_dir in mounts.values(), name
         env = {e["name"]: e for e in c["env"]}
         assert env["RAY_AUTH_MODE"]["value"] == "token"
         secret = env["PROMPTREC_ADMIN_TOKEN"]["valueFrom"]["secretKeyRef"]
@@ -170,12 +171,12 @@ def test_configmap_is_valid_settings_that_agree_with_the_serve_config():
     env = configmap()
     names = {ENV_PREFIX + f.name.upper() for f in fields(Settings)}
     assert set(env) <= names, set(env) - names
-    settings = Settings.from_sources(env=env)  # validates, like the driver at start-up
+    settings = load_settings(env=env)  # validates, like the driver at start-up
     args = load_yaml(SERVE_YAML)["applications"][0]["args"]
     for name in SHARED_SETTINGS:
         assert str(getattr(settings, name)) == str(args[name]), name
-    assert settings.http_port == load_yaml(SERVE_YAML)["http_options"]["port"]
-    assert settings.metrics_port == DEFAULTS.metrics_port
+    assert settings.serving.http_port == load_yaml(SERVE_YAML)["http_options"]["port"]
+    assert settings.infra.metrics_port == DEFAULTS.infra.metrics_port
 
 
 def test_driver_runs_the_real_cli_against_the_cluster():
@@ -192,9 +193,9 @@ def test_driver_runs_the_real_cli_against_the_cluster():
     argv = shlex.split(submit[2])
     assert argv[0] == "promptrec"
     args = cli_parser().parse_args(argv[1:])
-    settings = Settings.from_args(args, env=configmap())
-    assert args.command == "serve" and settings.ray_address == "auto"
-    assert settings.deploy_serve is False  # Serve belongs to the RayService
+    settings = settings_from_flags(args, env=configmap())
+    assert args.command == "serve" and settings.infra.ray_address == "auto"
+    assert settings.infra.deploy_serve is False  # Serve belongs to the RayService
 
 
 def test_kafka_topics_job_runs_the_script_with_flags_it_has():
@@ -240,16 +241,16 @@ def test_ray_up_config_names_the_projects_image_ports_and_gpus():
     commands = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
     starts = [c for c in commands if "ray start" in c]
     assert len(starts) == 2
-    assert all(f"--metrics-export-port={DEFAULTS.metrics_port}" in c for c in starts)
+    assert all(f"--metrics-export-port={DEFAULTS.infra.metrics_port}" in c for c in starts)
     gpu = config["available_node_types"]["gpu_worker"]
     assert gpu["resources"]["GPU"] >= 1
     assert "GPU" not in config["available_node_types"]["cpu_worker"]["resources"]
     env = dict(o.split(" ", 1)[1].split("=", 1) for o in config["docker"]["run_options"]
                if o.startswith("--env "))
-    settings = Settings.from_sources(env=env)
-    assert gpu["max_workers"] * gpu["resources"]["GPU"] >= settings.train_workers
-    assert settings.metrics_port == DEFAULTS.metrics_port
-    assert settings.data_dir == load_yaml(SERVE_YAML)["applications"][0]["args"]["data_dir"]
+    settings = load_settings(env=env)
+    assert gpu["max_workers"] * gpu["resources"]["GPU"] >= settings.training.train_workers
+    assert settings.infra.metrics_port == DEFAULTS.infra.metrics_port
+    assert settings.infra.data_dir == load_yaml(SERVE_YAML)["applications"][0]["args"]["data_dir"]
 
 
 # --- Prometheus and Grafana ------------------------------------------------------------
@@ -263,7 +264,7 @@ def test_prometheus_config_keeps_the_ray_prefix_relabelling():
     assert re.sub(relabel["regex"], relabel["replacement"].replace("$1", r"\1"),
                   "ray_promptrec_requests_total") == "promptrec_requests_total"
     (targets,) = job["static_configs"]
-    assert targets["targets"] == [f"127.0.0.1:{DEFAULTS.metrics_port}"]
+    assert targets["targets"] == [f"127.0.0.1:{DEFAULTS.infra.metrics_port}"]
     assert config["rule_files"] == [ALERTS.name]
 
 

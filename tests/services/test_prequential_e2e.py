@@ -8,6 +8,7 @@ import json
 import pytest
 
 from services.config import Settings
+from services.config_sources import load_settings
 from services.embedded import free_port
 from services.prequential import SampleRule, run_prequential
 from tests.conftest import TEST_CACHE
@@ -18,7 +19,7 @@ EVENTS, WINDOW, SAMPLE = 2000, 200, SampleRule(every=4, warmup=0.25)
 
 
 def test_prequential_on_an_ml100k_slice(tmp_path):
-    settings = Settings.from_sources(env={}, overrides={
+    settings = load_settings(env={}, overrides={
         "data_dir": str(tmp_path / "promptrec"), "http_port": free_port(),
         "metrics_port": free_port(), "partitions": 2, "num_consumers": 1, "num_shards": 2,
         "num_replicas": 1, "train_workers": 1, "train_steps": 2, "batch_size": 8,

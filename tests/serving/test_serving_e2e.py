@@ -19,6 +19,7 @@ import ray
 from bench.check import VersionChecker, perturbed_prompt
 from bench.load import Background, open_loop
 from services.config import Settings
+from services.config_sources import load_settings
 from services.embedded import free_port
 from services.events import ClickEvent
 from services.metrics import parse_prometheus
@@ -44,7 +45,7 @@ USERS = [*HISTORIES, *COLD]
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    settings = Settings.from_sources(env={}, overrides={
+    settings = load_settings(env={}, overrides={
         "data_dir": str(tmp_path_factory.mktemp("serving")), "http_port": free_port(),
         "metrics_port": free_port(), "partitions": 2, "num_consumers": 1, "num_shards": 2,
         "num_replicas": 2, "admin_token": TOKEN, "log_flush_s": 0.2,
@@ -57,7 +58,7 @@ def stack(tmp_path_factory):
     events = [ClickEvent(f"{user}-{n}", user, items[pos].item_id, 1_700_000_000 + n, "click")
               for user, positions in HISTORIES.items() for n, pos in enumerate(positions)]
     producer = make_producer(stack.bootstrap)
-    send_events(producer, settings.topic_clicks, events)
+    send_events(producer, settings.streaming.topic_clicks, events)
     producer.close()
     assert stack.wait_handled(len(events), timeout_s=120)["handled"] == len(events)
     yield stack
@@ -66,14 +67,14 @@ def stack(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def checker(stack):
-    _, encoder = load_backbone(resolve_backbone_path(stack.settings.backbone_path))
+    _, encoder = load_backbone(resolve_backbone_path(stack.settings.model.backbone_path))
     return VersionChecker(encoder, stack.catalog,
                           lambda v: ray.get(stack.registry.get.remote(v))["blob"])
 
 
 def _user_state(stack, user: str) -> dict | None:
-    shard = ray.get_actor(shard_actor(shard_for_user(user, stack.settings.num_shards)),
-                          namespace=stack.settings.namespace)
+    shard = ray.get_actor(shard_actor(shard_for_user(user, stack.settings.streaming.num_shards)),
+                          namespace=stack.settings.infra.namespace)
     return ray.get(shard.get_user.remote(user))
 
 
@@ -96,7 +97,7 @@ def test_explain_names_history_items(stack):
     history = {stack.catalog.items[p].item_id for p in HISTORIES["hist-c"]}
     for item in body["items"]:
         because = item["because"]
-        assert len(because) == stack.settings.explain_items
+        assert len(because) == stack.settings.serving.explain_items
         assert {b["item_id"] for b in because} <= history
         sims = [b["similarity"] for b in because]
         assert sims == sorted(sims, reverse=True) and all(b["title"] for b in because)
@@ -141,7 +142,7 @@ def test_every_actor_runs_at_normal_priority(stack):
     broker, a CI runner) starve the replicas, proxy, shards and consumers all at once:
     Serve stopped answering mid-test. The local stack starts them at niceness 0."""
     named = ray.util.list_named_actors(all_namespaces=True)
-    ours = [a for a in named if a["namespace"] in ("serve", stack.settings.namespace)]
+    ours = [a for a in named if a["namespace"] in ("serve", stack.settings.infra.namespace)]
     kinds = {a["name"].split("::")[0].split("-")[0] for a in ours}
     assert {"SERVE_REPLICA", "SERVE_PROXY_ACTOR", "SERVE_CONTROLLER_ACTOR"} <= kinds, kinds
     niceness = {a["name"]: ray.get(ray.get_actor(a["name"], namespace=a["namespace"])

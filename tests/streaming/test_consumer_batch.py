@@ -8,6 +8,7 @@ from collections import Counter
 
 from services.batch import EventBatch
 from services.config import Settings
+from services.config_sources import load_settings
 from services.events import ClickEvent
 from services.naming import shard_for_user
 from streaming.consumer import IngestConsumer
@@ -43,7 +44,7 @@ class _DLQ:
 
 def _consumer(n_shards: int) -> IngestConsumer:
     consumer = object.__new__(IngestConsumer)  # no thread, no broker
-    consumer.settings = Settings.from_sources(env={})
+    consumer.settings = load_settings(env={})
     consumer.shards = [_Shard(i) for i in range(n_shards)]
     consumer.known_items = frozenset(ITEMS)
     consumer.counts = Counter()

@@ -17,6 +17,7 @@ import ray
 from services.batch import EventBatch
 from services.catalog import load_catalog
 from services.config import Settings
+from services.config_sources import load_settings
 from services.data import load_interactions
 from services.embedded import EmbeddedBroker, ensure_topics, free_port, start_ray
 from services.model import default_backbone_path
@@ -44,7 +45,7 @@ def events():
 
 @pytest.fixture(scope="module")
 def ray_session(tmp_path_factory):
-    settings = Settings.from_sources(env={}, overrides={
+    settings = load_settings(env={}, overrides={
         "metrics_port": free_port(), "data_dir": str(tmp_path_factory.mktemp("ray"))})
     start_ray(settings)
     yield
@@ -60,7 +61,7 @@ def broker(tmp_path):
 
 def _settings(tmp_path, client: str) -> Settings:
     run = uuid.uuid4().hex[:8]
-    return Settings.from_sources(env={}, overrides={
+    return load_settings(env={}, overrides={
         "data_dir": str(tmp_path), "topic_clicks": f"clicks-{run}", "topic_dlq": f"dlq-{run}",
         "consumer_group": f"group-{run}", "namespace": f"faults-{run}", "partitions": 3,
         "num_consumers": 2, "num_shards": 2, "snapshot_every_s": 0.3, "log_flush_s": 0.2,
@@ -69,8 +70,8 @@ def _settings(tmp_path, client: str) -> Settings:
 
 def _reference(settings: Settings, catalog, events) -> dict:
     """The state of one uninterrupted shard fed every event once, in order."""
-    shard = UserStateShard(0, settings.history_len, settings.dedupe_window,
-                           catalog.vectors.numpy(), list(catalog.index), settings.personal_alpha)
+    shard = UserStateShard(0, settings.streaming.history_len, settings.streaming.dedupe_window,
+                           catalog.vectors.numpy(), list(catalog.index), settings.streaming.personal_alpha)
     shard.apply(EventBatch.of(events), {0: ("E", 0, len(events))})
     return shard.dump()
 
@@ -106,15 +107,15 @@ def _produce(bootstrap, topic, events):
 
 def _run_with_fault(tmp_path, broker, catalog, events, fault, client) -> None:
     settings = _settings(tmp_path, client)
-    ensure_topics(broker.bootstrap, {settings.topic_clicks: settings.partitions,
-                                     settings.topic_dlq: 1})
+    ensure_topics(broker.bootstrap, {settings.streaming.topic_clicks: settings.streaming.partitions,
+                                     settings.streaming.topic_dlq: 1})
     plane = start_streaming(settings, broker.bootstrap, list(catalog.index),
                             catalog.vectors.numpy())
     try:
         half = len(events) // 2
-        _produce(broker.bootstrap, settings.topic_clicks, events[:half])
+        _produce(broker.bootstrap, settings.streaming.topic_clicks, events[:half])
         fault(plane, settings, half)
-        _produce(broker.bootstrap, settings.topic_clicks, events[half:])
+        _produce(broker.bootstrap, settings.streaming.topic_clicks, events[half:])
         _wait_applied(plane, len(events))
         _assert_same_state(plane, _reference(settings, catalog, events))
         assert plane.stats()["applied"] == len(events)
@@ -150,8 +151,8 @@ def test_broker_restart_keeps_consuming(tmp_path, ray_session, broker, catalog, 
     def restart_broker(plane, settings, half):
         _wait_applied(plane, half)  # memory storage: what is not consumed yet is gone
         broker.restart()
-        ensure_topics(broker.bootstrap, {settings.topic_clicks: settings.partitions,
-                                         settings.topic_dlq: 1})
+        ensure_topics(broker.bootstrap, {settings.streaming.topic_clicks: settings.streaming.partitions,
+                                         settings.streaming.topic_dlq: 1})
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             consumers = ray.get([c.stats.remote() for c in plane.consumers])
