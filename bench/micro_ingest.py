@@ -5,11 +5,12 @@ broker, no Ray):
 
 - decode: `decode_event` per record vs `decode_batch` per poll of 2,000 records
   (all valid; one invalid record per poll; all valid but in a non-canonical shape);
-- shard: `UserStateShard.apply_one_by_one` vs `apply` on batches of 1,000 events, with
+- shard: the reference apply (one event at a time, tests/streaming/reference.py) vs
+  `UserStateShard.apply` on batches of 1,000 events, with
   the real catalog vectors (384 floats) and the latency histogram recorded per event,
   on MovieLens-100K in time order (long runs of one user per batch) and on the same
   events with users shuffled (many users per batch);
-- wire: pickling a shard's batch as one tuple per event vs as columns (`ShardEvents`).
+- wire: pickling a shard's batch as one tuple per event vs as columns (`EventBatch`).
 
 Prints microseconds per event (best of `--repeat`) and old/new ratios.
 """
@@ -25,10 +26,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from services.backbone import resolve_backbone_path
+from services.batch import EventBatch
+from services.batch_decode import decode_batch
 from services.catalog import load_catalog
+from services.config import StreamingSettings
 from services.data import load_interactions
-from services.events import InvalidEvent, decode_batch, decode_event
-from streaming.shard import ShardEvents, UserStateShard
+from services.events import InvalidEvent, decode_event
+from streaming.shard import UserStateShard
+from tests.streaming.reference import apply_one_by_one  # the reference beside its test
 
 
 def best_us(fn: Callable[[], object], n: int, repeat: int) -> float:
@@ -97,21 +102,21 @@ def main(argv: list[str] | None = None) -> dict:
     random.Random(0).shuffle(shuffled_users)
     for name, users in [("shard apply, ML-100K time order", [e.user_id for e in events]),
                         ("shard apply, users shuffled", shuffled_users)]:
-        rows = [(0, i, e.event_id, users[i], e.item_id, e.ts, e.type, kafka_ms)
+        rows = [(e.event_id, users[i], e.item_id, e.ts, e.type, e.value, 0, i, kafka_ms)
                 for i, e in enumerate(events)]
         batches = [(rows[i:i + 1000], {0: ("E", i, min(n, i + 1000))})
                    for i in range(0, n, 1000)]
-        columns = [(ShardEvents.from_rows(b), r) for b, r in batches]
+        columns = [(EventBatch.from_rows(b), r) for b, r in batches]
 
         def fresh() -> UserStateShard:
-            shard = UserStateShard(0, 30, 200_000, vectors, items, 0.1)
+            shard = UserStateShard(0, StreamingSettings(), vectors, items)
             shard.apply([], {1: ("E", 0, 0)})  # imports the metrics module
             return shard
 
         def old_apply(batches=batches):
             shard = fresh()
             for batch, ranges in batches:
-                shard.apply_one_by_one(batch, ranges)
+                apply_one_by_one(shard, batch, ranges)
 
         def new_apply(columns=columns):
             shard = fresh()
@@ -122,10 +127,10 @@ def main(argv: list[str] | None = None) -> dict:
                                best_us(new_apply, n, args.repeat))
 
     # --- wire format ------------------------------------------------------------
-    rows = [(i % 4, i, e.event_id, e.user_id, e.item_id, e.ts, e.type, 1_700_000_000_000 + i)
-            for i, e in enumerate(events)]
+    rows = [(e.event_id, e.user_id, e.item_id, e.ts, e.type, None, i % 4, i,
+             1_700_000_000_000 + i) for i, e in enumerate(events)]
     chunks = [rows[i:i + 1000] for i in range(0, n, 1000)]
-    as_columns = [ShardEvents.from_rows(c) for c in chunks]
+    as_columns = [EventBatch.from_rows(c) for c in chunks]
     results["pickle dumps+loads, per shard call"] = report(
         "pickle dumps+loads, per shard call",
         best_us(lambda: [pickle.loads(pickle.dumps(c, 5)) for c in chunks], n, args.repeat),

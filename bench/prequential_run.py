@@ -27,6 +27,7 @@ from bench.prequential import (
 from bench.prequential_report import build_result, plot
 from services.config import Settings
 from services.events import ClickEvent
+from services.health import wait_until
 from services.rank_metrics import K
 
 log = logging.getLogger("promptrec")
@@ -171,12 +172,10 @@ def _app_version(base_url: str) -> dict:
     return {k: body[k] for k in ("prompt_version", "pinned", "personal_prompts")}
 
 
-def _wait_logged(settings, expected: int, timeout_s: float = 60) -> None:
+def _wait_logged(settings: Settings, expected: int, timeout_s: float = 60) -> None:
     """Consumers flush the event log every log_flush_s; a round must see every event."""
     from services.eventlog import read_event_log
 
-    deadline = time.monotonic() + timeout_s
-    while read_event_log(str(settings.infra.root / "eventlog")).num_rows < expected:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"event log holds fewer than {expected} events")
-        time.sleep(0.2)
+    path = str(settings.infra.root / "eventlog")
+    wait_until(lambda: read_event_log(path).num_rows >= expected, timeout_s,
+               f"event log holds {expected} events", interval_s=0.2)

@@ -17,13 +17,12 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from services.events import ClickEvent, EventColumns
+from services.batch import EVENT_FIELDS, EventBatch, arrow_fields
+from services.events import ClickEvent
 
-SCHEMA = pa.schema([
-    ("event_id", pa.string()), ("user_id", pa.string()), ("item_id", pa.string()),
-    ("ts", pa.float64()), ("type", pa.string()), ("value", pa.float64()),
-    ("ingest_ts", pa.float64()),
-])
+# The events' own columns (not where they were read: a replay may read them elsewhere),
+# and when they were logged.
+SCHEMA = pa.schema([*arrow_fields(EVENT_FIELDS), ("ingest_ts", pa.float64())])
 
 
 def _filesystem(root: str) -> tuple[pafs.FileSystem, str]:
@@ -38,14 +37,14 @@ class EventLogWriter:
     def __init__(self, root: str, writer_id: str):
         self.fs, self.root = _filesystem(root)
         self.writer_id = writer_id
-        self._rows = EventColumns()
+        self._rows = EventBatch()
         self._ingest: list[float] = []
         self._seq = 0
 
     def append(self, events: Iterable[ClickEvent], ingest_ts: float | None = None) -> None:
-        self.append_columns(EventColumns.of(list(events)), ingest_ts)
+        self.append_columns(EventBatch.of(list(events)), ingest_ts)
 
-    def append_columns(self, events: EventColumns, ingest_ts: float | None = None) -> None:
+    def append_columns(self, events: EventBatch, ingest_ts: float | None = None) -> None:
         """The consumer's path: a batch's valid events, column-wise (no per-event object)."""
         now = time.time() if ingest_ts is None else ingest_ts
         self._rows.extend(events)
@@ -58,18 +57,15 @@ class EventLogWriter:
         """Write the buffer as one file; returns its path (None when empty)."""
         if not len(self._rows):
             return None
-        rows = self._rows
-        table = pa.table({
-            "event_id": rows.event_id, "user_id": rows.user_id, "item_id": rows.item_id,
-            "ts": rows.ts, "type": rows.type, "value": rows.value, "ingest_ts": self._ingest,
-        }, schema=SCHEMA)
+        table = pa.table({**{name: getattr(self._rows, name) for name in EVENT_FIELDS},
+                          "ingest_ts": self._ingest}, schema=SCHEMA)
         hour = time.strftime("%Y%m%d%H", time.gmtime(self._ingest[0]))
         directory = f"{self.root}/hour={hour}"
         self.fs.create_dir(directory, recursive=True)
         path = f"{directory}/{self.writer_id}-{time.time_ns()}-{self._seq:06d}.parquet"
         pq.write_table(table, path, filesystem=self.fs)
         self._seq += 1
-        self._rows = EventColumns()
+        self._rows = EventBatch()
         self._ingest = []
         return path
 

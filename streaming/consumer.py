@@ -3,11 +3,12 @@
 Delivery: at-least-once from Kafka; the shards apply exactly once (by offset, then by
 event_id), so per-user state is effectively-once. The loop, per poll:
 
-1. decode each partition's records at once (`services.events.decode_batch`, the same
-   verdicts as `decode_event` record by record); invalid ones go to the dead-letter topic
-   with the reason in a header (and are counted), they never stop the consumer;
-2. every shard gets one call for the batch: its events as columns (`ShardEvents`: a few
-   flat lists pickle far cheaper than a tuple per event) plus the offset range the batch
+1. decode each partition's records at once (`services.batch_decode.decode_batch`, the
+   same verdicts as `decode_event` record by record) into an `EventBatch`; invalid ones
+   go to the dead-letter topic with the reason in a header (and are counted), they never
+   stop the consumer;
+2. every shard gets one call for the batch: its rows of the `EventBatch` (a few flat
+   lists pickle far cheaper than a tuple per event) plus the offset range the batch
    spans per partition; a shard that restarted from an older snapshot answers with a
    rewind offset and the consumer seeks back there (other shards skip the replay).
    One batch is in flight while the next is fetched and decoded;
@@ -30,28 +31,26 @@ import threading
 import time
 import traceback
 from collections import Counter as Tally
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import NamedTuple
 
 from services import metrics
+from services.batch import EventBatch
+from services.batch_decode import decode_batch
 from services.config import Settings
 from services.eventlog import EventLogWriter
-from services.events import EventColumns, decode_batch
 from services.naming import shard_for_user
 from streaming.kafka_client import PartitionRecords, open_clients
-from streaming.shard import ShardEvents
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class _Part:
-    """One partition's share of a poll: its valid events, row i at offsets[i]."""
+class _Part(NamedTuple):
+    """One partition's share of a poll: the offsets it spans and its valid events."""
 
     low: int  # first offset
     high: int  # last offset + 1
-    valid: EventColumns = field(default_factory=EventColumns)  # for shards and the log
-    offsets: list[int] = field(default_factory=list)
-    kafka_ms: list[int] = field(default_factory=list)  # record timestamps (0: none)
+    events: EventBatch  # for the shards and the log
 
 
 @dataclass
@@ -61,8 +60,8 @@ class _InFlight:
 
 
 class IngestConsumer:
-    def __init__(self, settings: Settings, consumer_index: int, shards: list, known_items: list[str],
-                 bootstrap: str):
+    def __init__(self, settings: Settings, consumer_index: int, shards: list,
+                 known_items: list[str], bootstrap: str):
         self.settings = settings.validate()  # an actor re-checks what it was handed
         self.index = consumer_index
         self.shards = shards
@@ -125,13 +124,14 @@ class IngestConsumer:
     def _run(self) -> None:
         from services.embedded import ensure_topics
 
-        s = self.settings
+        s = self.settings.streaming
         # A broker that restarted empty has no topics: recreate them (idempotent).
-        ensure_topics(self.bootstrap, {s.streaming.topic_clicks: s.streaming.partitions, s.streaming.topic_dlq: 1})
-        consumer, dlq = open_clients(s.streaming.kafka_client, self.bootstrap, s.streaming.topic_clicks,
-                                     s.streaming.consumer_group, f"promptrec-ingest-{self.index}",
-                                     s.streaming.poll_max_records)
-        event_log = EventLogWriter(str(s.infra.root / "eventlog"), f"consumer{self.index}")
+        ensure_topics(self.bootstrap, {s.topic_clicks: s.partitions, s.topic_dlq: 1})
+        consumer, dlq = open_clients(s.kafka_client, self.bootstrap, s.topic_clicks,
+                                     s.consumer_group, f"promptrec-ingest-{self.index}",
+                                     s.poll_max_records)
+        event_log = EventLogWriter(str(self.settings.infra.root / "eventlog"),
+                                   f"consumer{self.index}")
         # Everything alive now (Ray, the Kafka client, pyarrow and their modules) lives as
         # long as the process: out of the collector's sight, a full collection no longer
         # pauses ingestion for 200-300 ms (measured in bench.ingest).
@@ -151,7 +151,7 @@ class IngestConsumer:
                     pending.pop(partition, None)
                     self.rewinds += 1
                 else:
-                    event_log.append_columns(part.valid)
+                    event_log.append_columns(part.events)
                     pending[partition] = part.high
             inflight = None
             return rewind
@@ -174,7 +174,7 @@ class IngestConsumer:
                 if self._paused.is_set() != paused:
                     paused = self._paused.is_set()
                     consumer.pause() if paused else consumer.resume()
-                batches = consumer.poll(0.1, s.streaming.poll_max_records)
+                batches = consumer.poll(0.1, s.poll_max_records)
                 self.assigned = consumer.assignment()
                 prepared = self._decode(batches, dlq) if batches else {}
                 # One batch in flight: the shards apply batch k while this consumer fetches
@@ -191,9 +191,9 @@ class IngestConsumer:
                 # a burst (a poll's worth of events or more since the last commit), at once.
                 since_flush = time.monotonic() - last_flush
                 caught_up = not batches and inflight is None
-                if pending and (since_flush >= s.streaming.log_flush_s or (caught_up and (
-                        since_flush >= s.streaming.log_flush_s / 5
-                        or len(event_log) >= s.streaming.poll_max_records))):
+                if pending and (since_flush >= s.log_flush_s or (caught_up and (
+                        since_flush >= s.log_flush_s / 5
+                        or len(event_log) >= s.poll_max_records))):
                     commit()
                     last_flush = time.monotonic()
                 self._update_lag(consumer)
@@ -211,38 +211,24 @@ class IngestConsumer:
         parts = {}
         for partition, records in batches.items():
             offsets = records.offsets
-            part = _Part(low=offsets[0], high=offsets[-1] + 1)
-            decoded = decode_batch(records.keys, records.values, self.known_items)
+            decoded = decode_batch(records.keys, records.values, self.known_items,
+                                   partition=partition, offsets=offsets,
+                                   kafka_ms=records.timestamps_ms)
+            topic = self.settings.streaming.topic_clicks
             for i, bad in decoded.invalid:
                 dlq.send(self.settings.streaming.topic_dlq, records.keys[i], records.values[i],
                          [("reason", bad.reason.encode()),
                           ("detail", bad.detail[:512].encode("utf-8", "replace")),
-                          ("source", f"{self.settings.streaming.topic_clicks}/{partition}/{offsets[i]}"
-                           .encode())])
+                          ("source", f"{topic}/{partition}/{offsets[i]}".encode())])
                 self._count("invalid", bad.reason)
-            part.valid = decoded.events
-            if decoded.invalid:
-                part.offsets = [offsets[i] for i in decoded.rows]
-                part.kafka_ms = [records.timestamps_ms[i] for i in decoded.rows]
-            else:
-                part.offsets, part.kafka_ms = offsets, records.timestamps_ms
-            parts[partition] = part
+            parts[partition] = _Part(offsets[0], offsets[-1] + 1, decoded.events)
         return parts
 
     def _submit(self, batch: dict) -> _InFlight:
         """One call per shard, events or not: every shard learns every batch's ranges."""
         ranges = {p: (self.epoch, part.low, part.high) for p, part in batch.items()}
         # The batch as one set of columns, partition by partition ...
-        parts = list(batch.items())
-        columns = ShardEvents(
-            partition=[p for partition, part in parts for p in [partition] * len(part.offsets)],
-            offset=[o for _, part in parts for o in part.offsets],
-            event_id=[x for _, part in parts for x in part.valid.event_id],
-            user_id=[x for _, part in parts for x in part.valid.user_id],
-            item_id=[x for _, part in parts for x in part.valid.item_id],
-            ts=[x for _, part in parts for x in part.valid.ts],
-            type=[x for _, part in parts for x in part.valid.type],
-            kafka_ms=[x for _, part in parts for x in part.kafka_ms])
+        columns = EventBatch.concat([part.events for part in batch.values()])
         # ... split by shard: crc32 once per distinct user, not once per event.
         n_shards = len(self.shards)
         if n_shards == 1:
@@ -252,8 +238,7 @@ class IngestConsumer:
             rows: list[list[int]] = [[] for _ in range(n_shards)]
             for i, user in enumerate(columns.user_id):
                 rows[shard_of[user]].append(i)
-            by_shard = [ShardEvents(*([column[i] for i in mine] for column in columns))
-                        for mine in rows]
+            by_shard = [columns.take(mine) for mine in rows]
         refs = [shard.apply.remote(events, ranges)
                 for shard, events in zip(self.shards, by_shard, strict=True)]
         return _InFlight(refs=refs, batch=batch)
@@ -281,7 +266,8 @@ class IngestConsumer:
             self.epoch = current  # first sight, not a change
             return None
         log.warning("consumer %d: topic %s was recreated (id %s -> %s); reading it from the "
-                    "beginning", self.index, self.settings.streaming.topic_clicks, self.epoch, current)
+                    "beginning", self.index, self.settings.streaming.topic_clicks, self.epoch,
+                    current)
         self.epoch_changes += 1
         return current
 

@@ -71,8 +71,7 @@ def start_streaming(settings: Settings, bootstrap: str, item_ids: list[str],
     shards = [shard_cls.options(name=shard_actor(i), namespace=settings.infra.namespace,
                                 num_cpus=0.25, max_concurrency=1, max_restarts=-1,
                                 max_task_retries=-1).remote(
-        i, settings.streaming.history_len, settings.streaming.dedupe_window, vectors_ref, item_ids,
-        settings.streaming.personal_alpha, str(settings.infra.root / "snapshots"), settings.streaming.snapshot_every_s)
+        i, settings.streaming, vectors_ref, item_ids, str(settings.infra.root / "snapshots"))
         for i in range(settings.streaming.num_shards)]
     consumer_cls = ray.remote(IngestConsumer)
     # max_concurrency=4: stats()/stop() must run while the poll loop's thread is busy.

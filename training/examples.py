@@ -1,8 +1,9 @@
 """Next-item examples from the event log.
 
 An example is (history, target): the user's items before an event, and the
-event's item. Validation users are a stable hash-chosen subset; their last
-event is held out from training and is the gate's test.
+event's item, with the weight of each history event's type (the personal-prompt rule
+moves by it: `services.personal`). Validation users are a stable hash-chosen subset;
+their last event is held out from training and is the gate's test.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from services.personal import event_weights
+
 PAD = -1
 
 
@@ -21,20 +24,26 @@ PAD = -1
 class Examples:
     history: np.ndarray  # [E, L] int32 catalog indices, oldest first, right-padded with PAD
     target: np.ndarray  # [E] int32 catalog index
+    # [E, L] float32 event weight w(type) of each history position (1 at PAD); None:
+    # every event weighs 1, a click (data without event types, e.g. MovieLens ratings)
+    weights: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.target)
 
     def subset(self, idx: np.ndarray) -> Examples:
-        return Examples(self.history[idx], self.target[idx])
+        return Examples(self.history[idx], self.target[idx],
+                        None if self.weights is None else self.weights[idx])
 
     def save(self, path: str) -> None:
-        np.savez(path, history=self.history, target=self.target)
+        extra = {} if self.weights is None else {"weights": self.weights}
+        np.savez(path, history=self.history, target=self.target, **extra)
 
     @classmethod
     def load(cls, path: str) -> Examples:
         data = np.load(path)
-        return cls(data["history"], data["target"])
+        return cls(data["history"], data["target"],
+                   data["weights"] if "weights" in data.files else None)
 
 
 def _is_validation_user(user_id: str, fraction_per_mille: int) -> bool:
@@ -50,8 +59,7 @@ def build_examples(log: pa.Table, item_index: dict[str, int], history_len: int,
     (the window since the last round); histories use everything before them.
     """
     if log.num_rows == 0:
-        empty = Examples(np.zeros((0, history_len), np.int32), np.zeros(0, np.int32))
-        return empty, empty
+        return _pack([], [], [], history_len), _pack([], [], [], history_len)
     # A replayed batch is logged twice: keep the first copy of each event_id.
     _, first = np.unique(log["event_id"].to_numpy(zero_copy_only=False), return_index=True)
     log = log.take(pa.array(np.sort(first)))
@@ -60,33 +68,41 @@ def build_examples(log: pa.Table, item_index: dict[str, int], history_len: int,
     log = log.take(order)
     users = log["user_id"].to_numpy(zero_copy_only=False)
     items = np.array([item_index.get(i, PAD) for i in log["item_id"].to_pylist()], np.int32)
+    weights = event_weights(log["type"].to_pylist())
     ingest = log["ingest_ts"].to_numpy()
 
     n_users = len(np.unique(users))
     per_mille = max(1, min(1000, round(1000 * val_users / max(n_users, 1))))
     starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
     ends = np.r_[starts[1:], len(users)]
-    train_h, train_t, val_h, val_t = [], [], [], []
+    train_h, train_w, train_t, val_h, val_w, val_t = [], [], [], [], [], []
     for start, end in zip(starts, ends, strict=True):
-        seq = items[start:end]
+        seq, seq_w = items[start:end], weights[start:end]
         is_val = _is_validation_user(users[start], per_mille)
         for pos in range(1, len(seq)):
             if seq[pos] == PAD:
                 continue
-            hist = seq[max(0, pos - history_len):pos]
-            hist = hist[hist != PAD]
+            window = slice(max(0, pos - history_len), pos)
+            known = seq[window] != PAD
+            hist, hist_w = seq[window][known], seq_w[window][known]
             row = np.full(history_len, PAD, np.int32)
             row[: len(hist)] = hist
+            row_w = np.ones(history_len, np.float32)
+            row_w[: len(hist)] = hist_w
             if is_val and pos == len(seq) - 1:
                 val_h.append(row)
+                val_w.append(row_w)
                 val_t.append(seq[pos])
             elif ingest[start + pos] > since_ingest_ts:
                 train_h.append(row)
+                train_w.append(row_w)
                 train_t.append(seq[pos])
+    return (_pack(train_h, train_w, train_t, history_len),
+            _pack(val_h, val_w, val_t, history_len))
 
-    def pack(h: list, t: list) -> Examples:
-        if not t:
-            return Examples(np.zeros((0, history_len), np.int32), np.zeros(0, np.int32))
-        return Examples(np.stack(h), np.array(t, np.int32))
 
-    return pack(train_h, train_t), pack(val_h, val_t)
+def _pack(history: list, weights: list, target: list, history_len: int) -> Examples:
+    if not target:
+        return Examples(np.zeros((0, history_len), np.int32), np.zeros(0, np.int32),
+                        np.ones((0, history_len), np.float32))
+    return Examples(np.stack(history), np.array(target, np.int32), np.stack(weights))

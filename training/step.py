@@ -11,13 +11,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from services.model import personal_from_history
+from services.config import StreamingSettings
+from services.personal import replay
 from services.rank_metrics import hit_ndcg_of_ranks
 from training.examples import PAD, Examples
 
-# The personal-prompt rate of the shards (settings.streaming.personal_alpha); examples carry no shard
-# state, so training replays the rule over each example's history window.
-DEFAULT_PERSONAL_ALPHA = 0.1
+# The shards' personal-prompt rate (its one default is the setting's); examples carry no
+# shard state, so training replays the rule over each example's history window.
+DEFAULT_PERSONAL_ALPHA = StreamingSettings.personal_alpha
 
 
 def collate(history: np.ndarray, item_vectors: torch.Tensor, device: torch.device | str = "cpu"
@@ -27,6 +28,21 @@ def collate(history: np.ndarray, item_vectors: torch.Tensor, device: torch.devic
     mask = idx != PAD
     vectors = item_vectors[idx.clamp(min=0)] * mask.unsqueeze(-1)
     return vectors, mask
+
+
+def replay_personal(history: np.ndarray, weights: np.ndarray | None,
+                    item_vectors: torch.Tensor, alpha: float, every_step: bool = False
+                    ) -> torch.Tensor:
+    """The shards' personal-prompt rule replayed over each example's history window.
+
+    history [B, L] catalog indices (PAD = -1), weights [B, L] event weights or None,
+    item_vectors [N, H] frozen text vectors (the shards never see item tokens) ->
+    personal [B, H], or with `every_step` [B, L, H].
+    """
+    text_history, mask = collate(history, item_vectors, item_vectors.device)
+    if weights is not None:
+        weights = torch.as_tensor(weights, device=item_vectors.device)
+    return replay(text_history, mask, alpha, weights, every_step)
 
 
 def make_optimizer(model: nn.Module, learning_rate: float,
@@ -54,10 +70,9 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Exampl
     mask = idx != PAD
     idx = idx.clamp(min=0)
     target = torch.as_tensor(batch.target, dtype=torch.long, device=device)
-    # The personal prompt is the shards' rule over frozen text vectors: they never see tokens.
-    text_history = item_vectors[idx] * mask.unsqueeze(-1)
     causal = getattr(model, "module", model).causal  # DDP wraps the model
-    personal = personal_from_history(text_history, mask, personal_alpha, every_step=causal)
+    personal = replay_personal(batch.history, batch.weights, item_vectors, personal_alpha,
+                               every_step=causal)
     logits = model(idx, mask, item_vectors, personal)
     if logits.ndim == 3:  # a causal model scored the next item after every position
         targets = next_items(idx, mask, target)
@@ -99,8 +114,7 @@ def evaluate(model, examples: Examples, item_vectors: torch.Tensor, k: int = 10,
     for start in range(0, len(examples), batch_size):
         chunk = examples.subset(np.arange(start, min(start + batch_size, len(examples))))
         history, mask = collate(chunk.history, items, item_vectors.device)
-        text_history, _ = collate(chunk.history, item_vectors, item_vectors.device)
-        personal = personal_from_history(text_history, mask, personal_alpha)
+        personal = replay_personal(chunk.history, chunk.weights, item_vectors, personal_alpha)
         scores = model.logits(model.encode_users(history, mask, personal), items)
         scores = mask_seen(scores, chunk.history)
         target = torch.as_tensor(chunk.target, dtype=torch.long, device=scores.device)

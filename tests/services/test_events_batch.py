@@ -8,13 +8,8 @@ import random
 
 import pytest
 
-from services.events import (
-    INVALID_REASONS,
-    ClickEvent,
-    InvalidEvent,
-    decode_batch,
-    decode_event,
-)
+from services.batch_decode import decode_batch
+from services.events import INVALID_REASONS, ClickEvent, InvalidEvent, decode_event
 from tests.services.test_events import BAD, ITEMS, NOW, _record
 
 KNOWN = frozenset(ITEMS | {str(i) for i in range(1, 60)} | {"é-item", "x y"})

@@ -6,12 +6,14 @@ import random
 import time
 from collections import Counter
 
+from services.batch import EventBatch
+from services.config import StreamingSettings
 from services.config_sources import load_settings
 from services.events import ClickEvent
 from services.naming import shard_for_user
 from streaming.consumer import IngestConsumer
 from streaming.kafka_client import PartitionRecords
-from streaming.shard import ShardEvents, UserStateShard
+from streaming.shard import UserStateShard
 from tests.services.test_events import BAD, ITEMS
 
 
@@ -19,8 +21,8 @@ class _Shard:
     """Records apply calls, and applies them to a real shard."""
 
     def __init__(self, index: int):
-        self.calls: list[tuple[ShardEvents, dict]] = []
-        self.real = UserStateShard(index, history_len=5, dedupe_window=1000)
+        self.calls: list[tuple[EventBatch, dict]] = []
+        self.real = UserStateShard(index, StreamingSettings(history_len=5, dedupe_window=1000))
         shard = self
 
         class _Apply:
@@ -89,13 +91,13 @@ def test_every_valid_event_reaches_its_shard_and_every_bad_one_the_dlq(monkeypat
     for index, shard in enumerate(consumer.shards):
         (events, ranges), = shard.calls
         assert ranges == {0: ("E", 0, 60), 2: ("E", 0, 62)}
-        for partition, offset, event_id, user, item, ts, kind, kafka_ms in events.rows():
+        for event_id, user, item, ts, kind, _, partition, offset, kafka_ms in events.rows():
             assert shard_for_user(user, 3) == index
             assert kafka_ms == 1_700_000_000_000
             routed.append((partition, offset, ClickEvent(event_id, user, item, ts, kind)))
     assert sorted(routed, key=lambda r: r[:2]) == expected_valid
     # The event log gets the same valid events, per partition, in offset order.
     logged = [(partition, offset, event) for partition, part in prepared.items()
-              for offset, event in zip(part.offsets, part.valid.events(), strict=True)]
+              for offset, event in zip(part.events.offset, part.events.events(), strict=True)]
     assert logged == expected_valid
     assert sum(s.real.applied for s in consumer.shards) == len(expected_valid)

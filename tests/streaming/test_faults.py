@@ -15,6 +15,7 @@ import pytest
 import ray
 
 from services.backbone import default_backbone_path
+from services.batch import EventBatch
 from services.catalog import load_catalog
 from services.config import Settings
 from services.config_sources import load_settings
@@ -69,12 +70,8 @@ def _settings(tmp_path, client: str) -> Settings:
 
 def _reference(settings: Settings, catalog, events) -> dict:
     """The state of one uninterrupted shard fed every event once, in order."""
-    shard = UserStateShard(0, settings.streaming.history_len, settings.streaming.dedupe_window,
-                           catalog.vectors.numpy(), list(catalog.index),
-                           settings.streaming.personal_alpha)
-    wire = [(0, i, e.event_id, e.user_id, e.item_id, e.ts, e.type, 0)
-            for i, e in enumerate(events)]
-    shard.apply(wire, {0: ("E", 0, len(wire))})
+    shard = UserStateShard(0, settings.streaming, catalog.vectors.numpy(), list(catalog.index))
+    shard.apply(EventBatch.of(events), {0: ("E", 0, len(events))})
     return shard.dump()
 
 

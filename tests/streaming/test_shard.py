@@ -1,6 +1,7 @@
 import numpy as np
 
-from services.model import personal_prompt_update
+from services.config import StreamingSettings
+from services.personal import update
 from streaming.shard import UserStateShard
 
 VECTORS = np.eye(4, dtype=np.float32)
@@ -8,13 +9,13 @@ ITEMS = ["a", "b", "c", "d"]
 
 
 def _ev(offset, event_id, user, item, ts, partition=0, kind="click"):
-    return (partition, offset, event_id, user, item, ts, kind, 0)
+    return (event_id, user, item, ts, kind, None, partition, offset, 0)
 
 
-def _shard(**kw):
-    args = {"history_len": 3, "dedupe_window": 100, "item_vectors": VECTORS, "item_ids": ITEMS}
-    args.update(kw)
-    return UserStateShard(0, **args)
+def _shard(snapshot_dir: str | None = None, **config):
+    """A shard over the small catalog; `config` changes its StreamingSettings."""
+    streaming = StreamingSettings(**{"history_len": 3, "dedupe_window": 100, **config})
+    return UserStateShard(0, streaming, VECTORS, ITEMS, snapshot_dir)
 
 
 def test_apply_is_idempotent_by_offset_and_by_event_id():
@@ -65,8 +66,7 @@ def test_personal_prompt_follows_the_update_rule():
     shard = _shard(personal_alpha=0.5)
     shard.apply([_ev(0, "e1", "u", "a", 1.0), _ev(1, "e2", "u", "b", 2.0, kind="view")],
                 {0: ("E", 0, 2)})
-    expected = personal_prompt_update(personal_prompt_update(None, VECTORS[0], "click", 0.5),
-                                      VECTORS[1], "view", 0.5)
+    expected = update(update(None, VECTORS[0], "click", 0.5), VECTORS[1], "view", 0.5)
     assert np.allclose(shard.get_user("u")["personal"], expected)
     assert np.allclose(expected, [0.75, 0.25, 0, 0])  # view weight 0.5 -> rate 0.25
 
@@ -74,7 +74,7 @@ def test_personal_prompt_follows_the_update_rule():
 def test_dedupe_window_is_bounded():
     shard = _shard(dedupe_window=2)
     shard.apply([_ev(i, f"e{i}", "u", "a", float(i)) for i in range(3)], {0: ("E", 0, 3)})
-    assert len(shard._seen) == 2
+    assert len(shard.guard.seen) == 2
 
 
 def test_snapshot_restores_state_and_offsets(tmp_path):
@@ -118,7 +118,7 @@ def test_apply_snapshots_a_copy_in_the_background(tmp_path):
     shard = _shard(snapshot_dir=str(tmp_path), snapshot_every_s=0.0)
     shard.apply([_ev(0, "e1", "u", "a", 1.0), _ev(1, "e2", "v", "b", 2.0)], {0: ("E", 0, 2)})
     shard.apply([_ev(2, "e3", "u", "c", 3.0)], {0: ("E", 2, 3)})
-    shard._writer.join()
+    shard.snapshots.wait()
     restored = _shard(snapshot_dir=str(tmp_path))
     assert restored.covered_offsets() in ({0: 2}, {0: 3})  # one of the two captures
     reference = _shard()

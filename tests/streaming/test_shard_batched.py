@@ -7,25 +7,28 @@ import random
 import numpy as np
 import pytest
 
-from streaming.shard import ShardEvents, UserStateShard
+from services.batch import EventBatch
+from services.config import StreamingSettings
+from streaming.shard import UserStateShard
+from tests.streaming.reference import apply_one_by_one
 
 H = 16
 ITEMS = [f"i{k}" for k in range(40)]
 TYPES = ["click", "view", "purchase", "rating", "other"]  # "other": the default weight
 
 
-def _pair(rng: random.Random, **kw):
+def _pair(rng: random.Random, **changes):
     vectors = np.asarray([[rng.gauss(0, 1) for _ in range(H)] for _ in ITEMS], np.float32)
-    args = {"history_len": rng.choice([1, 3, 30]), "dedupe_window": rng.choice([5, 50, 10_000]),
-            "item_vectors": vectors, "item_ids": ITEMS,
-            "personal_alpha": rng.choice([0.1, 0.37, 0.9])}
-    args.update(kw)
-    return UserStateShard(0, **args), UserStateShard(0, **args)
+    config = StreamingSettings(**{"history_len": rng.choice([1, 3, 30]),
+                                  "dedupe_window": rng.choice([5, 50, 10_000]),
+                                  "personal_alpha": rng.choice([0.1, 0.37, 0.9]), **changes})
+    return (UserStateShard(0, config, vectors, ITEMS),
+            UserStateShard(0, config, vectors, ITEMS))
 
 
 def _state(shard: UserStateShard) -> tuple:
-    return (shard.dump(), list(shard._seen), dict(shard.covered), shard.applied,
-            shard.duplicates, shard.replayed, len(shard.latencies_ms))
+    return (shard.dump(), list(shard.guard.seen), dict(shard.guard.covered), shard.applied,
+            shard.duplicates, shard.replayed, len(shard.latency.kept_ms))
 
 
 def _assert_same(batched: UserStateShard, reference: UserStateShard) -> None:
@@ -70,8 +73,8 @@ def _random_batches(rng: random.Random, n_batches: int, users: int, skew: float)
                     user = f"u{rng.randrange(users)}"
                 item = rng.choice(ITEMS) if rng.random() < 0.9 else f"unknown{rng.randrange(3)}"
                 ts = float(rng.choice([serial, serial - rng.randint(0, 50), 7]))  # late, ties
-                rows.append((partition, offset, event_id, user, item, ts, rng.choice(TYPES),
-                             rng.choice([0, 1_700_000_000_000 + serial])))
+                rows.append((event_id, user, item, ts, rng.choice(TYPES), None, partition,
+                             offset, rng.choice([0, 1_700_000_000_000 + serial])))
             ranges[partition] = (epoch, low, low + count)
             next_offset[partition] = max(next_offset[partition], low + count)
         yield rows, ranges
@@ -84,9 +87,9 @@ def test_batched_apply_equals_one_by_one(seed):
     users = rng.choice([2, 10, 300])
     skew = rng.choice([0.0, 0.5, 0.9])
     for rows, ranges in _random_batches(rng, 30, users, skew):
-        as_columns = ShardEvents.from_rows(rows)
+        as_columns = EventBatch.from_rows(rows)
         got = batched.apply(as_columns, ranges)
-        want = reference.apply_one_by_one(rows, ranges)
+        want = apply_one_by_one(reference, rows, ranges)
         assert got == want
         _assert_same(batched, reference)
     assert batched.applied > 0
@@ -98,14 +101,16 @@ def test_both_personal_prompt_paths_are_exercised_and_exact():
     rng = random.Random(99)
     for users, skew in [(500, 0.0), (3, 0.95)]:
         batched, reference = _pair(rng, history_len=30, dedupe_window=10_000)
-        rows = [(0, k, f"e{k}", "heavy" if rng.random() < skew else f"u{rng.randrange(users)}",
-                 rng.choice(ITEMS), float(k), rng.choice(TYPES), 0) for k in range(1000)]
-        batched.apply(ShardEvents.from_rows(rows), {0: ("E", 0, 1000)})
-        reference.apply_one_by_one(rows, {0: ("E", 0, 1000)})
+        rows = [(f"e{k}", "heavy" if rng.random() < skew else f"u{rng.randrange(users)}",
+                 rng.choice(ITEMS), float(k), rng.choice(TYPES), None, 0, k, 0)
+                for k in range(1000)]
+        batched.apply(EventBatch.from_rows(rows), {0: ("E", 0, 1000)})
+        apply_one_by_one(reference, rows, {0: ("E", 0, 1000)})
         _assert_same(batched, reference)
 
 
 def test_rows_and_columns_round_trip():
-    rows = [(0, 5, "e", "u", "i0", 1.5, "click", 0), (2, 9, "f", "v", "i1", 2.0, "view", 7)]
-    assert ShardEvents.from_rows(rows).rows() == rows
-    assert ShardEvents.from_rows([]).rows() == []
+    rows = [("e", "u", "i0", 1.5, "click", None, 0, 5, 0),
+            ("f", "v", "i1", 2.0, "view", 3.0, 2, 9, 7)]
+    assert EventBatch.from_rows(rows).rows() == rows
+    assert EventBatch.from_rows([]).rows() == []
