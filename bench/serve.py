@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from services.stack import Stack
+from services.launch.stack import Stack
 
 from bench import serve_phases as phases
 from bench.load import percentile

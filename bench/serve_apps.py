@@ -19,13 +19,13 @@ import numpy as np
 import ray
 from fastapi import FastAPI
 from ray import serve
-from services.stack import Stack
 
 from bench.load import Request, open_loop
 from services.config import Settings
 from services.data import load_interactions
 from services.embedded import free_port
 from services.health import wait_answers
+from services.launch.stack import Stack
 from services.naming import shard_actor, shard_for_user
 from serving.app import build_app
 from streaming.replay import replay

@@ -16,13 +16,13 @@ import time
 from collections.abc import Callable
 
 import ray
-from services.stack import Stack
 
 from bench.check import VersionChecker, perturbed_prompt
 from bench.load import Background, Request, Result, closed_loop, open_loop
 from bench.serve_apps import Scenario, log
 from bench.serve_report import cache_counts, hit_rate, summary
 from services.backbone import load_backbone, resolve_backbone_path
+from services.launch.stack import Stack
 from services.weights import decode_weights
 
 LATENCY_APPS = {"noop": "/noop", "recommend": "", "before": "/before", "inline": "/inline"}

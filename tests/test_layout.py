@@ -73,3 +73,21 @@ def test_every_module_does_one_job_in_at_most_300_lines():
     long = {module_name(p): n for p in modules
             if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES}
     assert not long, f"modules over {MAX_MODULE_LINES} lines (split them by job): {long}"
+
+
+def test_every_module_imports():
+    """A module no test imports (a benchmark, an entry point) still has to load: a stale
+    import after a move fails here rather than when someone runs it."""
+    import importlib
+
+    modules = [module_name(p) for p in sorted(ROOT.glob("*/**/*.py"))
+               if p.relative_to(ROOT).parts[0] in ("services", *PLANES, "bench")
+               and p.name != "__init__.py"]
+    assert len(modules) > 50
+    failed = {}
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception as err:  # noqa: BLE001 - report every module that fails
+            failed[name] = f"{type(err).__name__}: {err}"
+    assert not failed, failed
