@@ -33,14 +33,13 @@ import sys
 import time
 from pathlib import Path
 
-from services.launch.stack import Stack
-
 from bench import serve_phases as phases
 from bench.load import percentile
 from bench.serve_apps import SIDE_APPS, fresh_ports, log, prepare
 from bench.serve_report import batch_sizes, summary, write
 from services.config import Settings
 from services.config_sources import add_settings_flags, settings_from_flags
+from services.launch.stack import Stack
 
 
 def main(argv: list[str] | None = None) -> int:
