@@ -1,13 +1,17 @@
-"""Offline evaluation: leave-one-out, full ranking, against popularity, same run.
+"""Offline evaluation on the standard protocol, against popularity, in the same run.
 
     promptrec eval offline --dataset ml-100k [--steps N]
 
-Protocol: per user (events in time order) the last item is the test target, the one
-before it the validation target, the rest train. Every item of the catalog is ranked;
-the user's earlier items are masked. Metrics: HR@10 and NDCG@10 (one relevant item).
-Cold start: a fixed 5% of items (by hash) never appear in training (as target or in a
-history); `cold_hr10` is HR@10 over test events whose target is such an item; only the
-text-based item vectors can rank them.
+Standard protocol (the one published ML-1M figures use): per user, events in time
+order, the last item is the test target, the one before it the validation target, the
+rest train; every item is kept; every item of the catalog is ranked; every item the user
+had before the target is masked (not only the history window the model reads).
+Metrics: HR@10 and NDCG@10 (one relevant item). The weights are chosen on validation.
+
+Cold start is a second run in the same command: a fixed 5% of items (by hash) never
+appear in training (as target or in a history); `cold_hr10` / `cold_ndcg10` are over
+that run's test events whose target is such an item, and `cold_run` holds its warm
+figures. `key_protocols` in the result says which run produced which key.
 
 `promptrec eval offline` writes the result to bench/results/quality_<dataset>.json.
 """
@@ -39,12 +43,26 @@ def is_cold(item_id: str) -> bool:
 
 
 @dataclass
+class EvalSet:
+    """Events to rank: the examples, and every item each user had before its target."""
+
+    examples: Examples
+    exclude: np.ndarray  # [E, S] catalog indices masked when ranking, PAD-padded
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def subset(self, idx: np.ndarray) -> EvalSet:
+        return EvalSet(self.examples.subset(idx), self.exclude[idx])
+
+
+@dataclass
 class Split:
     train: Examples
-    val: Examples
-    test: Examples
-    test_cold: Examples
-    val_cold: Examples  # validation events whose target is a cold item: picks the cold rule
+    val: EvalSet
+    test: EvalSet
+    val_unseen: EvalSet  # validation events whose target never occurs in training
+    test_cold: EvalSet  # test events whose target is a held-out item (empty: none held out)
     train_item_counts: np.ndarray  # [N] popularity from the training portion only
 
 
@@ -55,56 +73,69 @@ def _row(items: list[int], history_len: int) -> np.ndarray:
     return row
 
 
+def _eval_set(rows: list[tuple[list[int], int]], history_len: int) -> EvalSet:
+    """(items before the target, target) per event -> the history windows, the targets
+    and every earlier item to mask."""
+    width = max([len(before) for before, _ in rows], default=0) or 1
+    exclude = np.full((len(rows), width), PAD, np.int32)
+    for r, (before, _) in enumerate(rows):
+        exclude[r, :len(before)] = before
+    history = np.stack([_row(before, history_len) for before, _ in rows]) if rows \
+        else np.zeros((0, history_len), np.int32)
+    return EvalSet(Examples(history, np.array([t for _, t in rows], np.int32)), exclude)
+
+
 def leave_one_out(interactions: Interactions, catalog: Catalog, history_len: int,
-                  max_users: int | None = None) -> Split:
+                  max_users: int | None = None, held_out: np.ndarray | None = None) -> Split:
+    """The standard split; `held_out` [N] bool: items removed from training entirely
+    (the cold-start run), None keeps every item."""
     order = np.lexsort((interactions.ts, interactions.user_ids.astype(str)))
     users = interactions.user_ids[order].astype(str)
     items = np.array([catalog.index.get(str(i), PAD) for i in interactions.item_ids[order]],
                      np.int32)
-    cold = np.array([is_cold(item.item_id) for item in catalog.items])
+    cold = np.zeros(len(catalog), bool) if held_out is None else np.asarray(held_out, bool)
     starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
     ends = np.r_[starts[1:], len(users)]
     if max_users is not None:
         starts, ends = starts[:max_users], ends[:max_users]
-    parts: dict[str, tuple[list, list]] = {
-        k: ([], []) for k in ("train", "val", "test", "cold", "val_cold")}
+    train_rows: tuple[list, list] = ([], [])
+    val: list[tuple[list[int], int]] = []
+    test: list[tuple[list[int], int]] = []
     counts = np.zeros(len(catalog), np.int64)
     for start, end in zip(starts, ends, strict=True):
-        seq = [i for i in items[start:end] if i != PAD]
+        seq = [int(i) for i in items[start:end] if i != PAD]
         if len(seq) < 3:
             continue
-        warm = [i for i in seq[:-2] if not cold[i]]  # training never sees a cold item
+        warm = [i for i in seq[:-2] if not cold[i]]  # training never sees a held-out item
         for i in warm:
             counts[i] += 1
         for pos in range(1, len(warm)):
-            parts["train"][0].append(_row(warm[:pos], history_len))
-            parts["train"][1].append(warm[pos])
-        parts["val"][0].append(_row(seq[:-2], history_len))
-        parts["val"][1].append(seq[-2])
-        if cold[seq[-2]]:
-            parts["val_cold"][0].append(_row(seq[:-2], history_len))
-            parts["val_cold"][1].append(seq[-2])
-        parts["test"][0].append(_row(seq[:-1], history_len))
-        parts["test"][1].append(seq[-1])
-        if cold[seq[-1]]:
-            parts["cold"][0].append(_row(seq[:-1], history_len))
-            parts["cold"][1].append(seq[-1])
+            train_rows[0].append(_row(warm[:pos], history_len))
+            train_rows[1].append(warm[pos])
+        val.append((seq[:-2], seq[-2]))
+        test.append((seq[:-1], seq[-1]))
+    train = Examples(np.stack(train_rows[0]) if train_rows[1]
+                     else np.zeros((0, history_len), np.int32), np.array(train_rows[1], np.int32))
+    return Split(train, _eval_set(val, history_len), _eval_set(test, history_len),
+                 _eval_set([(b, t) for b, t in val if counts[t] == 0], history_len),
+                 _eval_set([(b, t) for b, t in test if cold[t]], history_len), counts)
 
-    def pack(name: str) -> Examples:
-        hist, target = parts[name]
-        if not target:
-            return Examples(np.zeros((0, history_len), np.int32), np.zeros(0, np.int32))
-        return Examples(np.stack(hist), np.array(target, np.int32))
 
-    return Split(pack("train"), pack("val"), pack("test"), pack("cold"), pack("val_cold"),
-                 counts)
+def held_out_items(catalog: Catalog) -> np.ndarray:
+    """[N] bool: the cold run's items, 1 in COLD_SHARE by a hash of the item id."""
+    return np.array([is_cold(item.item_id) for item in catalog.items])
+
+
+def score(model, evalset: EvalSet, vectors: torch.Tensor, personal_alpha: float) -> dict:
+    return evaluate(model, evalset.examples, vectors, personal_alpha=personal_alpha,
+                    exclude=evalset.exclude)
 
 
 def pick_cold_rule(model: PromptRecModel, weights: PromptWeights, split: Split,
                    vectors: torch.Tensor, personal_alpha: float) -> tuple[str, dict[str, float]]:
-    """Load `weights` with the unseen-item rule that ranks cold validation targets best
+    """Load `weights` with the unseen-item rule that ranks unseen validation targets best
     ("text": zero token, mean bias; "neighbours": those of the nearest seen items by
-    text); ties keep "text". -> (rule, validation cold HR@10 per rule)."""
+    text); ties keep "text". -> (rule, validation HR@10 of those events per rule)."""
     seen = split.train_item_counts > 0
     candidates = {"text": unseen_items_fall_back_to_text(weights, seen)}
     if weights.has_item_weights:  # otherwise the neighbours rule changes nothing
@@ -112,79 +143,129 @@ def pick_cold_rule(model: PromptRecModel, weights: PromptWeights, split: Split,
     scores = {}
     for name, candidate in candidates.items():
         model.load_weights(candidate)
-        scores[name] = round(evaluate(model, split.val_cold, vectors,
-                                      personal_alpha=personal_alpha)["hr10"], 4)
+        scores[name] = round(score(model, split.val_unseen, vectors, personal_alpha)["hr10"], 4)
     rule = max(scores, key=lambda name: (scores[name], name == "text"))
     model.load_weights(candidates[rule])
     return rule, scores
 
 
-def run_offline(settings: Settings, catalog: Catalog, interactions: Interactions, steps: int,
-                eval_every: int = 0, max_users: int | None = None, seed: int = 0,
-                progress: bool = True) -> dict:
-    """Train on the training portion with `settings` (model section, training's batch size
-    and rates, streaming's history length and personal rate), keep the weights best on
-    validation, report test and cold-start figures against popularity -> the result."""
-    dataset, model_config = settings.infra.dataset, settings.model
-    batch_size, learning_rate = settings.training.batch_size, settings.training.learning_rate
-    history_len, personal_alpha = settings.streaming.history_len, settings.streaming.personal_alpha
-    item_token_lr = settings.training.item_token_lr
-    torch.manual_seed(seed)
-    split = leave_one_out(interactions, catalog, history_len, max_users)
-    vectors = catalog.vectors
-    pop = Popularity(split.train_item_counts)
-    pop_test = evaluate(pop, split.test, vectors)
-    pop_cold = evaluate(pop, split.test_cold, vectors)
+@dataclass
+class Run:
+    """One training run on one split, its weights chosen on validation."""
 
-    tokenizer, encoder = load_backbone(resolve_backbone_path(model_config.backbone_path))
-    model = PromptRecModel(encoder, initial_weights(tokenizer, encoder, model_config,
+    model: PromptRecModel
+    val_ndcg10: float
+    best_step: int
+    losses: list[float]
+    train_seconds: float
+    rule: str
+    rule_val_hr10: dict[str, float]
+
+
+def train_run(settings: Settings, catalog: Catalog, split: Split, steps: int, eval_every: int,
+              seed: int, progress: bool, label: str) -> Run:
+    """Train the default model on split.train, keep the step best on validation NDCG@10,
+    then give unseen items the rule that validation picks."""
+    vectors, alpha = catalog.vectors, settings.streaming.personal_alpha
+    torch.manual_seed(seed)
+    tokenizer, encoder = load_backbone(resolve_backbone_path(settings.model.backbone_path))
+    model = PromptRecModel(encoder, initial_weights(tokenizer, encoder, settings.model,
                                                     num_items=len(catalog)))
-    optimizer = make_optimizer(model, learning_rate, item_token_lr)
+    optimizer = make_optimizer(model, settings.training.learning_rate,
+                               settings.training.item_token_lr)
     rng = np.random.default_rng(seed)
-    best = (evaluate(model, split.val, vectors, personal_alpha=personal_alpha)["ndcg10"],
-            model.weights(), 0)
+    best = (score(model, split.val, vectors, alpha)["ndcg10"], model.weights(), 0)
     step_iter = range(1, steps + 1)
     if progress:
         from tqdm import tqdm
 
-        step_iter = tqdm(step_iter, desc=f"training on {dataset}", unit="step")
+        step_iter = tqdm(step_iter, desc=f"{label} on {settings.infra.dataset}", unit="step")
     started, losses = time.monotonic(), []
     for step in step_iter:
-        batch = split.train.subset(rng.integers(0, len(split.train), batch_size))
-        losses.append(train_step(model, optimizer, batch, vectors, personal_alpha))
+        batch = split.train.subset(rng.integers(0, len(split.train),
+                                                settings.training.batch_size))
+        losses.append(train_step(model, optimizer, batch, vectors, alpha))
         if (eval_every and step % eval_every == 0) or step == steps:
-            val = evaluate(model, split.val, vectors, personal_alpha=personal_alpha)["ndcg10"]
+            val = score(model, split.val, vectors, alpha)["ndcg10"]
             if val >= best[0]:  # the validation split picks the weights, never the test
                 best = (val, model.weights(), step)
     train_seconds = time.monotonic() - started
     model.load_weights(best[1])
-    cold_rule, cold_rule_val = pick_cold_rule(model, best[1], split, vectors, personal_alpha)
-    test = evaluate(model, split.test, vectors, personal_alpha=personal_alpha)
-    cold = evaluate(model, split.test_cold, vectors, personal_alpha=personal_alpha)
-    backbone_params = sum(p.numel() for p in encoder.parameters())
-    result = {
-        "dataset": dataset, "item_bias": model_config.item_bias,
+    rule, rule_val = pick_cold_rule(model, best[1], split, vectors, alpha)
+    return Run(model, best[0], best[2], losses, train_seconds, rule, rule_val)
+
+
+STANDARD_KEYS = ["ndcg10", "hr10", "pop_ndcg10", "pop_hr10", "val_ndcg10", "best_step",
+                 "train_examples", "test_users", "unseen_rule"]
+COLD_KEYS = ["cold_hr10", "cold_ndcg10", "pop_cold_hr10", "cold_test_events", "cold_rule",
+             "cold_rule_val_hr10", "cold_val_events", "cold_run"]
+
+
+def r4(x: float) -> float:
+    return round(x, 4)
+
+
+def run_offline(settings: Settings, catalog: Catalog, interactions: Interactions, steps: int,
+                eval_every: int = 0, max_users: int | None = None, seed: int = 0,
+                progress: bool = True) -> dict:
+    """The standard-protocol run and the cold-start run, each against popularity on its
+    own split, with `settings` (the model section, training's batch size and rates,
+    streaming's history length and personal rate) -> the result."""
+    history_len, alpha = settings.streaming.history_len, settings.streaming.personal_alpha
+    vectors, model_config = catalog.vectors, settings.model
+    split = leave_one_out(interactions, catalog, history_len, max_users)
+    run = train_run(settings, catalog, split, steps, eval_every, seed, progress, "standard")
+    pop = Popularity(split.train_item_counts)
+    test, pop_test = (score(m, split.test, vectors, alpha) for m in (run.model, pop))
+
+    cold_split = leave_one_out(interactions, catalog, history_len, max_users,
+                               held_out=held_out_items(catalog))
+    cold_run = train_run(settings, catalog, cold_split, steps, eval_every, seed, progress,
+                         "cold-start run")
+    cold_pop = Popularity(cold_split.train_item_counts)
+    cold, pop_cold = (score(m, cold_split.test_cold, vectors, alpha)
+                      for m in (cold_run.model, cold_pop))
+    cold_warm, cold_pop_warm = (score(m, cold_split.test, vectors, alpha)
+                                for m in (cold_run.model, cold_pop))
+    model = run.model
+    backbone_params = sum(p.numel() for p in model.encoder.parameters())
+    return {
+        "dataset": settings.infra.dataset, "item_bias": model_config.item_bias,
         "item_tokens": model_config.item_tokens,
-        "item_token_lr": item_token_lr if model_config.item_tokens else None,
+        "item_token_lr": settings.training.item_token_lr if model_config.item_tokens else None,
         "causal": model_config.causal,
-        "ndcg10": round(test["ndcg10"], 4), "hr10": round(test["hr10"], 4),
-        "pop_ndcg10": round(pop_test["ndcg10"], 4), "pop_hr10": round(pop_test["hr10"], 4),
-        "cold_hr10": round(cold["hr10"], 4), "pop_cold_hr10": round(pop_cold["hr10"], 4),
-        "cold_test_events": cold["n"], "cold_rule": cold_rule,
-        "cold_rule_val_hr10": cold_rule_val, "cold_val_events": len(split.val_cold),
-        "val_ndcg10": round(best[0], 4),
-        "best_step": best[2], "steps": steps, "batch_size": batch_size,
-        "final_loss": round(float(np.mean(losses[-20:])), 4) if losses else None,
+        "ndcg10": r4(test["ndcg10"]), "hr10": r4(test["hr10"]),
+        "pop_ndcg10": r4(pop_test["ndcg10"]), "pop_hr10": r4(pop_test["hr10"]),
+        "cold_hr10": r4(cold["hr10"]), "cold_ndcg10": r4(cold["ndcg10"]),
+        "pop_cold_hr10": r4(pop_cold["hr10"]),
+        "cold_test_events": cold["n"], "cold_rule": cold_run.rule,
+        "cold_rule_val_hr10": cold_run.rule_val_hr10,
+        "cold_val_events": len(cold_split.val_unseen),
+        "cold_run": {"ndcg10": r4(cold_warm["ndcg10"]), "hr10": r4(cold_warm["hr10"]),
+                     "pop_ndcg10": r4(cold_pop_warm["ndcg10"]),
+                     "pop_hr10": r4(cold_pop_warm["hr10"]),
+                     "val_ndcg10": r4(cold_run.val_ndcg10), "best_step": cold_run.best_step,
+                     "train_seconds": round(cold_run.train_seconds, 1),
+                     "train_examples": len(cold_split.train),
+                     "held_out_items": int(held_out_items(catalog).sum())},
+        "unseen_rule": run.rule, "unseen_rule_val_hr10": run.rule_val_hr10,
+        "val_ndcg10": r4(run.val_ndcg10),
+        "best_step": run.best_step, "steps": steps, "batch_size": settings.training.batch_size,
+        "final_loss": r4(float(np.mean(run.losses[-20:]))) if run.losses else None,
         "trainable_params": model.trainable_parameters(), "backbone_params": backbone_params,
         "trainable_share": round(model.trainable_parameters() / backbone_params, 6),
         "weights_bytes": len(model.weights().to_bytes()),
-        "per_user_state_floats": model.hidden_size, "train_seconds": round(train_seconds, 1),
+        "per_user_state_floats": model.hidden_size,
+        "train_seconds": round(run.train_seconds, 1),
         "train_examples": len(split.train), "test_users": test["n"],
         "items": len(catalog),
-        "protocol": "leave-one-out per user (last = test, second-last = validation), full "
-                    "ranking over all items, user's earlier items masked, HR@10/NDCG@10; "
-                    "weights chosen on validation NDCG@10; popularity = training counts; "
-                    f"cold = 1/{COLD_SHARE} of items never in training",
+        "protocol": "standard: leave-one-out per user (last = test, second-last = "
+                    "validation, the rest train), every item kept, full ranking over all "
+                    "items, every item the user had before the target masked, HR@10/NDCG@10; "
+                    "weights chosen on validation NDCG@10; popularity = training counts",
+        "cold_protocol": f"the same split with 1/{COLD_SHARE} of items (by hash) removed "
+                         "from training entirely, a model trained on it; cold_* over its test "
+                         "events whose target is such an item, cold_run its warm figures",
+        "key_protocols": {"standard": STANDARD_KEYS, "cold": COLD_KEYS},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    return result

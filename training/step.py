@@ -100,12 +100,14 @@ def next_items(idx: torch.Tensor, mask: torch.Tensor, target: torch.Tensor) -> t
 
 @torch.no_grad()
 def evaluate(model, examples: Examples, item_vectors: torch.Tensor, k: int = 10,
-             batch_size: int = 128, personal_alpha: float = DEFAULT_PERSONAL_ALPHA
-             ) -> dict[str, float]:
-    """Full ranking over the catalog, history items masked -> HR@k, NDCG@k.
+             batch_size: int = 128, personal_alpha: float = DEFAULT_PERSONAL_ALPHA,
+             exclude: np.ndarray | None = None) -> dict[str, float]:
+    """Full ranking over the catalog, seen items masked -> HR@k, NDCG@k.
 
     `model` needs item_table(text_vectors), encode_users(history, mask, personal) and
-    logits(users, items).
+    logits(users, items). exclude [E, S] (PAD-padded) are the items masked per example,
+    e.g. every item the user had before the target (the standard protocol); by default
+    the example's history window.
     """
     if len(examples) == 0:
         return {"hr10": 0.0, "ndcg10": 0.0, "n": 0}
@@ -116,7 +118,8 @@ def evaluate(model, examples: Examples, item_vectors: torch.Tensor, k: int = 10,
         history, mask = collate(chunk.history, items, item_vectors.device)
         personal = replay_personal(chunk.history, chunk.weights, item_vectors, personal_alpha)
         scores = model.logits(model.encode_users(history, mask, personal), items)
-        scores = mask_seen(scores, chunk.history)
+        rows = np.arange(start, start + len(chunk))
+        scores = mask_seen(scores, chunk.history if exclude is None else exclude[rows])
         target = torch.as_tensor(chunk.target, dtype=torch.long, device=scores.device)
         target_scores = scores.gather(1, target[:, None])
         rank = (scores > target_scores).sum(1)  # 0-based rank of the target

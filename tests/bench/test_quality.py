@@ -4,11 +4,11 @@ import numpy as np
 import torch
 
 from bench.common import Popularity
-from bench.quality import is_cold, leave_one_out
+from bench.quality import held_out_items, is_cold, leave_one_out
 from services.backbone import default_backbone_path
 from services.catalog import Catalog
 from services.data import Interactions, Item
-from training.examples import PAD
+from training.examples import PAD, Examples
 
 
 def _catalog(n: int) -> Catalog:
@@ -23,21 +23,55 @@ def _interactions(rows):
                         np.array(ts, float), np.ones(n, np.float32), np.arange(n))
 
 
-def test_leave_one_out_holds_out_last_two_and_cold_items():
-    catalog = _catalog(40)
-    cold = next(k for k in range(40) if is_cold(f"i{k}"))
-    warm = [k for k in range(40) if not is_cold(f"i{k}")]
+def _rows(catalog_size: int):
+    cold = next(k for k in range(catalog_size) if is_cold(f"i{k}"))
+    warm = [k for k in range(catalog_size) if not is_cold(f"i{k}")]
     a, b, c, d = warm[:4]
     rows = [("u", f"i{a}", 1), ("u", f"i{b}", 2), ("u", f"i{cold}", 3), ("u", f"i{c}", 4),
             ("u", f"i{d}", 5), ("v", f"i{a}", 1), ("v", f"i{b}", 2), ("v", f"i{cold}", 3)]
-    split = leave_one_out(_interactions(rows[::-1]), catalog, history_len=4)
-    # u: train sees a, b, (cold dropped); validation target c; test target d.
+    return rows[::-1], (a, b, c, d, cold)
+
+
+def test_the_standard_split_keeps_every_item_and_masks_every_earlier_one():
+    catalog = _catalog(40)
+    rows, (a, b, c, d, cold) = _rows(40)
+    split = leave_one_out(_interactions(rows), catalog, history_len=2)
+    # u: a, b, cold train; c validates; d tests. v: a trains; b validates; cold tests.
+    assert sorted(split.train.target.tolist()) == sorted([b, cold])
+    assert split.train_item_counts[cold] == 1 and split.train_item_counts[a] == 2
+    u = split.test.examples.target.tolist().index(d)
+    # The model reads the last history_len items; ranking masks all four earlier ones.
+    assert split.test.examples.history[u].tolist() == [cold, c]
+    assert sorted(split.test.exclude[u].tolist()) == sorted([a, b, cold, c])
+    assert len(split.test_cold) == 0  # nothing held out
+    # Validation events whose target no training event names: u's c.
+    assert split.val_unseen.examples.target.tolist() == [c]
+
+
+def test_the_cold_run_removes_held_out_items_from_training_entirely():
+    catalog = _catalog(40)
+    rows, (a, b, c, d, cold) = _rows(40)
+    split = leave_one_out(_interactions(rows), catalog, history_len=4,
+                          held_out=held_out_items(catalog))
+    # u: train sees a, b (cold dropped); validation target c; test target d.
     assert split.train.target.tolist() == [b]
     assert split.train.history.tolist() == [[a, PAD, PAD, PAD]]
-    assert sorted(split.val.target.tolist()) == sorted([c, b])
-    assert sorted(split.test.target.tolist()) == sorted([d, cold])
-    assert split.test_cold.target.tolist() == [cold]
+    assert sorted(split.val.examples.target.tolist()) == sorted([c, b])
+    assert sorted(split.test.examples.target.tolist()) == sorted([d, cold])
+    assert split.test_cold.examples.target.tolist() == [cold]
     assert split.train_item_counts[cold] == 0 and split.train_item_counts[a] == 2
+
+
+def test_every_earlier_item_is_masked_not_only_the_history_window():
+    from training.step import evaluate
+
+    # Popularity ranks item 0 first; the user had item 0 long before (outside the window).
+    pop = Popularity(np.array([9, 1, 5, 0]))
+    examples = Examples(np.array([[1, PAD]]), np.array([2]))
+    items = torch.eye(4)
+    assert evaluate(pop, examples, items, k=1)["hr1"] == 0.0  # item 0 still ranked first
+    exclude = np.array([[0, 1]])
+    assert evaluate(pop, examples, items, k=1, exclude=exclude)["hr1"] == 1.0
 
 
 def test_popularity_scores_are_the_same_for_everyone():
