@@ -218,8 +218,9 @@ def run_offline(settings: Settings, catalog: Catalog, interactions: Interactions
     pop = Popularity(split.train_item_counts)
     test, pop_test = (score(m, split.test, vectors, alpha) for m in (run.model, pop))
 
+    held_out = held_out_items(catalog)
     cold_split = leave_one_out(interactions, catalog, history_len, max_users,
-                               held_out=held_out_items(catalog))
+                               held_out=held_out)
     cold_run = train_run(settings, catalog, cold_split, steps, eval_every, seed, progress,
                          "cold-start run")
     cold_pop = Popularity(cold_split.train_item_counts)
@@ -247,7 +248,7 @@ def run_offline(settings: Settings, catalog: Catalog, interactions: Interactions
                      "val_ndcg10": r4(cold_run.val_ndcg10), "best_step": cold_run.best_step,
                      "train_seconds": round(cold_run.train_seconds, 1),
                      "train_examples": len(cold_split.train),
-                     "held_out_items": int(held_out_items(catalog).sum())},
+                     "held_out_items": int(held_out.sum())},
         "unseen_rule": run.rule, "unseen_rule_val_hr10": run.rule_val_hr10,
         "val_ndcg10": r4(run.val_ndcg10),
         "best_step": run.best_step, "steps": steps, "batch_size": settings.training.batch_size,

@@ -114,11 +114,11 @@ def evaluate(model, examples: Examples, item_vectors: torch.Tensor, k: int = 10,
     items = model.item_table(item_vectors)
     hits = ndcg = 0.0
     for start in range(0, len(examples), batch_size):
-        chunk = examples.subset(np.arange(start, min(start + batch_size, len(examples))))
+        rows = np.arange(start, min(start + batch_size, len(examples)))
+        chunk = examples.subset(rows)
         history, mask = collate(chunk.history, items, item_vectors.device)
         personal = replay_personal(chunk.history, chunk.weights, item_vectors, personal_alpha)
         scores = model.logits(model.encode_users(history, mask, personal), items)
-        rows = np.arange(start, start + len(chunk))
         scores = mask_seen(scores, chunk.history if exclude is None else exclude[rows])
         target = torch.as_tensor(chunk.target, dtype=torch.long, device=scores.device)
         target_scores = scores.gather(1, target[:, None])
