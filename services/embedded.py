@@ -8,6 +8,7 @@ says what could not be reached.
 from __future__ import annotations
 
 import logging
+import random
 import shutil
 import socket
 import subprocess
@@ -23,10 +24,29 @@ class InfrastructureError(RuntimeError):
     """Something the service needs (broker, Ray) is not reachable."""
 
 
+# Ports for servers this project starts (HTTP, metrics, broker). Not the kernel's ephemeral
+# range (32768-60999 here): outgoing connections take their source ports there, so a port
+# found free there can be taken before the server binds it (a Serve proxy once failed to
+# bind so). Not Ray's worker ports (10002-19999) either.
+FREE_PORTS = (20000, 32767)
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port free now, never handed out before by this process."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randint(*FREE_PORTS)
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise InfrastructureError(f"no free port in {FREE_PORTS[0]}-{FREE_PORTS[1]}")
 
 
 def accepts(host: str, port: int) -> bool:
