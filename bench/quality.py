@@ -18,6 +18,7 @@ figures. `key_protocols` in the result says which run produced which key.
 
 from __future__ import annotations
 
+import math
 import time
 import zlib
 from dataclasses import dataclass
@@ -86,9 +87,13 @@ def _eval_set(rows: list[tuple[list[int], int]], history_len: int) -> EvalSet:
 
 
 def leave_one_out(interactions: Interactions, catalog: Catalog, history_len: int,
-                  max_users: int | None = None, held_out: np.ndarray | None = None) -> Split:
+                  max_users: int | None = None, held_out: np.ndarray | None = None,
+                  rows: str = "targets") -> Split:
     """The standard split; `held_out` [N] bool: items removed from training entirely
-    (the cold-start run), None keeps every item."""
+    (the cold-start run), None keeps every item. `rows` shapes the training examples:
+    "targets" one per training event (its `history_len` items before it), "users" one per
+    user (its last `history_len` + 1 training items: a causal model learns the next item
+    at every position of it, as SASRec trains)."""
     order = np.lexsort((interactions.ts, interactions.user_ids.astype(str)))
     users = interactions.user_ids[order].astype(str)
     items = np.array([catalog.index.get(str(i), PAD) for i in interactions.item_ids[order]],
@@ -109,7 +114,10 @@ def leave_one_out(interactions: Interactions, catalog: Catalog, history_len: int
         warm = [i for i in seq[:-2] if not cold[i]]  # training never sees a held-out item
         for i in warm:
             counts[i] += 1
-        for pos in range(1, len(warm)):
+        positions = list(range(1, len(warm)))
+        if rows == "users":
+            positions = positions[-1:]  # one row: the last target, the window before it
+        for pos in positions:
             train_rows[0].append(_row(warm[:pos], history_len))
             train_rows[1].append(warm[pos])
         val.append((seq[:-2], seq[-2]))
@@ -126,9 +134,10 @@ def held_out_items(catalog: Catalog) -> np.ndarray:
     return np.array([is_cold(item.item_id) for item in catalog.items])
 
 
-def score(model, evalset: EvalSet, vectors: torch.Tensor, personal_alpha: float) -> dict:
+def score(model, evalset: EvalSet, vectors: torch.Tensor, personal_alpha: float,
+          bf16: bool = False) -> dict:
     return evaluate(model, evalset.examples, vectors, personal_alpha=personal_alpha,
-                    exclude=evalset.exclude)
+                    exclude=evalset.exclude, bf16=bf16)
 
 
 def pick_cold_rule(model: PromptRecModel, weights: PromptWeights, split: Split,
@@ -160,12 +169,28 @@ class Run:
     train_seconds: float
     rule: str
     rule_val_hr10: dict[str, float]
+    curve: list[tuple[int, float]]  # (step, validation NDCG@10) at each checkpoint
+
+
+def batches(n_examples: int, batch_size: int, steps: int, rng: np.random.Generator):
+    """`steps` batches of example indices, each epoch a fresh permutation (every example
+    once per epoch, as the epoch-budgeted published set-ups train)."""
+    order: list[int] = []
+    for _ in range(steps):
+        if len(order) < batch_size:
+            order += rng.permutation(n_examples).tolist()
+        yield np.array(order[:batch_size])
+        del order[:batch_size]
+
+
+def steps_for(epochs: float, n_examples: int, batch_size: int) -> int:
+    return max(1, math.ceil(epochs * n_examples / batch_size))
 
 
 def train_run(settings: Settings, catalog: Catalog, split: Split, steps: int, eval_every: int,
               seed: int, progress: bool, label: str) -> Run:
-    """Train the default model on split.train, keep the step best on validation NDCG@10,
-    then give unseen items the rule that validation picks."""
+    """Train the configured model on split.train, keep the step best on validation
+    NDCG@10, then give unseen items the rule that validation picks."""
     vectors, alpha = catalog.vectors, settings.streaming.personal_alpha
     torch.manual_seed(seed)
     tokenizer, encoder = load_backbone(resolve_backbone_path(settings.model.backbone_path))
@@ -174,25 +199,28 @@ def train_run(settings: Settings, catalog: Catalog, split: Split, steps: int, ev
     optimizer = make_optimizer(model, settings.training.learning_rate,
                                settings.training.item_token_lr)
     rng = np.random.default_rng(seed)
-    best = (score(model, split.val, vectors, alpha)["ndcg10"], model.weights(), 0)
-    step_iter = range(1, steps + 1)
+    bf16 = settings.training.bf16  # the checkpoints' users too; test scores are float32
+    best = (score(model, split.val, vectors, alpha, bf16)["ndcg10"], model.weights(), 0)
+    curve = [(0, round(best[0], 4))]
+    step_iter = enumerate(batches(len(split.train), settings.training.batch_size, steps, rng), 1)
     if progress:
         from tqdm import tqdm
 
-        step_iter = tqdm(step_iter, desc=f"{label} on {settings.infra.dataset}", unit="step")
+        step_iter = tqdm(step_iter, total=steps, desc=f"{label} on {settings.infra.dataset}",
+                         unit="step")
     started, losses = time.monotonic(), []
-    for step in step_iter:
-        batch = split.train.subset(rng.integers(0, len(split.train),
-                                                settings.training.batch_size))
-        losses.append(train_step(model, optimizer, batch, vectors, alpha))
+    for step, rows in step_iter:
+        losses.append(train_step(model, optimizer, split.train.subset(rows), vectors, alpha,
+                                 bf16=bf16))
         if (eval_every and step % eval_every == 0) or step == steps:
-            val = score(model, split.val, vectors, alpha)["ndcg10"]
+            val = score(model, split.val, vectors, alpha, bf16)["ndcg10"]
+            curve.append((step, round(val, 4)))
             if val >= best[0]:  # the validation split picks the weights, never the test
                 best = (val, model.weights(), step)
     train_seconds = time.monotonic() - started
     model.load_weights(best[1])
     rule, rule_val = pick_cold_rule(model, best[1], split, vectors, alpha)
-    return Run(model, best[0], best[2], losses, train_seconds, rule, rule_val)
+    return Run(model, best[0], best[2], losses, train_seconds, rule, rule_val, curve)
 
 
 STANDARD_KEYS = ["ndcg10", "hr10", "pop_ndcg10", "pop_hr10", "val_ndcg10", "best_step",
@@ -205,22 +233,28 @@ def r4(x: float) -> float:
     return round(x, 4)
 
 
-def run_offline(settings: Settings, catalog: Catalog, interactions: Interactions, steps: int,
-                eval_every: int = 0, max_users: int | None = None, seed: int = 0,
-                progress: bool = True) -> dict:
+def run_offline(settings: Settings, catalog: Catalog, interactions: Interactions,
+                steps: int | None = None, eval_every: int = 0, max_users: int | None = None,
+                seed: int = 0, progress: bool = True, epochs: float | None = None) -> dict:
     """The standard-protocol run and the cold-start run, each against popularity on its
-    own split, with `settings` (the model section, training's batch size and rates,
-    streaming's history length and personal rate) -> the result."""
+    own split, with `settings` (the model section, training's batch size, rates, rows and
+    precision, streaming's history length and personal rate) -> the result. The budget is
+    `steps`, or `epochs` over the standard split's training rows (both runs take as many
+    steps)."""
     history_len, alpha = settings.streaming.history_len, settings.streaming.personal_alpha
-    vectors, model_config = catalog.vectors, settings.model
-    split = leave_one_out(interactions, catalog, history_len, max_users)
+    vectors, model_config, rows = catalog.vectors, settings.model, settings.training.train_rows
+    split = leave_one_out(interactions, catalog, history_len, max_users, rows=rows)
+    if epochs is not None:
+        steps = steps_for(epochs, len(split.train), settings.training.batch_size)
+    if not steps:
+        raise ValueError("give steps or epochs")
     run = train_run(settings, catalog, split, steps, eval_every, seed, progress, "standard")
     pop = Popularity(split.train_item_counts)
     test, pop_test = (score(m, split.test, vectors, alpha) for m in (run.model, pop))
 
     held_out = held_out_items(catalog)
     cold_split = leave_one_out(interactions, catalog, history_len, max_users,
-                               held_out=held_out)
+                               held_out=held_out, rows=rows)
     cold_run = train_run(settings, catalog, cold_split, steps, eval_every, seed, progress,
                          "cold-start run")
     cold_pop = Popularity(cold_split.train_item_counts)
@@ -234,7 +268,9 @@ def run_offline(settings: Settings, catalog: Catalog, interactions: Interactions
         "dataset": settings.infra.dataset, "item_bias": model_config.item_bias,
         "item_tokens": model_config.item_tokens,
         "item_token_lr": settings.training.item_token_lr if model_config.item_tokens else None,
-        "causal": model_config.causal,
+        "causal": model_config.causal, "readout": model_config.readout,
+        "user_layers": model_config.user_layers or model.encoder.config.num_hidden_layers,
+        "history_len": history_len, "train_rows": rows, "bf16": settings.training.bf16,
         "ndcg10": r4(test["ndcg10"]), "hr10": r4(test["hr10"]),
         "pop_ndcg10": r4(pop_test["ndcg10"]), "pop_hr10": r4(pop_test["hr10"]),
         "cold_hr10": r4(cold["hr10"]), "cold_ndcg10": r4(cold["ndcg10"]),
@@ -252,6 +288,8 @@ def run_offline(settings: Settings, catalog: Catalog, interactions: Interactions
         "unseen_rule": run.rule, "unseen_rule_val_hr10": run.rule_val_hr10,
         "val_ndcg10": r4(run.val_ndcg10),
         "best_step": run.best_step, "steps": steps, "batch_size": settings.training.batch_size,
+        "epochs": r4(steps * settings.training.batch_size / max(1, len(split.train))),
+        "val_curve": run.curve,
         "final_loss": r4(float(np.mean(run.losses[-20:]))) if run.losses else None,
         "trainable_params": model.trainable_parameters(), "backbone_params": backbone_params,
         "trainable_share": round(model.trainable_parameters() / backbone_params, 6),

@@ -26,6 +26,8 @@ from typing import Any
 ENV_PREFIX = "PROMPTREC_"
 DATASETS = ("ml-100k", "ml-1m")
 KAFKA_CLIENTS = ("kafka-python", "confluent-kafka")
+READOUTS = ("last", "mean")
+TRAIN_ROWS = ("targets", "users")
 
 
 def env_name(setting: str) -> str:
@@ -142,8 +144,16 @@ class ModelConfig:
     causal: bool = _opt(True, "causal attention over the history: each training pass learns "
                         "the next item after every position (as SASRec does); the personal "
                         "prompt is added to the user vector by a trained gate")
+    readout: str = _opt("last", "how a causal version reads the user after an item: 'last' "
+                        "(the hidden state at that item) or 'mean' (the mean over the prompt "
+                        "and the items so far); a bidirectional version always reads the mean")
+    user_layers: int = _opt(0, "backbone layers the user side runs (its first k; 0 = all); "
+                            "item text vectors always come from the whole backbone", ">=0")
 
     def check(self) -> None:
+        if self.readout not in READOUTS:
+            raise ConfigError("readout", f"must be one of {', '.join(READOUTS)}, got "
+                              f"{self.readout!r}")
         if self.backbone_path and not (Path(self.backbone_path) / "config.json").is_file():
             raise ConfigError("backbone_path", f"{self.backbone_path} has no config.json")
 
@@ -157,6 +167,13 @@ class TrainingSettings:
     learning_rate: float = _opt(0.01, "Adam learning rate", ">0")
     item_token_lr: float = _opt(0.003, "Adam learning rate of the item tokens (the soft prompt "
                                 "uses learning_rate)", ">0")
+    bf16: bool = _opt(False, "run the training forward pass under bfloat16 autocast (CPUs with "
+                      "avx512_bf16 or AMX, and GPUs: about 2x faster steps); the weights and "
+                      "the optimiser stay float32")
+    train_rows: str = _opt("targets", "training examples: 'targets' (one per event, its "
+                           "history_len items before it) or 'users' (one row per user, the "
+                           "last history_len + 1 items, a loss at every position; causal "
+                           "only)")
     val_users: int = _opt(200, "held-out users for the validation gate", ">=1")
     gate_margin: float = _opt(0.005, "publish only if held-out NDCG@10 >= serving NDCG@10 - "
                               "margin", ">=0")
@@ -166,7 +183,9 @@ class TrainingSettings:
                                 ">=0")
 
     def check(self) -> None:
-        pass
+        if self.train_rows not in TRAIN_ROWS:
+            raise ConfigError("train_rows", f"must be one of {', '.join(TRAIN_ROWS)}, got "
+                              f"{self.train_rows!r}")
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """The recommender model: a frozen pretrained encoder read through a soft prompt.
 
 A user is the sequence `[shared soft prompt] + [personal prompt] + [history item vectors]`
-fed to the frozen backbone as `inputs_embeds`; the mean-pooled, L2-normalised output is
-the user vector. An item's vector is the frozen backbone's embedding of its text
+fed to the frozen backbone as `inputs_embeds` (its first `user_layers` layers); the
+L2-normalised output at the last item (causal, readout "last") or its mean is the user
+vector. An item's vector is the frozen backbone's embedding of its text
 (services/backbone.py), offset by its item token when the version has item tokens, so
 a new item is rankable as soon as its text is known.
 
@@ -23,6 +24,12 @@ from torch import nn
 
 from services.backbone import mean_pool
 from services.weights import BadPromptWeights, PromptStructure, PromptWeights
+
+
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """bool mask (True = may attend) -> the additive mask the attention layers take."""
+    additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return additive.masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
 def _param(tensor: torch.Tensor | None) -> nn.Parameter | None:
@@ -47,6 +54,20 @@ class PromptRecModel(nn.Module):
     @property
     def causal(self) -> bool:
         return self.structure.causal
+
+    def run_backbone(self, inputs: torch.Tensor, additive_mask: torch.Tensor) -> torch.Tensor:
+        """inputs [B, T, H] embeddings, additive_mask [B, 1, T or 1, T] (0 = may attend,
+        dtype-min = may not) -> hidden [B, T, H] after the backbone's embedding layer and
+        its first `user_layers` layers (all when 0). Item text vectors come from the whole
+        backbone elsewhere; only the user side is shortened."""
+        layers = self.encoder.encoder.layer
+        if self.structure.user_layers:
+            layers = layers[: self.structure.user_layers]
+        hidden = self.encoder.embeddings(inputs_embeds=inputs)
+        for layer in layers:
+            hidden = layer(hidden, attention_mask=additive_mask)
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        return hidden
 
     @property
     def hidden_size(self) -> int:
@@ -92,7 +113,7 @@ class PromptRecModel(nn.Module):
         parts.append(history.to(prompt.dtype))
         masks.append(history_mask.long())
         inputs, mask = torch.cat(parts, dim=1), torch.cat(masks, dim=1)
-        hidden = self.encoder(inputs_embeds=inputs, attention_mask=mask).last_hidden_state
+        hidden = self.run_backbone(inputs, _additive(mask.bool()[:, None, None, :], inputs.dtype))
         return F.normalize(mean_pool(hidden, mask), dim=-1)
 
     def encode_prefixes(self, history: torch.Tensor, history_mask: torch.Tensor,
@@ -100,8 +121,9 @@ class PromptRecModel(nn.Module):
         """Causal versions only: the user as of every history position in one pass.
 
         history [B, L, H] (right-padded), history_mask [B, L] -> users [B, L, H], row t =
-        the user after item t (mean of the hidden states of the prompt and items <= t,
-        each item attending to the prompt and to earlier items only). With
+        the user after item t, each item attending to the prompt and to earlier items only:
+        readout "last" reads the hidden state at item t, "mean" the mean of the hidden
+        states of the prompt and items <= t. With
         `with_prompt_only`, [B, L + 1, H] whose row 0 is the prompt alone.
         Training reads all L rows, so one pass teaches L next-item predictions (as SASRec
         does). The personal prompt is not an input token here (one token cannot summarise
@@ -117,14 +139,14 @@ class PromptRecModel(nn.Module):
         pos = torch.arange(total, device=inputs.device)
         visible = (pos[None, :] <= pos[:, None]) | (pos[None, :] < n_prompt)  # [T(q), T(k)]
         allowed = visible[None] & keys[:, None, :]  # [B, T, T]
-        additive = torch.zeros(allowed.shape, dtype=inputs.dtype, device=inputs.device)
-        additive.masked_fill_(~allowed, torch.finfo(inputs.dtype).min)
-        hidden = self.encoder(inputs_embeds=inputs,
-                              attention_mask=additive[:, None]).last_hidden_state  # [B, T, H]
-        weights = keys.unsqueeze(-1).to(hidden.dtype)
-        sums = (hidden * weights).cumsum(1)
-        counts = weights.cumsum(1).clamp(min=1e-6)
-        prefixes = F.normalize(sums / counts, dim=-1)  # [B, T, H]
+        hidden = self.run_backbone(inputs, _additive(allowed[:, None], inputs.dtype))  # [B, T, H]
+        if self.structure.readout == "last":
+            prefixes = F.normalize(hidden, dim=-1)
+        else:
+            weights = keys.unsqueeze(-1).to(hidden.dtype)
+            sums = (hidden * weights).cumsum(1)
+            counts = weights.cumsum(1).clamp(min=1e-6)
+            prefixes = F.normalize(sums / counts, dim=-1)  # [B, T, H]
         return prefixes[:, n_prompt - 1 if with_prompt_only else n_prompt:]
 
     def add_personal(self, users: torch.Tensor, personal: torch.Tensor | None) -> torch.Tensor:

@@ -15,7 +15,8 @@ Tensors (float32), H = backbone hidden size, N = catalog size:
 On the wire a version is one safetensors blob whose metadata records the structure under
 one key, METADATA_KEY, as a JSON string (metadata values are strings):
     {"causal": true, "format": "promptrec.prompt/1", "hidden_size": 384,
-     "item_bias": true, "item_tokens": true, "num_items": 1682, "prompt_len": 16}
+     "item_bias": true, "item_tokens": true, "num_items": 1682, "prompt_len": 16,
+     "readout": "last", "user_layers": 2}
 `decode_weights` checks the blob against its metadata and against what the caller
 expects; `decode_version` (services/decoded.py) does that once per process per version.
 """
@@ -37,7 +38,9 @@ from services.config import ModelConfig
 
 FORMAT = "promptrec.prompt/1"
 # The ModelConfig fields that decide which tensors a version has and their shapes.
-CONFIG_FIELDS = ("prompt_len", "item_bias", "item_tokens", "causal")
+CONFIG_FIELDS = ("prompt_len", "item_bias", "item_tokens", "causal", "readout", "user_layers")
+# Fields added after the first blobs: a blob without them was trained with these values.
+LEGACY_DEFAULTS = {"readout": "mean", "user_layers": 0}
 METADATA_KEY = "promptrec"
 TENSOR_NAMES = ("soft_prompt", "logit_scale", "item_bias", "item_delta", "personal_gate")
 
@@ -59,6 +62,8 @@ class PromptStructure:
     item_bias: bool = False
     item_tokens: bool = False
     causal: bool = False
+    readout: str = "mean"  # "last": the hidden state at the user's last item (causal only)
+    user_layers: int = 0  # the backbone's first k layers read the user; 0 = all
 
     def __post_init__(self) -> None:
         if not self.has_item_weights:
@@ -70,7 +75,8 @@ class PromptStructure:
     def of(cls, config: ModelConfig, hidden_size: int, num_items: int = 0) -> PromptStructure:
         return cls(prompt_len=config.prompt_len, hidden_size=hidden_size, num_items=num_items,
                    item_bias=config.item_bias, item_tokens=config.item_tokens,
-                   causal=config.causal)
+                   causal=config.causal, readout=config.readout if config.causal else "mean",
+                   user_layers=config.user_layers)
 
     @property
     def has_item_weights(self) -> bool:
@@ -110,7 +116,8 @@ class PromptStructure:
                 "their structure are not read") from None
         if not isinstance(fields, dict) or fields.pop("format", None) != FORMAT:
             raise BadPromptWeights(f"structure metadata is not {FORMAT}: {meta}")
-        types = {f.name: f.type for f in dataclasses.fields(cls)}  # "int" / "bool"
+        types = {f.name: f.type for f in dataclasses.fields(cls)}  # "int" / "bool" / "str"
+        fields = {**{k: v for k, v in LEGACY_DEFAULTS.items() if k not in fields}, **fields}
         if set(fields) != set(types) or any(
                 type(v).__name__ != types[k] for k, v in fields.items()):
             raise BadPromptWeights(f"bad structure metadata {fields}: need {types}")

@@ -6,7 +6,8 @@ from dataclasses import replace
 
 from services.config import ModelConfig
 
-PLAIN = ModelConfig(prompt_len=4, item_bias=False, item_tokens=False, causal=False)
+PLAIN = ModelConfig(prompt_len=4, item_bias=False, item_tokens=False, causal=False,
+                    readout="mean")
 
 
 def plain_config(prompt_len: int, **parts: bool | str) -> ModelConfig:

@@ -35,6 +35,13 @@ class Examples:
         return Examples(self.history[idx], self.target[idx],
                         None if self.weights is None else self.weights[idx])
 
+    def trimmed(self) -> Examples:
+        """The same examples without the columns past the longest history (rows are
+        right-padded), so a batch of short histories costs what they need."""
+        width = max(1, int((self.history != PAD).sum(1).max(initial=0)))
+        return Examples(self.history[:, :width], self.target,
+                        None if self.weights is None else self.weights[:, :width])
+
     def save(self, path: str) -> None:
         extra = {} if self.weights is None else {"weights": self.weights}
         np.savez(path, history=self.history, target=self.target, **extra)
@@ -51,12 +58,14 @@ def _is_validation_user(user_id: str, fraction_per_mille: int) -> bool:
 
 
 def build_examples(log: pa.Table, item_index: dict[str, int], history_len: int,
-                   since_ingest_ts: float = 0.0, val_users: int = 200
-                   ) -> tuple[Examples, Examples]:
+                   since_ingest_ts: float = 0.0, val_users: int = 200,
+                   rows: str = "targets") -> tuple[Examples, Examples]:
     """(train, validation) examples from a logged events table.
 
     Targets of training examples are events ingested after `since_ingest_ts`
-    (the window since the last round); histories use everything before them.
+    (the window since the last round); histories use everything before them. `rows`
+    "users" keeps one training row per user, the one ending at its newest such event (a
+    causal model learns every next item of its window from it: TrainingSettings.train_rows).
     """
     if log.num_rows == 0:
         return _pack([], [], [], history_len), _pack([], [], [], history_len)
@@ -79,7 +88,9 @@ def build_examples(log: pa.Table, item_index: dict[str, int], history_len: int,
     for start, end in zip(starts, ends, strict=True):
         seq, seq_w = items[start:end], weights[start:end]
         is_val = _is_validation_user(users[start], per_mille)
-        for pos in range(1, len(seq)):
+        # "users": newest first, and the first training row ends the user.
+        positions = range(1, len(seq)) if rows == "targets" else range(len(seq) - 1, 0, -1)
+        for pos in positions:
             if seq[pos] == PAD:
                 continue
             window = slice(max(0, pos - history_len), pos)
@@ -97,6 +108,8 @@ def build_examples(log: pa.Table, item_index: dict[str, int], history_len: int,
                 train_h.append(row)
                 train_w.append(row_w)
                 train_t.append(seq[pos])
+                if rows == "users":
+                    break
     return (_pack(train_h, train_w, train_t, history_len),
             _pack(val_h, val_w, val_t, history_len))
 

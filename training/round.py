@@ -99,7 +99,8 @@ class RoundRunner:
         serving = ray.get(self.registry.serving.remote())
         log_table = read_event_log(str(s.infra.root / "eventlog"))
         train, val = build_examples(log_table, self.catalog.index, s.streaming.history_len,
-                                    since_ingest_ts=since, val_users=s.training.val_users)
+                                    since_ingest_ts=since, val_users=s.training.val_users,
+                                    rows=s.training.train_rows)
         result = RoundResult(round=self.round, outcome="skipped", reason="", version=None,
                              serving_version=serving.get("version", 0),
                              train_examples=len(train), val_examples=len(val), loss=None,

@@ -58,14 +58,16 @@ def make_optimizer(model: nn.Module, learning_rate: float,
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Examples,
-               item_vectors: torch.Tensor, personal_alpha: float = DEFAULT_PERSONAL_ALPHA
-               ) -> float:
+               item_vectors: torch.Tensor, personal_alpha: float = DEFAULT_PERSONAL_ALPHA,
+               bf16: bool = False) -> float:
     """One step of full-softmax cross-entropy over the whole catalog; returns the loss.
 
     model(history_idx [B,L], mask [B,L], text vectors [N,H], personal [B,H]) -> logits
-    [B, N]; item_vectors [N, H] are the frozen text vectors.
+    [B, N]; item_vectors [N, H] are the frozen text vectors. `bf16`: the forward pass
+    under bfloat16 autocast (the matmuls; the loss, weights and Adam stay float32).
     """
     device = item_vectors.device
+    batch = batch.trimmed()
     idx = torch.as_tensor(batch.history, dtype=torch.long, device=device)
     mask = idx != PAD
     idx = idx.clamp(min=0)
@@ -73,7 +75,9 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Exampl
     causal = getattr(model, "module", model).causal  # DDP wraps the model
     personal = replay_personal(batch.history, batch.weights, item_vectors, personal_alpha,
                                every_step=causal)
-    logits = model(idx, mask, item_vectors, personal)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = model(idx, mask, item_vectors, personal)
+    logits = logits.float()
     if logits.ndim == 3:  # a causal model scored the next item after every position
         targets = next_items(idx, mask, target)
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=PAD)
@@ -101,13 +105,14 @@ def next_items(idx: torch.Tensor, mask: torch.Tensor, target: torch.Tensor) -> t
 @torch.no_grad()
 def evaluate(model, examples: Examples, item_vectors: torch.Tensor, k: int = 10,
              batch_size: int = 128, personal_alpha: float = DEFAULT_PERSONAL_ALPHA,
-             exclude: np.ndarray | None = None) -> dict[str, float]:
+             exclude: np.ndarray | None = None, bf16: bool = False) -> dict[str, float]:
     """Full ranking over the catalog, seen items masked -> HR@k, NDCG@k.
 
     `model` needs item_table(text_vectors), encode_users(history, mask, personal) and
     logits(users, items). exclude [E, S] (PAD-padded) are the items masked per example,
     e.g. every item the user had before the target (the standard protocol); by default
-    the example's history window.
+    the example's history window. `bf16` encodes the users under bfloat16 autocast; the
+    scores are computed in float32 (bfloat16 scores would tie, and ties flatter the rank).
     """
     if len(examples) == 0:
         return {"hr10": 0.0, "ndcg10": 0.0, "n": 0}
@@ -115,10 +120,12 @@ def evaluate(model, examples: Examples, item_vectors: torch.Tensor, k: int = 10,
     hits = ndcg = 0.0
     for start in range(0, len(examples), batch_size):
         rows = np.arange(start, min(start + batch_size, len(examples)))
-        chunk = examples.subset(rows)
+        chunk = examples.subset(rows).trimmed()
         history, mask = collate(chunk.history, items, item_vectors.device)
         personal = replay_personal(chunk.history, chunk.weights, item_vectors, personal_alpha)
-        scores = model.logits(model.encode_users(history, mask, personal), items)
+        with torch.autocast(item_vectors.device.type, dtype=torch.bfloat16, enabled=bf16):
+            users = model.encode_users(history, mask, personal)
+        scores = model.logits(users.float(), items)
         scores = mask_seen(scores, chunk.history if exclude is None else exclude[rows])
         target = torch.as_tensor(chunk.target, dtype=torch.long, device=scores.device)
         target_scores = scores.gather(1, target[:, None])

@@ -55,7 +55,12 @@ def _parser() -> argparse.ArgumentParser:
         description="Train the prompt on the training portion, pick weights on validation, "
         "report test HR@10/NDCG@10, popularity and cold-start HR@10; writes "
         "bench/results/quality_<dataset>.json (or --out).")
-    offline.add_argument("--steps", type=int, default=300, help="training steps")
+    budget = offline.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=int, default=None,
+                        help="training steps per run (default 300 unless --epochs)")
+    budget.add_argument("--epochs", type=float, default=None,
+                        help="training budget in passes over the training rows (with "
+                        "--train-rows users: one row per user)")
     offline.add_argument("--eval-every", type=int, default=100,
                          help="validation checkpoints (the best one is kept)")
     offline.add_argument("--max-users", type=int, default=None,

@@ -23,7 +23,8 @@ def run_offline_eval(settings: Settings, args: argparse.Namespace) -> int:
     backbone = resolve_backbone_path(settings.model.backbone_path)
     catalog = load_catalog(settings.infra.dataset, backbone, settings.infra.cache, progress=True)
     result = run_offline(settings, catalog, load_interactions(settings.infra.dataset),
-                         steps=args.steps, eval_every=args.eval_every, max_users=args.max_users)
+                         steps=args.steps or (None if args.epochs else 300), epochs=args.epochs,
+                         eval_every=args.eval_every, max_users=args.max_users)
     out = write_result(args.out or result_path(f"quality_{settings.infra.dataset}.json"), result)
     print(json.dumps(result, indent=2))
     print(f"written to {out}")

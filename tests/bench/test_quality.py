@@ -141,3 +141,26 @@ def test_unseen_items_can_take_the_weights_of_their_nearest_seen_items_by_text()
                                          neighbours=1)
     assert out.item_bias.tolist() == [1.0, 5.0, 1.0, 5.0]
     assert out.item_delta[2:].tolist() == [[1.0, 1.0], [2.0, 2.0]]
+
+
+def test_user_rows_are_one_per_user_ending_at_its_last_training_item():
+    catalog = _catalog(40)
+    rows, (a, b, c, d, cold) = _rows(40)
+    split = leave_one_out(_interactions(rows), catalog, history_len=2, rows="users")
+    # u trains on a, b, cold: one row, the window before cold, target cold (the causal
+    # model learns b after a on the way). v trains on a alone: no target, no row.
+    assert split.train.history.tolist() == [[a, b]] and split.train.target.tolist() == [cold]
+    # Evaluation does not depend on how training rows are cut.
+    targets = leave_one_out(_interactions(rows), catalog, history_len=2)
+    assert split.test.exclude.tolist() == targets.test.exclude.tolist()
+
+
+def test_batches_cover_every_example_once_per_epoch():
+    from bench.quality import batches, steps_for
+
+    steps = steps_for(2, n_examples=10, batch_size=4)
+    assert steps == 5
+    seen = np.concatenate(list(batches(10, 4, steps, np.random.default_rng(0))))
+    assert len(seen) == 20
+    assert sorted(seen[:10].tolist()) == list(range(10))  # the first epoch, whole
+    assert np.bincount(seen, minlength=10).tolist() == [2] * 10

@@ -37,6 +37,9 @@ def test_cli_flags_are_generated_for_every_setting():
     ({"PROMPTREC_NUM_CONSUMERS": "9", "PROMPTREC_PARTITIONS": "4"}, "num_consumers"),
     ({"PROMPTREC_LEARNING_RATE": "-1"}, "learning_rate"),
     ({"PROMPTREC_BACKBONE_PATH": "/nonexistent"}, "backbone_path"),
+    ({"PROMPTREC_READOUT": "first"}, "readout"),
+    ({"PROMPTREC_USER_LAYERS": "-1"}, "user_layers"),
+    ({"PROMPTREC_TRAIN_ROWS": "sessions"}, "train_rows"),
 ])
 def test_bad_config_fails_fast_naming_the_setting(env, setting):
     with pytest.raises(ConfigError) as err:

@@ -195,3 +195,41 @@ def test_a_causal_version_adds_the_personal_prompt_by_its_trained_gate(backbone)
     without_gate = dataclasses.replace(model.weights(), personal_gate=None)
     with pytest.raises(BadPromptWeights, match="personal_gate"):
         decode_weights(without_gate.to_bytes())
+
+
+def test_the_last_readout_is_the_hidden_state_at_each_item_and_sees_no_later_item(backbone):
+    tokenizer, encoder = backbone
+    config = plain_config(4, causal=True, readout="last")
+    model = PromptRecModel(encoder, initial_weights(tokenizer, encoder, config))
+    history, mask = torch.randn(2, 5, 384), torch.tensor([[1] * 5, [1, 1, 1, 0, 0]]).bool()
+    prefixes = model.encode_prefixes(history, mask, with_prompt_only=True)  # [2, 6, 384]
+    users = model.encode_users(history, mask)
+    assert torch.allclose(users[0], prefixes[0, 5], atol=1e-5)  # after all 5 items
+    assert torch.allclose(users[1], prefixes[1, 3], atol=1e-5)  # after its 3
+    changed = history.clone()
+    changed[:, 4] = torch.randn(2, 384)  # a later item changes no earlier prefix
+    again = model.encode_prefixes(changed, mask, with_prompt_only=True)
+    assert torch.allclose(again[:, :5], prefixes[:, :5], atol=1e-5)
+    assert not torch.allclose(again[0, 5], prefixes[0, 5], atol=1e-3)
+    mean = PromptRecModel(encoder, initial_weights(
+        tokenizer, encoder, plain_config(4, causal=True, readout="mean")))
+    assert not torch.allclose(mean.encode_users(history, mask), users, atol=1e-3)
+
+
+def test_user_layers_run_the_backbones_first_k_layers_only(backbone):
+    import copy
+
+    tokenizer, encoder = backbone
+    short = copy.deepcopy(encoder)
+    short.encoder.layer = short.encoder.layer[:2]
+    history, mask = torch.randn(2, 3, 384), torch.tensor([[1, 1, 1], [1, 0, 0]])
+    for causal, readout in ((True, "last"), (False, "mean")):
+        two = PromptRecModel(encoder, initial_weights(tokenizer, encoder, plain_config(
+            4, causal=causal, readout=readout, user_layers=2)))
+        cut = PromptRecModel(short, two.weights())  # the same weights on a 2-layer encoder
+        cut.structure = dataclasses.replace(cut.structure, user_layers=0)
+        full = PromptRecModel(encoder, initial_weights(tokenizer, encoder, plain_config(
+            4, causal=causal, readout=readout)))
+        users = two.encode_users(history, mask)
+        assert torch.allclose(users, cut.encode_users(history, mask), atol=1e-5)
+        assert not torch.allclose(users, full.encode_users(history, mask), atol=1e-3)

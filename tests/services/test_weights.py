@@ -49,7 +49,23 @@ def test_the_structure_travels_in_the_metadata_and_comes_back(tmp_path):
     with safe_open(str(tmp_path / "v.safetensors"), "pt") as f:
         meta = json.loads(f.metadata()[METADATA_KEY])
     assert meta == {"format": FORMAT, "prompt_len": 3, "hidden_size": H, "num_items": N,
-                    "item_bias": True, "item_tokens": True, "causal": True}
+                    "item_bias": True, "item_tokens": True, "causal": True, "readout": "mean",
+                    "user_layers": 0}
+
+
+def test_blobs_from_before_readout_and_user_layers_read_as_the_full_mean_model():
+    weights = full_weights()
+    tensors = {k: v.contiguous() for k, v in weights.tensors().items()}
+    old = json.loads(weights.structure.to_metadata()[METADATA_KEY])
+    del old["readout"], old["user_layers"]
+    back = decode_weights(st_save(tensors, metadata={METADATA_KEY: json.dumps(old)}))
+    assert (back.structure.readout, back.structure.user_layers) == ("mean", 0)
+    newer = dataclasses.replace(weights.structure, readout="last", user_layers=2)
+    blob = dataclasses.replace(weights, structure=newer).to_bytes()
+    assert decode_weights(blob).structure == newer
+    config = plain_config(3, item_bias=True, item_tokens=True, causal=True)
+    with pytest.raises(BadPromptWeights, match="user_layers 2 vs 0"):
+        decode_weights(blob, config=dataclasses.replace(config, readout="last"))
 
 
 def test_a_plain_version_fits_any_catalog():

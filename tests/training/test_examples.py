@@ -48,3 +48,15 @@ def test_examples_save_and_load(tmp_path):
     ex.save(str(tmp_path / "x.npz"))
     back = Examples.load(str(tmp_path / "x.npz"))
     assert back.history.tolist() == [[1, PAD]] and back.target.tolist() == [2]
+
+
+def test_user_rows_keep_one_row_per_user_ending_at_its_newest_new_event():
+    rows = [_ev("1", "u", "a", 1.0, ingest=10), _ev("2", "u", "b", 2.0, ingest=20),
+            _ev("3", "u", "c", 3.0, ingest=20), _ev("4", "v", "a", 1.0, ingest=20),
+            _ev("5", "v", "d", 2.0, ingest=20), _ev("6", "w", "b", 1.0, ingest=10),
+            _ev("7", "w", "c", 2.0, ingest=10)]
+    train, _ = build_examples(_log(rows), INDEX, history_len=3, since_ingest_ts=15,
+                              val_users=0, rows="users")
+    # u: one row ending at c (b before it is learned on the way); v: a -> d; w: nothing new.
+    assert train.target.tolist() == [2, 3]
+    assert train.history.tolist() == [[0, 1, PAD], [0, PAD, PAD]]

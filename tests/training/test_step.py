@@ -78,3 +78,27 @@ def test_a_causal_step_learns_every_next_item_of_the_history():
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
     losses = [train_step(model, optimizer, batch, text) for _ in range(15)]
     assert np.isfinite(losses).all() and losses[-1] < losses[0] * 0.5
+
+
+def test_a_batch_is_trimmed_to_its_longest_history():
+    batch = Examples(np.array([[3, 4, PAD, PAD], [5, PAD, PAD, PAD]], np.int32),
+                     np.array([1, 2], np.int32), np.ones((2, 4), np.float32))
+    trimmed = batch.trimmed()
+    assert trimmed.history.tolist() == [[3, 4], [5, PAD]] and trimmed.weights.shape == (2, 2)
+    empty = Examples(np.full((1, 3), PAD, np.int32), np.array([0], np.int32)).trimmed()
+    assert empty.history.shape == (1, 1)  # a cold row keeps one (padding) column
+
+
+def test_a_bf16_step_learns_with_float32_weights():
+    torch.manual_seed(0)
+    tokenizer, encoder = load_backbone(default_backbone_path())
+    config = plain_config(4, item_tokens=True, item_bias=True, causal=True, readout="last",
+                          user_layers=2)
+    model = PromptRecModel(encoder, initial_weights(tokenizer, encoder, config, num_items=8))
+    text = torch.nn.functional.normalize(torch.randn(8, encoder.config.hidden_size), dim=-1)
+    batch = Examples(np.array([[0, 1, 2, -1], [3, 6, -1, -1]], np.int32),
+                     np.array([4, 5], np.int32))
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    losses = [train_step(model, optimizer, batch, text, bf16=True) for _ in range(15)]
+    assert np.isfinite(losses).all() and losses[-1] < losses[0] * 0.5
+    assert all(p.dtype == torch.float32 for p in model.parameters())
