@@ -30,6 +30,10 @@ class Popularity:
     def add(self, index: int) -> None:
         self.counts[index] += 1
 
+    def remove(self, index: int) -> None:
+        """Take back one `add` (an event that left a sliding window)."""
+        self.counts[index] -= 1
+
     def ranked(self) -> np.ndarray:
         """Catalog indices [N], most counted first; ties in catalog order."""
         return np.lexsort((np.arange(len(self.counts)), -self.counts))

@@ -9,7 +9,7 @@ one window of `window` events at a time:
    the event's user; HR@10 and NDCG@10 against the event's item;
 2. **learn**: the window's events are produced to Kafka and the evaluator waits until
    the shards applied all of them (user history and personal prompts change); the
-   popularity counts take them; a training round runs once `train_every_events` new
+   popularity arms count them; a training round runs once `train_every_events` new
    events arrived since the last one, and the next window is tested only after every
    replica that follows the registry serves what the round published.
 
@@ -22,6 +22,8 @@ Arms, all answering over the same replay in the same run:
 
 - `popularity`: running counts of every event learned so far, ties broken by catalog
   order; the user's last `history_len` items are masked, as serving masks them;
+- `recent_popularity`: the same, but counting only the last `recent_window` learned
+  events (a sliding window by event count; `--recent-window`, default 5000);
 - `static`: a second Serve app pinned to the initial prompt version, personal prompts
   off (it still reads the user's history from the shards: the model is static, its
   input is not);
@@ -36,23 +38,21 @@ events later; here it goes live at the window boundary, which keeps the result
 independent of the machine's speed.
 
 This module is the protocol (pure, tested without infrastructure);
-`bench/prequential_run.py` runs it on the real system, `bench/prequential_report.py`
-builds the result file and its plot.
+`bench/prequential_baselines.py` holds the two popularity arms, `bench/prequential_run.py`
+runs it on the real system, `bench/prequential_report.py` builds the result file and its
+plot.
 """
 
 from __future__ import annotations
 
 import asyncio
-import bisect
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import numpy as np
-
-from bench.common import Popularity
+from bench.prequential_baselines import Answer, PopularityArm, RecentPopularityArm
 from services.events import ClickEvent
 from services.rank_metrics import K, hit_ndcg
 
@@ -64,15 +64,9 @@ MODEL_ARMS: dict[str, dict | None] = {
     "rounds_only": {"personal_prompts": False},
     "personal_only": {"pin_version": True},
 }
-ALL_ARMS = ("popularity", *MODEL_ARMS)
-DEFAULT_ARMS = ("popularity", "static", "online")
-
-
-@dataclass(frozen=True)
-class Answer:
-    items: list[str]  # ranked item ids, best first
-    state_version: int  # events of this user the arm had learned when it answered
-    prompt_version: int | None = None
+BASELINE_ARMS = (PopularityArm.name, RecentPopularityArm.name)  # answered by the evaluator
+ALL_ARMS = (*BASELINE_ARMS, *MODEL_ARMS)
+DEFAULT_ARMS = (*BASELINE_ARMS, "static", "online")
 
 
 class Arm(Protocol):
@@ -198,55 +192,6 @@ def run_windows(events: Sequence[ClickEvent], arms: Sequence[Arm],
         if on_window:
             on_window(row)
     return evaluation
-
-
-class PopularityArm:
-    """Running item counts over every event learned so far; each user's last
-    `history_len` items (by event time, as the shards keep them) are masked."""
-
-    name = "popularity"
-
-    def __init__(self, item_ids: Sequence[str], history_len: int):
-        self.item_ids = list(item_ids)
-        self.position = {item: i for i, item in enumerate(self.item_ids)}
-        self.history_len = history_len
-        self.popularity = Popularity(np.zeros(len(self.item_ids), np.int64))
-        self.history: dict[str, list[tuple[float, str, str]]] = {}
-        self.learned = Counter()
-        self._ranked: list[str] | None = None
-
-    def learn(self, batch: Sequence[ClickEvent]) -> None:
-        for event in batch:
-            index = self.position.get(event.item_id)
-            if index is None:  # unknown items are dead-lettered by the pipeline too
-                continue
-            self.popularity.add(index)
-            history = self.history.setdefault(event.user_id, [])
-            bisect.insort(history, (event.ts, event.event_id, event.item_id))
-            if len(history) > self.history_len:
-                del history[0]
-            self.learned[event.user_id] += 1
-        self._ranked = None
-
-    def ranked(self) -> list[str]:
-        """Every item, most counted first; ties in catalog order."""
-        if self._ranked is None:
-            self._ranked = [self.item_ids[i] for i in self.popularity.ranked()]
-        return self._ranked
-
-    def recommend(self, users: list[str], k: int) -> dict[str, Answer]:
-        ranked = self.ranked()
-        out = {}
-        for user in users:
-            seen = {item for _, _, item in self.history.get(user, ())}
-            top: list[str] = []
-            for item in ranked:
-                if item not in seen:
-                    top.append(item)
-                    if len(top) == k:
-                        break
-            out[user] = Answer(top, self.learned[user])
-        return out
 
 
 class ServiceArm:

@@ -19,10 +19,15 @@ from bench.prequential import (
     ALL_ARMS,
     DEFAULT_ARMS,
     MODEL_ARMS,
-    PopularityArm,
     SampleRule,
     ServiceArm,
     run_windows,
+)
+from bench.prequential_baselines import (
+    DEFAULT_RECENT_WINDOW,
+    CountingArm,
+    PopularityArm,
+    RecentPopularityArm,
 )
 from bench.prequential_report import build_result, plot
 from services.config import Settings
@@ -42,9 +47,11 @@ RECORDED_SETTINGS = ("train_every_events", "train_steps", "train_workers", "batc
 def run_prequential(settings: Settings, out: Path, window: int = 1000,
                     sample: SampleRule | None = None, arms: Sequence[str] = DEFAULT_ARMS,
                     max_events: int | None = None, plot_path: Path | None = None,
-                    concurrency: int = 8, command: str = "", progress: bool = True) -> dict:
+                    concurrency: int = 8, command: str = "", progress: bool = True,
+                    recent_window: int = DEFAULT_RECENT_WINDOW) -> dict:
     """Start the stack (embedded defaults, or the given Kafka/Ray), deploy one Serve app
-    per model arm, replay, evaluate; write the result file and the plot."""
+    per model arm, replay, evaluate; write the result file and the plot. `recent_window`:
+    events the recent_popularity arm counts."""
     import ray
 
     from services.data import load_interactions
@@ -55,6 +62,8 @@ def run_prequential(settings: Settings, out: Path, window: int = 1000,
     unknown = [a for a in arms if a not in ALL_ARMS]
     if unknown:
         raise ValueError(f"unknown arms {unknown}; choose from {list(ALL_ARMS)}")
+    if recent_window < 1:
+        raise ValueError(f"recent_window must be >= 1 event, not {recent_window}")
     sample = sample or SampleRule()
     started = time.monotonic()
     dataset = settings.infra.dataset
@@ -64,9 +73,12 @@ def run_prequential(settings: Settings, out: Path, window: int = 1000,
     try:
         stack.start(fresh=True)
         initial = ray.get(stack.registry.serving_version.remote())
-        popularity = PopularityArm([item.item_id for item in stack.catalog.items],
-                                   settings.streaming.history_len)
-        arm_objects, arm_apps, follow_prefixes = _deploy_arms(stack, arms, popularity,
+        item_ids = [item.item_id for item in stack.catalog.items]
+        history_len = settings.streaming.history_len
+        baselines: dict[str, CountingArm] = {  # answered by the evaluator; learn every window
+            PopularityArm.name: PopularityArm(item_ids, history_len),
+            RecentPopularityArm.name: RecentPopularityArm(item_ids, history_len, recent_window)}
+        arm_objects, arm_apps, follow_prefixes = _deploy_arms(stack, arms, baselines,
                                                               initial, concurrency)
         producer = make_producer(stack.bootstrap)
         scheduler = RoundScheduler(stack.runner, settings.training, lambda: 0)  # for its due() rule
@@ -97,7 +109,8 @@ def run_prequential(settings: Settings, out: Path, window: int = 1000,
             handled = stack.wait_handled(expected, timeout_s=600)["handled"]
             if handled < expected:
                 raise TimeoutError(f"the pipeline handled {handled} of {expected} records")
-            popularity.learn(batch)
+            for baseline_arm in baselines.values():
+                baseline_arm.learn(batch)
             state["since_round"] += len(batch)
             if (state["produced"] < len(events) and follow_prefixes
                     and scheduler.due(state["since_round"], 0.0)):
@@ -118,7 +131,7 @@ def run_prequential(settings: Settings, out: Path, window: int = 1000,
         result = build_result(
             evaluation, dataset=dataset, events_replayed=len(events),
             events_in_dataset=len(load_interactions(dataset)) if max_events else len(events),
-            window_events=window, k=K,
+            window_events=window, recent_window_events=recent_window, k=K,
             sample={"rule": sample.describe(), "every": sample.every, "warmup": sample.warmup,
                     "first_evaluated_event": sample.first(len(events))},
             initial_prompt_version=initial,
@@ -128,8 +141,8 @@ def run_prequential(settings: Settings, out: Path, window: int = 1000,
             settings={name: settings.value(name) for name in RECORDED_SETTINGS},
             protocol=("test-then-learn per window: every arm answers the sampled events of a "
                       "window from state built on the events before it; then the window is "
-                      "produced to Kafka and applied (and counted by popularity); rounds run "
-                      "between windows on the train_every_events trigger"),
+                      "produced to Kafka and applied (and counted by the popularity arms); "
+                      "rounds run between windows on the train_every_events trigger"),
             wall_seconds=round(time.monotonic() - started, 1),
             **run_stamp(command))
     finally:
@@ -141,7 +154,7 @@ def run_prequential(settings: Settings, out: Path, window: int = 1000,
     return result
 
 
-def _deploy_arms(stack, arms: Sequence[str], popularity: PopularityArm, initial: int,
+def _deploy_arms(stack, arms: Sequence[str], baselines: dict[str, CountingArm], initial: int,
                  concurrency: int) -> tuple[list, dict[str, dict], list[str]]:
     """One arm object per name; a Serve app beside the main one for each model arm other
     than `online`. -> (arms, {name: what its app runs}, route prefixes that follow rounds)."""
@@ -149,8 +162,8 @@ def _deploy_arms(stack, arms: Sequence[str], popularity: PopularityArm, initial:
     apps: dict[str, dict] = {}
     follow: list[str] = []
     for name in arms:
-        if name == "popularity":
-            objects.append(popularity)
+        if name in baselines:
+            objects.append(baselines[name])
             continue
         changes = MODEL_ARMS[name]
         prefix = "" if changes is None else f"/{name}"

@@ -5,7 +5,7 @@
     promptrec replay    push a MovieLens data set into a Kafka topic
     promptrec eval offline   leave-one-out quality against popularity
     promptrec eval prequential   test-then-learn on the running system: popularity,
-                             static and online arms over the same replay
+                             recent popularity, static and online arms over the same replay
 """
 
 from __future__ import annotations
@@ -69,10 +69,11 @@ def _parser() -> argparse.ArgumentParser:
     add_settings_flags(offline)
 
     from bench.prequential import ALL_ARMS, DEFAULT_ARMS
+    from bench.prequential_baselines import DEFAULT_RECENT_WINDOW
 
     prequential = kinds.add_parser(
-        "prequential", help="test-then-learn on the running system: popularity vs static vs "
-        "online, same replay",
+        "prequential", help="test-then-learn on the running system: popularity (all-time and "
+        "recent) vs static vs online, same replay",
         description="Replay the data set in timestamp order through Kafka into the running "
         "pipeline, one window at a time: first every arm recommends for the window's sampled "
         "events (HR@10, NDCG@10), then the window is produced and applied, and training rounds "
@@ -88,6 +89,9 @@ def _parser() -> argparse.ArgumentParser:
                              help="replay only the first N events in timestamp order")
     prequential.add_argument("--arms", default=",".join(DEFAULT_ARMS),
                              help=f"comma-separated, from {','.join(ALL_ARMS)}")
+    prequential.add_argument("--recent-window", type=int, default=DEFAULT_RECENT_WINDOW,
+                             help="events the recent_popularity arm counts: the last N learned "
+                             f"(a sliding window; default {DEFAULT_RECENT_WINDOW})")
     prequential.add_argument("--concurrency", type=int, default=8,
                              help="requests in flight per arm")
     prequential.add_argument("--out", default=None, help="result file (default bench/results/…)")

@@ -40,12 +40,16 @@ def run_prequential_eval(settings: Settings, args: argparse.Namespace, argv: lis
         print("promptrec: --window and --sample-every must be >= 1, --warmup in [0, 1)",
               file=sys.stderr)
         return 2
+    if args.recent_window < 1:
+        print(f"promptrec: --recent-window must be >= 1 (events), not {args.recent_window}",
+              file=sys.stderr)
+        return 2
     out = Path(args.out) if args.out else result_path(
         f"prequential_{settings.infra.dataset}.json")
     result = run_prequential(
         settings, out, window=args.window, sample=SampleRule(args.sample_every, args.warmup),
         arms=[a for a in args.arms.split(",") if a], max_events=args.max_events,
-        concurrency=args.concurrency,
+        concurrency=args.concurrency, recent_window=args.recent_window,
         command="promptrec " + " ".join(argv))
     print(json.dumps({k: result[k] for k in ("arms", "leak_check", "rounds_published",
                                              "wall_seconds", "plot")}, indent=2))

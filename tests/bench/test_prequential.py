@@ -1,12 +1,23 @@
-"""The prequential protocol without infrastructure: windows, sampling, metrics, popularity,
-and the no-leak property on a hand-made stream whose right answer is known."""
+"""The prequential protocol without infrastructure: windows, sampling, metrics, popularity
+(all-time and recent), and the no-leak property on a hand-made stream whose right answer is
+known."""
 
 import json
 import math
+import random
+from collections import Counter
 
 import pytest
 
-from bench.prequential import Answer, PopularityArm, SampleRule, run_windows
+from bench.prequential import (
+    ALL_ARMS,
+    DEFAULT_ARMS,
+    Answer,
+    PopularityArm,
+    RecentPopularityArm,
+    SampleRule,
+    run_windows,
+)
 from bench.prequential_report import build_result, markdown_table, plot, smoothed_hr
 from services.events import ClickEvent
 from services.rank_metrics import hit_ndcg
@@ -41,6 +52,111 @@ def test_popularity_counts_breaks_ties_by_catalog_order_and_masks_like_serving()
     assert pop.recommend(["new"], 2)["new"] == Answer(["c", "b"], 0)
     pop.learn([_event(7, "x", "unknown-item")])  # dead-lettered by the pipeline: not counted
     assert pop.learned["x"] == 0 and int(pop.popularity.counts.sum()) == 6
+
+
+def test_recent_popularity_forgets_what_left_the_window():
+    """`a` was popular long ago, `b` recently: over the last 4 events b leads, while the
+    all-time counts still put a first. The window spans batch boundaries."""
+    catalog = ["a", "b", "c", "d", "e"]
+    recent = RecentPopularityArm(catalog, history_len=1, recent_window=4)
+    every = PopularityArm(catalog, history_len=1)
+    batches = [[_event(1, "v", "a"), _event(2, "w", "a"), _event(3, "x", "a")],
+               [_event(4, "y", "b"), _event(5, "z", "b")], [_event(6, "v", "c")]]
+    recent.learn(batches[0])
+    every.learn(batches[0])
+    assert recent.recommend(["new"], 3)["new"] == every.recommend(["new"], 3)["new"] \
+        == Answer(["a", "b", "c"], 0)  # the window is not full yet: the same counts
+    for batch in batches[1:]:
+        recent.learn(batch)
+        every.learn(batch)
+    # window = the last 4 events: a (event 3), b, b, c -> b=2, a=c=1 (a before c: catalog)
+    assert recent.popularity.counts.tolist() == [1, 2, 1, 0, 0]
+    assert list(recent.window) == [0, 1, 1, 2]
+    assert recent.recommend(["new"], 3)["new"] == Answer(["b", "a", "c"], 0)
+    assert every.recommend(["new"], 3)["new"] == Answer(["a", "b", "c"], 0)  # a=3, b=2, c=1
+    recent.learn([_event(7, "w", "d"), _event(8, "x", "d"), _event(9, "y", "d")])
+    # window: c, d, d, d -> a and the b's are forgotten
+    assert recent.recommend(["new"], 3)["new"] == Answer(["d", "c", "a"], 0)
+
+
+def test_recent_popularity_counts_stay_exact_on_a_long_random_stream():
+    """Against a brute-force count of the last W known events, after every batch: counts,
+    the full ranking (ties in catalog order) and a masked top-k."""
+    rng = random.Random(7)
+    catalog = [f"i{j}" for j in range(20)]
+    window, history_len = 37, 3
+    recent = RecentPopularityArm(catalog, history_len, recent_window=window)
+    known: list[tuple[str, str]] = []  # (user, item) of every event the arm can count
+    k = 0
+    for _ in range(120):
+        batch = []
+        for _ in range(rng.randint(1, 25)):
+            k += 1
+            # skewed item choice (so counts differ) and a few items outside the catalog
+            item = "unknown" if rng.random() < 0.05 else catalog[min(rng.randint(0, 19),
+                                                                      rng.randint(0, 19))]
+            batch.append(_event(k, f"u{rng.randint(0, 9)}", item))
+            if item != "unknown":
+                known.append((batch[-1].user_id, item))
+        recent.learn(batch)
+        counts = Counter(item for _, item in known[-window:])
+        assert recent.popularity.counts.tolist() == [counts[i] for i in catalog]
+        expected = sorted(catalog, key=lambda i: (-counts[i], catalog.index(i)))
+        assert recent.ranked() == expected
+        user = f"u{rng.randint(0, 9)}"
+        masked = {item for u, item in [e for e in known if e[0] == user][-history_len:]}
+        assert recent.recommend([user], 5)[user] == Answer(
+            [i for i in expected if i not in masked][:5], sum(u == user for u, _ in known))
+    assert k > 1000 and len(recent.window) == window
+
+
+def test_recent_popularity_masks_exactly_the_users_last_history_len_items():
+    catalog = ["a", "b", "c", "d", "e", "f"]
+    recent = RecentPopularityArm(catalog, history_len=2, recent_window=3)
+    recent.learn([_event(1, "u", "a"), _event(2, "v", "b"), _event(3, "u", "c"),
+                  _event(4, "w", "c"), _event(5, "u", "d")])
+    # window: c, c, d -> c=2, d=1; ranked c, d, a, b, e, f. u's last 2 items c, d are
+    # masked; its older a is not (it fell out of the history, as on a shard).
+    assert recent.recommend(["u"], 3)["u"] == Answer(["a", "b", "e"], 3)
+    assert recent.recommend(["new"], 3)["new"] == Answer(["c", "d", "a"], 0)
+    # the history is by event time, not learning order: a late event older than u's last
+    # two does not displace them (f is counted: window c, d, f -> ranked c, d, f, a, ...)
+    recent.learn([_event(0, "u", "f")])
+    assert recent.recommend(["u"], 3)["u"] == Answer(["f", "a", "b"], 4)
+
+
+def test_recent_popularity_breaks_ties_by_catalog_order_not_learning_order():
+    catalog = ["a", "b", "c", "d"]
+    recent = RecentPopularityArm(catalog, history_len=1, recent_window=10)
+    assert recent.recommend(["u"], 4)["u"] == Answer(["a", "b", "c", "d"], 0)  # all zero
+    recent.learn([_event(1, "x", "d"), _event(2, "y", "c"), _event(3, "z", "b")])
+    assert recent.recommend(["u"], 4)["u"] == Answer(["b", "c", "d", "a"], 0)
+
+
+def test_recent_popularity_with_a_window_longer_than_the_stream_is_popularity():
+    rng = random.Random(3)
+    catalog = [f"i{j}" for j in range(8)]
+    recent = RecentPopularityArm(catalog, history_len=2, recent_window=500)
+    every = PopularityArm(catalog, history_len=2)
+    events = [_event(k, f"u{rng.randint(0, 4)}", rng.choice(catalog)) for k in range(300)]
+    for start in range(0, 300, 50):
+        recent.learn(events[start:start + 50])
+        every.learn(events[start:start + 50])
+        users = [f"u{j}" for j in range(6)]
+        assert recent.recommend(users, 4) == every.recommend(users, 4)
+
+
+def test_recent_popularity_needs_a_window_of_at_least_one_event():
+    with pytest.raises(ValueError, match="recent_window"):
+        RecentPopularityArm(["a"], history_len=1, recent_window=0)
+    one = RecentPopularityArm(["a", "b"], history_len=0, recent_window=1)
+    one.learn([_event(1, "u", "a"), _event(2, "u", "b")])
+    assert one.popularity.counts.tolist() == [0, 1]
+
+
+def test_the_default_run_has_the_recent_popularity_arm():
+    assert "recent_popularity" in ALL_ARMS and "recent_popularity" in DEFAULT_ARMS
+    assert DEFAULT_ARMS[:2] == ("popularity", "recent_popularity")
 
 
 class RememberingSystem:
@@ -81,10 +197,12 @@ def _hand_made_stream():
 def test_test_then_learn_never_sees_the_event_it_predicts(window):
     events, catalog = _hand_made_stream()
     system, pop = RememberingSystem(), PopularityArm(catalog, history_len=30)
-    arms = [pop, LastItemArm(system)]
-    result = run_windows(events, arms, lambda b: (system.learn(b), pop.learn(b)), window,
+    recent = RecentPopularityArm(catalog, history_len=30, recent_window=5)
+    arms = [pop, recent, LastItemArm(system)]
+    result = run_windows(events, arms,
+                         lambda b: (system.learn(b), pop.learn(b), recent.learn(b)), window,
                          SampleRule(every=1, warmup=0.0))
-    for name in ("popularity", "last_item"):
+    for name in ("popularity", "recent_popularity", "last_item"):
         assert result.totals[name].n == 30
         assert result.totals[name].hits == 0  # the known right answer
         assert result.leaks[name].ahead == 0
@@ -148,3 +266,14 @@ def test_the_cli_takes_the_prequential_options():
                                  "popularity,static,online,rounds_only", "--pin-version", "0"])
     assert (args.eval_kind, args.window, args.sample_every) == ("prequential", 500, 5)
     assert args.warmup == 0.1 and args.arms.endswith("rounds_only")
+    assert args.recent_window == 5000  # the default
+    assert _parser().parse_args(["eval", "prequential", "--recent-window", "200"]).recent_window \
+        == 200
+
+
+@pytest.mark.parametrize("value", ["0", "-5"])
+def test_a_recent_window_below_one_event_exits_2(value, capsys):
+    from services.launch.cli import main
+
+    assert main(["eval", "prequential", "--recent-window", value]) == 2
+    assert f"--recent-window must be >= 1 (events), not {value}" in capsys.readouterr().err

@@ -1,5 +1,5 @@
 """The prequential evaluator end to end on a small MovieLens-100K slice, against the real
-broker, local Ray, Ray Train and Ray Serve (three arms, one training round)."""
+broker, local Ray, Ray Train and Ray Serve (the default arms, one training round)."""
 
 from __future__ import annotations
 
@@ -27,13 +27,14 @@ def test_prequential_on_an_ml100k_slice(tmp_path):
         "namespace": "promptrec-prequential", "cache_dir": str(TEST_CACHE)})
     out = tmp_path / "prequential_ml-100k.json"
     result = run_prequential(settings, out, window=WINDOW, sample=SAMPLE, max_events=EVENTS,
-                             progress=False, command="pytest")
+                             progress=False, command="pytest", recent_window=500)
 
     # The output format: the file is the result; per-arm totals and per-window series.
     assert json.loads(out.read_text()) == result
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     expected = sum(SAMPLE(p, EVENTS) for p in range(EVENTS))
-    assert list(result["arms"]) == ["popularity", "static", "online"]
+    assert list(result["arms"]) == ["popularity", "recent_popularity", "static", "online"]
+    assert result["recent_window_events"] == 500
     for arm in result["arms"].values():
         assert set(arm) == {"hr10", "ndcg10", "events_evaluated"}
         assert arm["events_evaluated"] == expected
