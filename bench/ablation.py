@@ -20,12 +20,13 @@ from dataclasses import dataclass
 import torch
 
 from bench.common import result_path, run_stamp, write_result
-from bench.quality import leave_one_out, steps_for, train_run
+from bench.quality import leave_one_out, train_run
 from services.backbone import resolve_backbone_path
 from services.catalog import load_catalog
 from services.config import Settings
 from services.config_sources import load_settings
 from services.data import load_interactions
+from training.examples import steps_for
 
 
 @dataclass(frozen=True)

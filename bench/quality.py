@@ -18,7 +18,6 @@ figures. `key_protocols` in the result says which run produced which key.
 
 from __future__ import annotations
 
-import math
 import time
 import zlib
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from services.config import Settings
 from services.data import Interactions
 from services.prompt_model import PromptRecModel
 from services.weights import PromptWeights, initial_weights, unseen_items_fall_back_to_text
-from training.examples import PAD, Examples
+from training.examples import PAD, Examples, batches, steps_for
 from training.step import evaluate, make_optimizer, train_step
 
 COLD_SHARE = 20  # 1 item in 20 is held out of training
@@ -170,21 +169,6 @@ class Run:
     rule: str
     rule_val_hr10: dict[str, float]
     curve: list[tuple[int, float]]  # (step, validation NDCG@10) at each checkpoint
-
-
-def batches(n_examples: int, batch_size: int, steps: int, rng: np.random.Generator):
-    """`steps` batches of example indices, each epoch a fresh permutation (every example
-    once per epoch, as the epoch-budgeted published set-ups train)."""
-    order: list[int] = []
-    for _ in range(steps):
-        if len(order) < batch_size:
-            order += rng.permutation(n_examples).tolist()
-        yield np.array(order[:batch_size])
-        del order[:batch_size]
-
-
-def steps_for(epochs: float, n_examples: int, batch_size: int) -> int:
-    return max(1, math.ceil(epochs * n_examples / batch_size))
 
 
 def train_run(settings: Settings, catalog: Catalog, split: Split, steps: int, eval_every: int,

@@ -144,9 +144,8 @@ class ModelConfig:
     causal: bool = _opt(True, "causal attention over the history: each training pass learns "
                         "the next item after every position (as SASRec does); the personal "
                         "prompt is added to the user vector by a trained gate")
-    readout: str = _opt("last", "how a causal version reads the user after an item: 'last' "
-                        "(the hidden state at that item) or 'mean' (the mean over the prompt "
-                        "and the items so far); a bidirectional version always reads the mean")
+    readout: str = _opt("last", "causal versions read the user after an item as 'last' (the "
+                        "hidden state there) or 'mean' (over the prompt and items so far)")
     user_layers: int = _opt(0, "backbone layers the user side runs (its first k; 0 = all); "
                             "item text vectors always come from the whole backbone", ">=0")
 

@@ -8,6 +8,7 @@ their last event is held out from training and is the gate's test.
 
 from __future__ import annotations
 
+import math
 import zlib
 from dataclasses import dataclass
 
@@ -119,3 +120,18 @@ def _pack(history: list, weights: list, target: list, history_len: int) -> Examp
         return Examples(np.zeros((0, history_len), np.int32), np.zeros(0, np.int32),
                         np.ones((0, history_len), np.float32))
     return Examples(np.stack(history), np.array(target, np.int32), np.stack(weights))
+
+
+def batches(n_examples: int, batch_size: int, steps: int, rng: np.random.Generator):
+    """`steps` batches of example indices, each epoch a fresh permutation (every example
+    once per epoch, as the epoch-budgeted published set-ups train)."""
+    order: list[int] = []
+    for _ in range(steps):
+        if len(order) < batch_size:
+            order += rng.permutation(n_examples).tolist()
+        yield np.array(order[:batch_size])
+        del order[:batch_size]
+
+
+def steps_for(epochs: float, n_examples: int, batch_size: int) -> int:
+    return max(1, math.ceil(epochs * n_examples / batch_size))

@@ -156,7 +156,7 @@ def test_user_rows_are_one_per_user_ending_at_its_last_training_item():
 
 
 def test_batches_cover_every_example_once_per_epoch():
-    from bench.quality import batches, steps_for
+    from training.examples import batches, steps_for
 
     steps = steps_for(2, n_examples=10, batch_size=4)
     assert steps == 5
