@@ -199,6 +199,8 @@ def train_run(settings: Settings, catalog: Catalog, split: Split, steps: int, ev
         if (eval_every and step % eval_every == 0) or step == steps:
             val = score(model, split.val, vectors, alpha, bf16)["ndcg10"]
             curve.append((step, round(val, 4)))
+            if progress:
+                step_iter.set_postfix(val_ndcg10=f"{val:.4f}", best=f"{max(val, best[0]):.4f}")
             if val >= best[0]:  # the validation split picks the weights, never the test
                 best = (val, model.weights(), step)
     train_seconds = time.monotonic() - started

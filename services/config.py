@@ -146,7 +146,7 @@ class ModelConfig:
                         "prompt is added to the user vector by a trained gate")
     readout: str = _opt("last", "causal versions read the user after an item as 'last' (the "
                         "hidden state there) or 'mean' (over the prompt and items so far)")
-    user_layers: int = _opt(0, "backbone layers the user side runs (its first k; 0 = all); "
+    user_layers: int = _opt(2, "backbone layers the user side runs (its first k; 0 = all); "
                             "item text vectors always come from the whole backbone", ">=0")
 
     def check(self) -> None:

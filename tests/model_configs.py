@@ -7,7 +7,7 @@ from dataclasses import replace
 from services.config import ModelConfig
 
 PLAIN = ModelConfig(prompt_len=4, item_bias=False, item_tokens=False, causal=False,
-                    readout="mean")
+                    readout="mean", user_layers=0)
 
 
 def plain_config(prompt_len: int, **parts: bool | str) -> ModelConfig:

@@ -229,7 +229,7 @@ def test_user_layers_run_the_backbones_first_k_layers_only(backbone):
         cut = PromptRecModel(short, two.weights())  # the same weights on a 2-layer encoder
         cut.structure = dataclasses.replace(cut.structure, user_layers=0)
         full = PromptRecModel(encoder, initial_weights(tokenizer, encoder, plain_config(
-            4, causal=causal, readout=readout)))
+            4, causal=causal, readout=readout, user_layers=0)))
         users = two.encode_users(history, mask)
         assert torch.allclose(users, cut.encode_users(history, mask), atol=1e-5)
         assert not torch.allclose(users, full.encode_users(history, mask), atol=1e-3)
