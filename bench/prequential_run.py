@@ -38,8 +38,9 @@ from services.rank_metrics import K
 log = logging.getLogger("promptrec")
 
 # The settings a result records (what shaped the run).
-RECORDED_SETTINGS = ("train_every_events", "train_steps", "train_workers", "batch_size",
-                     "learning_rate", "gate_margin", "val_users", "history_len",
+RECORDED_SETTINGS = ("train_every_events", "first_round_events", "train_steps",
+                     "train_workers", "batch_size", "learning_rate", "gate_margin",
+                     "val_users", "history_len",
                      "personal_alpha", "num_replicas", "num_shards", "num_consumers",
                      "partitions")
 
@@ -113,7 +114,7 @@ def run_prequential(settings: Settings, out: Path, window: int = 1000,
                 baseline_arm.learn(batch)
             state["since_round"] += len(batch)
             if (state["produced"] < len(events) and follow_prefixes
-                    and scheduler.due(state["since_round"], 0.0)):
+                    and scheduler.due(state["since_round"], 0.0, first=not rounds)):
                 run_round()
                 state["since_round"] = 0
 

@@ -166,9 +166,8 @@ class TrainingSettings:
     learning_rate: float = _opt(0.01, "Adam learning rate", ">0")
     item_token_lr: float = _opt(0.003, "Adam learning rate of the item tokens (the soft prompt "
                                 "uses learning_rate)", ">0")
-    bf16: bool = _opt(False, "run the training forward pass under bfloat16 autocast (CPUs with "
-                      "avx512_bf16 or AMX, and GPUs: about 2x faster steps); the weights and "
-                      "the optimiser stay float32")
+    bf16: bool = _opt(False, "training forward passes under bfloat16 autocast (CPUs with "
+                      "avx512_bf16/AMX, GPUs: ~2x faster); weights and Adam stay float32")
     train_rows: str = _opt("targets", "training examples: 'targets' (one per event, its "
                            "history_len items before it) or 'users' (one row per user, the "
                            "last history_len + 1 items, a loss at every position; causal "
@@ -178,6 +177,9 @@ class TrainingSettings:
                               "margin", ">=0")
     train_every_events: int = _opt(50_000, "start a training round after this many new events "
                                    "(0: off)", ">=0")
+    first_round_events: int = _opt(2_000, "the first round starts after this many events, so "
+                                   "an untrained prompt serves briefly (0: train_every_events)",
+                                   ">=0")
     train_every_s: float = _opt(0.0, "start a training round after this many seconds (0: off)",
                                 ">=0")
 
@@ -194,10 +196,8 @@ class ServingSettings:
     num_replicas: int = _opt(2, "Recommender replicas", ">=1")
     replica_cpus: float = _opt(0.25, "logical CPUs per replica", ">0")
     admin_token: str = _opt("", "bearer token for /admin routes; empty turns admin routes off")
-    serve_throughput_optimized: bool = _opt(True, "start a local Ray with "
-                                            "RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (fewer thread hops "
-                                            "per request; measured in bench/serve.py); a remote "
-                                            "cluster sets it in its own env")
+    serve_throughput_optimized: bool = _opt(True, "local Ray with RAY_SERVE_THROUGHPUT_OPTIMIZED"
+                                            "=1 (bench/serve.py); a cluster sets its own env")
     max_ongoing_requests: int = _opt(16, "requests one replica works on at once (Ray Serve "
                                      "max_ongoing_requests)", ">=1")
     max_queued_requests: int = _opt(64, "requests the HTTP proxy holds waiting for a free "

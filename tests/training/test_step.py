@@ -63,6 +63,16 @@ def test_scheduler_triggers_by_events_or_time():
     assert scheduler.due(1, 61) and not scheduler.due(0, 61)  # nothing new: no round
 
 
+def test_the_first_round_starts_early_and_later_ones_on_the_usual_trigger():
+    training = TrainingSettings(train_every_events=100, first_round_events=10)
+    scheduler = RoundScheduler(None, training, lambda: 0)
+    assert scheduler.due(10, 0, first=True) and not scheduler.due(9, 0, first=True)
+    assert not scheduler.due(10, 0) and scheduler.due(100, 0)
+    usual = RoundScheduler(None, TrainingSettings(train_every_events=100,
+                                                  first_round_events=0), lambda: 0)
+    assert not usual.due(99, 0, first=True) and usual.due(100, 0, first=True)
+
+
 def test_a_causal_step_learns_every_next_item_of_the_history():
     from training.step import next_items
 
