@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from bench.common import result_path, run_stamp, write_result
-from bench.quality import leave_one_out, train_run
+from bench.quality import leave_one_out
+from bench.quality_run import train_run
 from services.backbone import resolve_backbone_path
 from services.catalog import load_catalog
 from services.config import Settings
@@ -55,6 +56,9 @@ VARIANTS = (
     Variant("one_layer", "the first layer only",
             {"train_rows": "users", "history_len": 200, "readout": "last", "bf16": True,
              "user_layers": 1}),
+    Variant("no_personal", "two_layers without the personal prompt (the per-user state)",
+            {"train_rows": "users", "history_len": 200, "readout": "last", "bf16": True,
+             "user_layers": 2, "personal_prompts": False}),
 )
 
 

@@ -18,22 +18,19 @@ figures. `key_protocols` in the result says which run produced which key.
 
 from __future__ import annotations
 
+import functools
 import time
 import zlib
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from bench.common import Popularity
-from services.backbone import load_backbone, resolve_backbone_path
+from bench.quality_run import personal_rate, score, train_run
 from services.catalog import Catalog
 from services.config import Settings
 from services.data import Interactions
-from services.prompt_model import PromptRecModel
-from services.weights import PromptWeights, initial_weights, unseen_items_fall_back_to_text
-from training.examples import PAD, Examples, batches, steps_for
-from training.step import evaluate, make_optimizer, train_step
+from training.examples import PAD, Examples, steps_for
 
 COLD_SHARE = 20  # 1 item in 20 is held out of training
 
@@ -133,90 +130,13 @@ def held_out_items(catalog: Catalog) -> np.ndarray:
     return np.array([is_cold(item.item_id) for item in catalog.items])
 
 
-def score(model, evalset: EvalSet, vectors: torch.Tensor, personal_alpha: float,
-          bf16: bool = False) -> dict:
-    return evaluate(model, evalset.examples, vectors, personal_alpha=personal_alpha,
-                    exclude=evalset.exclude, bf16=bf16)
-
-
-def pick_cold_rule(model: PromptRecModel, weights: PromptWeights, split: Split,
-                   vectors: torch.Tensor, personal_alpha: float) -> tuple[str, dict[str, float]]:
-    """Load `weights` with the unseen-item rule that ranks unseen validation targets best
-    ("text": zero token, mean bias; "neighbours": those of the nearest seen items by
-    text); ties keep "text". -> (rule, validation HR@10 of those events per rule)."""
-    seen = split.train_item_counts > 0
-    candidates = {"text": unseen_items_fall_back_to_text(weights, seen)}
-    if weights.has_item_weights:  # otherwise the neighbours rule changes nothing
-        candidates["neighbours"] = unseen_items_fall_back_to_text(weights, seen, vectors)
-    scores = {}
-    for name, candidate in candidates.items():
-        model.load_weights(candidate)
-        scores[name] = round(score(model, split.val_unseen, vectors, personal_alpha)["hr10"], 4)
-    rule = max(scores, key=lambda name: (scores[name], name == "text"))
-    model.load_weights(candidates[rule])
-    return rule, scores
-
-
-@dataclass
-class Run:
-    """One training run on one split, its weights chosen on validation."""
-
-    model: PromptRecModel
-    val_ndcg10: float
-    best_step: int
-    losses: list[float]
-    train_seconds: float
-    rule: str
-    rule_val_hr10: dict[str, float]
-    curve: list[tuple[int, float]]  # (step, validation NDCG@10) at each checkpoint
-
-
-def train_run(settings: Settings, catalog: Catalog, split: Split, steps: int, eval_every: int,
-              seed: int, progress: bool, label: str) -> Run:
-    """Train the configured model on split.train, keep the step best on validation
-    NDCG@10, then give unseen items the rule that validation picks."""
-    vectors, alpha = catalog.vectors, settings.streaming.personal_alpha
-    torch.manual_seed(seed)
-    tokenizer, encoder = load_backbone(resolve_backbone_path(settings.model.backbone_path))
-    model = PromptRecModel(encoder, initial_weights(tokenizer, encoder, settings.model,
-                                                    num_items=len(catalog)))
-    optimizer = make_optimizer(model, settings.training.learning_rate,
-                               settings.training.item_token_lr)
-    rng = np.random.default_rng(seed)
-    bf16 = settings.training.bf16  # the checkpoints' users too; test scores are float32
-    best = (score(model, split.val, vectors, alpha, bf16)["ndcg10"], model.weights(), 0)
-    curve = [(0, round(best[0], 4))]
-    step_iter = enumerate(batches(len(split.train), settings.training.batch_size, steps, rng), 1)
-    if progress:
-        from tqdm import tqdm
-
-        step_iter = tqdm(step_iter, total=steps, desc=f"{label} on {settings.infra.dataset}",
-                         unit="step")
-    started, losses = time.monotonic(), []
-    for step, rows in step_iter:
-        losses.append(train_step(model, optimizer, split.train.subset(rows), vectors, alpha,
-                                 bf16=bf16))
-        if (eval_every and step % eval_every == 0) or step == steps:
-            val = score(model, split.val, vectors, alpha, bf16)["ndcg10"]
-            curve.append((step, round(val, 4)))
-            if progress:
-                step_iter.set_postfix(val_ndcg10=f"{val:.4f}", best=f"{max(val, best[0]):.4f}")
-            if val >= best[0]:  # the validation split picks the weights, never the test
-                best = (val, model.weights(), step)
-    train_seconds = time.monotonic() - started
-    model.load_weights(best[1])
-    rule, rule_val = pick_cold_rule(model, best[1], split, vectors, alpha)
-    return Run(model, best[0], best[2], losses, train_seconds, rule, rule_val, curve)
-
-
 STANDARD_KEYS = ["ndcg10", "hr10", "pop_ndcg10", "pop_hr10", "val_ndcg10", "best_step",
                  "train_examples", "test_users", "unseen_rule"]
 COLD_KEYS = ["cold_hr10", "cold_ndcg10", "pop_cold_hr10", "cold_test_events", "cold_rule",
              "cold_rule_val_hr10", "cold_val_events", "cold_run"]
 
 
-def r4(x: float) -> float:
-    return round(x, 4)
+r4 = functools.partial(round, ndigits=4)
 
 
 def run_offline(settings: Settings, catalog: Catalog, interactions: Interactions,
@@ -227,7 +147,7 @@ def run_offline(settings: Settings, catalog: Catalog, interactions: Interactions
     precision, streaming's history length and personal rate) -> the result. The budget is
     `steps`, or `epochs` over the standard split's training rows (both runs take as many
     steps)."""
-    history_len, alpha = settings.streaming.history_len, settings.streaming.personal_alpha
+    history_len, alpha = settings.streaming.history_len, personal_rate(settings)
     vectors, model_config, rows = catalog.vectors, settings.model, settings.training.train_rows
     split = leave_one_out(interactions, catalog, history_len, max_users, rows=rows)
     if epochs is not None:
@@ -257,6 +177,7 @@ def run_offline(settings: Settings, catalog: Catalog, interactions: Interactions
         "causal": model_config.causal, "readout": model_config.readout,
         "user_layers": model_config.user_layers or model.encoder.config.num_hidden_layers,
         "history_len": history_len, "train_rows": rows, "bf16": settings.training.bf16,
+        "personal_prompts": settings.serving.personal_prompts,
         "ndcg10": r4(test["ndcg10"]), "hr10": r4(test["hr10"]),
         "pop_ndcg10": r4(pop_test["ndcg10"]), "pop_hr10": r4(pop_test["hr10"]),
         "cold_hr10": r4(cold["hr10"]), "cold_ndcg10": r4(cold["ndcg10"]),

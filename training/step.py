@@ -31,14 +31,17 @@ def collate(history: np.ndarray, item_vectors: torch.Tensor, device: torch.devic
 
 
 def replay_personal(history: np.ndarray, weights: np.ndarray | None,
-                    item_vectors: torch.Tensor, alpha: float, every_step: bool = False
-                    ) -> torch.Tensor:
+                    item_vectors: torch.Tensor, alpha: float | None, every_step: bool = False
+                    ) -> torch.Tensor | None:
     """The shards' personal-prompt rule replayed over each example's history window.
 
     history [B, L] catalog indices (PAD = -1), weights [B, L] event weights or None,
     item_vectors [N, H] frozen text vectors (the shards never see item tokens) ->
-    personal [B, H], or with `every_step` [B, L, H].
+    personal [B, H], or with `every_step` [B, L, H]; None when `alpha` is None (personal
+    prompts off, as `ServingSettings.personal_prompts` turns them off in serving).
     """
+    if alpha is None:
+        return None
     text_history, mask = collate(history, item_vectors, item_vectors.device)
     if weights is not None:
         weights = torch.as_tensor(weights, device=item_vectors.device)
@@ -58,7 +61,7 @@ def make_optimizer(model: nn.Module, learning_rate: float,
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Examples,
-               item_vectors: torch.Tensor, personal_alpha: float = DEFAULT_PERSONAL_ALPHA,
+               item_vectors: torch.Tensor, personal_alpha: float | None = DEFAULT_PERSONAL_ALPHA,
                bf16: bool = False) -> float:
     """One step of full-softmax cross-entropy over the whole catalog; returns the loss.
 
@@ -104,7 +107,7 @@ def next_items(idx: torch.Tensor, mask: torch.Tensor, target: torch.Tensor) -> t
 
 @torch.no_grad()
 def evaluate(model, examples: Examples, item_vectors: torch.Tensor, k: int = 10,
-             batch_size: int = 128, personal_alpha: float = DEFAULT_PERSONAL_ALPHA,
+             batch_size: int = 128, personal_alpha: float | None = DEFAULT_PERSONAL_ALPHA,
              exclude: np.ndarray | None = None, bf16: bool = False) -> dict[str, float]:
     """Full ranking over the catalog, seen items masked -> HR@k, NDCG@k.
 

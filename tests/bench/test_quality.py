@@ -164,3 +164,15 @@ def test_batches_cover_every_example_once_per_epoch():
     assert len(seen) == 20
     assert sorted(seen[:10].tolist()) == list(range(10))  # the first epoch, whole
     assert np.bincount(seen, minlength=10).tolist() == [2] * 10
+
+
+def test_personal_prompts_off_trains_and_scores_without_them():
+    from bench.quality_run import personal_rate
+    from services.config_sources import load_settings
+    from training.step import replay_personal
+
+    assert personal_rate(load_settings(env={})) == 0.1
+    assert personal_rate(load_settings(env={}, overrides={"personal_prompts": False})) is None
+    history = np.array([[0, 1, PAD]])
+    assert replay_personal(history, None, torch.eye(3), None) is None
+    assert replay_personal(history, None, torch.eye(3), 0.5).tolist() == [[0.5, 0.5, 0.0]]

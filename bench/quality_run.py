@@ -1,0 +1,105 @@
+"""One training run of the offline evaluation: train on a split's training rows, keep
+the checkpoint best on validation NDCG@10, then give unseen items the rule validation
+picks. The split and the protocol are bench/quality.py's."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from services.backbone import load_backbone, resolve_backbone_path
+from services.catalog import Catalog
+from services.config import Settings
+from services.prompt_model import PromptRecModel
+from services.weights import PromptWeights, initial_weights, unseen_items_fall_back_to_text
+from training.examples import batches
+from training.step import evaluate, make_optimizer, train_step
+
+if TYPE_CHECKING:
+    from bench.quality import EvalSet, Split
+
+
+def personal_rate(settings: Settings) -> float | None:
+    """The personal-prompt rate training replays; None when serving turns them off."""
+    return settings.streaming.personal_alpha if settings.serving.personal_prompts else None
+
+
+def score(model, evalset: EvalSet, vectors: torch.Tensor, personal_alpha: float | None,
+          bf16: bool = False) -> dict:
+    return evaluate(model, evalset.examples, vectors, personal_alpha=personal_alpha,
+                    exclude=evalset.exclude, bf16=bf16)
+
+
+def pick_cold_rule(model: PromptRecModel, weights: PromptWeights, split: Split,
+                   vectors: torch.Tensor, personal_alpha: float | None
+                   ) -> tuple[str, dict[str, float]]:
+    """Load `weights` with the unseen-item rule that ranks unseen validation targets best
+    ("text": zero token, mean bias; "neighbours": those of the nearest seen items by
+    text); ties keep "text". -> (rule, validation HR@10 of those events per rule)."""
+    seen = split.train_item_counts > 0
+    candidates = {"text": unseen_items_fall_back_to_text(weights, seen)}
+    if weights.has_item_weights:  # otherwise the neighbours rule changes nothing
+        candidates["neighbours"] = unseen_items_fall_back_to_text(weights, seen, vectors)
+    scores = {}
+    for name, candidate in candidates.items():
+        model.load_weights(candidate)
+        scores[name] = round(score(model, split.val_unseen, vectors, personal_alpha)["hr10"], 4)
+    rule = max(scores, key=lambda name: (scores[name], name == "text"))
+    model.load_weights(candidates[rule])
+    return rule, scores
+
+
+@dataclass
+class Run:
+    """One training run on one split, its weights chosen on validation."""
+
+    model: PromptRecModel
+    val_ndcg10: float
+    best_step: int
+    losses: list[float]
+    train_seconds: float
+    rule: str
+    rule_val_hr10: dict[str, float]
+    curve: list[tuple[int, float]]  # (step, validation NDCG@10) at each checkpoint
+
+
+def train_run(settings: Settings, catalog: Catalog, split: Split, steps: int, eval_every: int,
+              seed: int, progress: bool, label: str) -> Run:
+    """Train the configured model on split.train, keep the step best on validation
+    NDCG@10, then give unseen items the rule that validation picks."""
+    vectors, alpha = catalog.vectors, personal_rate(settings)
+    torch.manual_seed(seed)
+    tokenizer, encoder = load_backbone(resolve_backbone_path(settings.model.backbone_path))
+    model = PromptRecModel(encoder, initial_weights(tokenizer, encoder, settings.model,
+                                                    num_items=len(catalog)))
+    optimizer = make_optimizer(model, settings.training.learning_rate,
+                               settings.training.item_token_lr)
+    rng = np.random.default_rng(seed)
+    bf16 = settings.training.bf16  # the checkpoints' users too; test scores are float32
+    best = (score(model, split.val, vectors, alpha, bf16)["ndcg10"], model.weights(), 0)
+    curve = [(0, round(best[0], 4))]
+    step_iter = enumerate(batches(len(split.train), settings.training.batch_size, steps, rng), 1)
+    if progress:
+        from tqdm import tqdm
+
+        step_iter = tqdm(step_iter, total=steps, desc=f"{label} on {settings.infra.dataset}",
+                         unit="step")
+    started, losses = time.monotonic(), []
+    for step, rows in step_iter:
+        losses.append(train_step(model, optimizer, split.train.subset(rows), vectors, alpha,
+                                 bf16=bf16))
+        if (eval_every and step % eval_every == 0) or step == steps:
+            val = score(model, split.val, vectors, alpha, bf16)["ndcg10"]
+            curve.append((step, round(val, 4)))
+            if progress:
+                step_iter.set_postfix(val_ndcg10=f"{val:.4f}", best=f"{max(val, best[0]):.4f}")
+            if val >= best[0]:  # the validation split picks the weights, never the test
+                best = (val, model.weights(), step)
+    train_seconds = time.monotonic() - started
+    model.load_weights(best[1])
+    rule, rule_val = pick_cold_rule(model, best[1], split, vectors, alpha)
+    return Run(model, best[0], best[2], losses, train_seconds, rule, rule_val, curve)
