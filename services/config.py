@@ -168,7 +168,7 @@ class TrainingSettings:
                                 "uses learning_rate)", ">0")
     bf16: bool = _opt(False, "training forward passes under bfloat16 autocast (CPUs with "
                       "avx512_bf16/AMX, GPUs: ~2x faster); weights and Adam stay float32")
-    train_rows: str = _opt("targets", "training examples: 'targets' (one per event, its "
+    train_rows: str = _opt("users", "training examples: 'targets' (one per event, its "
                            "history_len items before it) or 'users' (one row per user, the "
                            "last history_len + 1 items, a loss at every position; causal "
                            "only)")
