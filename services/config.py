@@ -9,8 +9,8 @@
 
 Every setting has one flat name, unique across sections, used three ways (later ones
 winning): the default below, a `PROMPTREC_<NAME>` environment variable, a `--name` CLI
-flag (`services/config_sources.py`). Each field's rule (`>=1`, `>0`, `>=0`, `port`,
-`rate`) is checked by `validate()` at start-up, naming the setting; rules that tie two
+flag (`services/config_sources.py`). `validate()` checks each field's rule
+(`services/config_rules.py`) at start-up, naming the setting; rules that tie two
 settings together live in their section's `check`.
 """
 
@@ -23,11 +23,11 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
+from services.config_rules import Rule
+
 ENV_PREFIX = "PROMPTREC_"
 DATASETS = ("ml-100k", "ml-1m")
 KAFKA_CLIENTS = ("kafka-python", "confluent-kafka")
-READOUTS = ("last", "mean")
-TRAIN_ROWS = ("targets", "users")
 
 
 def env_name(setting: str) -> str:
@@ -145,14 +145,12 @@ class ModelConfig:
                         "the next item after every position (as SASRec does); the personal "
                         "prompt is added to the user vector by a trained gate")
     readout: str = _opt("last", "causal versions read the user after an item as 'last' (the "
-                        "hidden state there) or 'mean' (over the prompt and items so far)")
+                        "hidden state there) or 'mean' (over the prompt and items so far)",
+                        "in:last,mean")
     user_layers: int = _opt(2, "backbone layers the user side runs (its first k; 0 = all); "
                             "item text vectors always come from the whole backbone", ">=0")
 
     def check(self) -> None:
-        if self.readout not in READOUTS:
-            raise ConfigError("readout", f"must be one of {', '.join(READOUTS)}, got "
-                              f"{self.readout!r}")
         if self.backbone_path and not (Path(self.backbone_path) / "config.json").is_file():
             raise ConfigError("backbone_path", f"{self.backbone_path} has no config.json")
 
@@ -168,25 +166,23 @@ class TrainingSettings:
                                 "uses learning_rate)", ">0")
     bf16: bool = _opt(False, "training forward passes under bfloat16 autocast (CPUs with "
                       "avx512_bf16/AMX, GPUs: ~2x faster); weights and Adam stay float32")
-    train_rows: str = _opt("users", "training examples: 'targets' (one per event, its "
-                           "history_len items before it) or 'users' (one row per user, the "
-                           "last history_len + 1 items, a loss at every position; causal "
-                           "only)")
+    train_rows: str = _opt("users", "'users': one row per user, its last history_len + 1 "
+                           "items, a loss at every position (causal); 'targets': one per "
+                           "event with the items before it", "in:targets,users")
+    dropout: float = _opt(0.0, "training dropout on the history's item vectors; above 0 the "
+                          "user side's backbone layers also drop at their own rates", "share")
     val_users: int = _opt(200, "held-out users for the validation gate", ">=1")
     gate_margin: float = _opt(0.005, "publish only if held-out NDCG@10 >= serving NDCG@10 - "
                               "margin", ">=0")
     train_every_events: int = _opt(50_000, "start a training round after this many new events "
                                    "(0: off)", ">=0")
-    first_round_events: int = _opt(2_000, "the first round starts after this many events, so "
-                                   "an untrained prompt serves briefly (0: train_every_events)",
-                                   ">=0")
+    first_round_events: int = _opt(2_000, "events before the first round, so an untrained "
+                                   "prompt serves briefly (0: train_every_events)", ">=0")
     train_every_s: float = _opt(0.0, "start a training round after this many seconds (0: off)",
                                 ">=0")
 
-    def check(self) -> None:
-        if self.train_rows not in TRAIN_ROWS:
-            raise ConfigError("train_rows", f"must be one of {', '.join(TRAIN_ROWS)}, got "
-                              f"{self.train_rows!r}")
+    def check(self) -> None:  # no rule ties two training settings together
+        return None
 
 
 @dataclass(frozen=True)
@@ -233,15 +229,6 @@ class ServingSettings:
                               f"max_ongoing_requests ({self.max_ongoing_requests})")
 
 
-_RULES = {
-    ">=1": (lambda v: v >= 1, "must be >= 1"),
-    ">0": (lambda v: v > 0, "must be > 0"),
-    ">=0": (lambda v: v >= 0, "must be >= 0"),
-    "port": (lambda v: 0 < v < 65536, "must be a TCP port"),
-    "rate": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
-}
-
-
 @dataclass(frozen=True)
 class Settings:
     infra: InfraSettings = field(default_factory=InfraSettings)
@@ -254,10 +241,9 @@ class Settings:
         for section_name, f in setting_fields():
             rule = f.metadata["rule"]
             if rule:
-                ok, message = _RULES[rule]
                 value = getattr(getattr(self, section_name), f.name)
-                if not ok(value):
-                    raise ConfigError(f.name, f"{message}, got {value}")
+                if not (rule := Rule.named(rule)).allows(value):
+                    raise ConfigError(f.name, f"{rule.message}, got {value!r}")
         for section in SECTIONS:
             getattr(self, section).check()
         return self

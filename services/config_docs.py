@@ -18,6 +18,7 @@ from services.config import (
     flag_name,
     setting_fields,
 )
+from services.config_rules import Rule
 
 COMMAND = "python -m services.config_docs > docs/configuration.md"
 
@@ -27,10 +28,6 @@ INTROS = {
     "model": "The structure of the trainable prompt; every weights blob records these values.",
     "training": "Ray Train rounds: workers, optimiser, schedule and the validation gate.",
     "serving": "Ray Serve replicas, the HTTP API, overload limits, batching and the cache.",
-}
-
-RULES = {
-    ">=1": "≥ 1", ">0": "> 0", ">=0": "≥ 0", "port": "TCP port (1–65535)", "rate": "in (0, 1]",
 }
 
 HEADER = f"""# Configuration
@@ -60,7 +57,7 @@ def _cell(text: str) -> str:
 
 
 def _row(f: dataclasses.Field) -> str:
-    rule = RULES[f.metadata["rule"]] if f.metadata["rule"] else ""
+    rule = Rule.named(f.metadata["rule"]).shown if f.metadata["rule"] else ""
     kind = getattr(f.type, "__name__", f.type)  # a str under `from __future__ import annotations`
     cells = (f"`{f.name}`", f"`{flag_name(f.name)}`", f"`{env_name(f.name)}`",
              f"`{kind}`", f"`{f.default!r}`", rule, f.metadata["help"].replace("<", "&lt;"))

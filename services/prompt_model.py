@@ -50,6 +50,7 @@ class PromptRecModel(nn.Module):
         self.item_bias = _param(weights.item_bias)  # [N] or None
         self.item_delta = _param(weights.item_delta)  # [N, H] or None
         self.personal_gate = _param(weights.personal_gate)  # [] or None (causal only)
+        self.dropout = 0.0  # on the history's item vectors in train mode (training sets it)
 
     @property
     def causal(self) -> bool:
@@ -180,6 +181,7 @@ class PromptRecModel(nn.Module):
         """
         items = self.item_table(text_vectors)
         history = items[history_idx] * history_mask.unsqueeze(-1).to(items.dtype)
+        history = F.dropout(history, self.dropout, self.training and self.dropout > 0)
         if self.causal:
             users = self.add_personal(self.encode_prefixes(history, history_mask), personal)
             return self.logits(users, items)

@@ -62,12 +62,14 @@ def make_optimizer(model: nn.Module, learning_rate: float,
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Examples,
                item_vectors: torch.Tensor, personal_alpha: float | None = DEFAULT_PERSONAL_ALPHA,
-               bf16: bool = False) -> float:
+               bf16: bool = False, dropout: float = 0.0) -> float:
     """One step of full-softmax cross-entropy over the whole catalog; returns the loss.
 
     model(history_idx [B,L], mask [B,L], text vectors [N,H], personal [B,H]) -> logits
     [B, N]; item_vectors [N, H] are the frozen text vectors. `bf16`: the forward pass
     under bfloat16 autocast (the matmuls; the loss, weights and Adam stay float32).
+    `dropout` > 0 puts the model in train mode: that rate on the history's item vectors,
+    the backbone's own rates in its layers (`evaluate` puts it back in eval mode).
     """
     device = item_vectors.device
     batch = batch.trimmed()
@@ -75,7 +77,10 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Exampl
     mask = idx != PAD
     idx = idx.clamp(min=0)
     target = torch.as_tensor(batch.target, dtype=torch.long, device=device)
-    causal = getattr(model, "module", model).causal  # DDP wraps the model
+    core = getattr(model, "module", model)  # DDP wraps the model
+    core.dropout = dropout
+    core.train(dropout > 0)
+    causal = core.causal
     personal = replay_personal(batch.history, batch.weights, item_vectors, personal_alpha,
                                every_step=causal)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -119,6 +124,8 @@ def evaluate(model, examples: Examples, item_vectors: torch.Tensor, k: int = 10,
     """
     if len(examples) == 0:
         return {"hr10": 0.0, "ndcg10": 0.0, "n": 0}
+    if isinstance(model, nn.Module):
+        model.eval()  # no dropout when scoring
     items = model.item_table(item_vectors)
     hits = ndcg = 0.0
     for start in range(0, len(examples), batch_size):

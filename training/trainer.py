@@ -151,7 +151,8 @@ def rounds_loop_per_worker(config: dict) -> None:
             batch = train.subset(rng.choice(mine, size=min(s.training.batch_size, len(mine)),
                                             replace=False))
             losses.append(train_step(model, optimizer, batch, items,
-                                     s.streaming.personal_alpha, bf16=s.training.bf16))
+                                     s.streaming.personal_alpha, bf16=s.training.bf16,
+                                     dropout=s.training.dropout))
             if rank == 0 and (step + 1) % max(1, steps // 4) == 0:
                 print(f"[train round {round_no}] step {step + 1}/{steps} "
                       f"loss {np.mean(losses[-10:]):.3f}", flush=True)

@@ -40,6 +40,7 @@ def test_cli_flags_are_generated_for_every_setting():
     ({"PROMPTREC_READOUT": "first"}, "readout"),
     ({"PROMPTREC_USER_LAYERS": "-1"}, "user_layers"),
     ({"PROMPTREC_TRAIN_ROWS": "sessions"}, "train_rows"),
+    ({"PROMPTREC_DROPOUT": "1.0"}, "dropout"),
 ])
 def test_bad_config_fails_fast_naming_the_setting(env, setting):
     with pytest.raises(ConfigError) as err:
@@ -98,3 +99,8 @@ def test_a_tools_own_defaults_lose_to_flags_and_win_over_the_env():
     env = {"PROMPTREC_NUM_SHARDS": "3", "PROMPTREC_NAMESPACE": "from-env"}
     settings = settings_from_flags(args, env=env, base={"num_shards": 1, "namespace": "tool"})
     assert (settings.streaming.num_shards, settings.infra.namespace) == (4, "tool")
+
+
+def test_a_choice_rule_names_the_values_it_allows():
+    with pytest.raises(ConfigError, match="must be one of last, mean, got 'first'"):
+        load_settings(env={"PROMPTREC_READOUT": "first"})

@@ -112,3 +112,26 @@ def test_a_bf16_step_learns_with_float32_weights():
     losses = [train_step(model, optimizer, batch, text, bf16=True) for _ in range(15)]
     assert np.isfinite(losses).all() and losses[-1] < losses[0] * 0.5
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_dropout_trains_in_train_mode_and_evaluation_scores_without_it():
+    from training.step import evaluate
+
+    torch.manual_seed(0)
+    tokenizer, encoder = load_backbone(default_backbone_path())
+    config = plain_config(4, item_tokens=True, causal=True, readout="last", user_layers=1)
+    model = PromptRecModel(encoder, initial_weights(tokenizer, encoder, config, num_items=8))
+    text = torch.nn.functional.normalize(torch.randn(8, encoder.config.hidden_size), dim=-1)
+    batch = Examples(np.array([[0, 1, 2, -1], [3, 6, -1, -1]], np.int32),
+                     np.array([4, 5], np.int32))
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    train_step(model, optimizer, batch, text, dropout=0.5)
+    assert model.training and model.encoder.training and model.dropout == 0.5
+    idx = torch.as_tensor(batch.history, dtype=torch.long)
+    noisy = [model(idx.clamp(min=0), idx >= 0, text) for _ in range(2)]
+    assert not torch.allclose(noisy[0], noisy[1])  # dropout is on
+    first = evaluate(model, batch, text)
+    assert not model.training and not model.encoder.training
+    assert evaluate(model, batch, text) == first  # scoring is deterministic
+    train_step(model, optimizer, batch, text)  # dropout 0: the step runs in eval mode
+    assert not model.training
