@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
               "protocol": "standard split (bench/quality.py); validation NDCG@10 only, the "
                           "test split is not read",
               "wall_seconds": round(time.monotonic() - started),
-              **run_stamp("python -m bench.ablation " + " ".join(argv), load=True)}
+              **run_stamp(" ".join(["python -m bench.ablation", *argv]), load=True)}
     out = write_result(args.out or result_path(f"ablation_{args.dataset}.json"), result)
     print(markdown(rows))
     print(f"written to {out}")

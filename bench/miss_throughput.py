@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"variants": variants, "concurrency": args.concurrency,
               "throughput_seconds": args.throughput_seconds, "events": args.events,
               "wall_seconds": round(time.monotonic() - started),
-              **run_stamp("python -m bench.miss_throughput " + " ".join(argv), load=True)}
+              **run_stamp(" ".join(["python -m bench.miss_throughput", *argv]), load=True)}
     out = write_result(args.out or result_path("miss_throughput.json"), result)
     for name, row in variants.items():
         print(f"{name}: {row['ok_per_s']} ok/s, p50 {row.get('p50_ms')} ms, "
