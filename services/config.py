@@ -166,7 +166,7 @@ class TrainingSettings:
                                 "uses learning_rate)", ">0")
     bf16: bool = _opt(False, "training forward passes under bfloat16 autocast (CPUs with "
                       "avx512_bf16/AMX, GPUs: ~2x faster); weights and Adam stay float32")
-    train_rows: str = _opt("users", "'users': one row per user, its last history_len + 1 "
+    train_rows: str = _opt("targets", "'users': one row per user, its last history_len + 1 "
                            "items, a loss at every position (causal); 'targets': one per "
                            "event with the items before it", "in:targets,users")
     dropout: float = _opt(0.0, "training dropout on the history's item vectors; above 0 the "

@@ -22,7 +22,9 @@ class RoundScheduler:
                  check_every_s: float = 2.0):
         self.runner = runner
         self.every_events = training.train_every_events
-        self.first_events = training.first_round_events or training.train_every_events
+        # The first round never waits longer than any other would.
+        first = training.first_round_events or self.every_events
+        self.first_events = min(first, self.every_events) if self.every_events else first
         self.every_s = training.train_every_s
         self.events_applied = events_applied
         self.check_every_s = check_every_s

@@ -71,6 +71,9 @@ def test_the_first_round_starts_early_and_later_ones_on_the_usual_trigger():
     usual = RoundScheduler(None, TrainingSettings(train_every_events=100,
                                                   first_round_events=0), lambda: 0)
     assert not usual.due(99, 0, first=True) and usual.due(100, 0, first=True)
+    often = RoundScheduler(None, TrainingSettings(train_every_events=100,
+                                                  first_round_events=500), lambda: 0)
+    assert often.due(100, 0, first=True)  # never later than any other round
 
 
 def test_a_causal_step_learns_every_next_item_of_the_history():
