@@ -6,19 +6,59 @@ from pathlib import Path
 
 from bench.prequential import Evaluation
 
+BASELINES = ("popularity", "recent_popularity")
+LEARNING_ARMS = ("online", "rounds_only")  # the arms that follow rounds
+
 
 def build_result(evaluation: Evaluation, **meta) -> dict:
     return {**meta,
             "arms": {name: t.summary() for name, t in evaluation.totals.items()},
+            "blocks": block_wins(evaluation.windows, meta.get("rounds", [])),
             "leak_check": {name: c.to_dict() for name, c in evaluation.leaks.items()},
             "phase_seconds": {name: round(v, 1) for name, v in evaluation.seconds.items()},
             "windows": evaluation.windows}
+
+
+def block_wins(windows: list[dict], rounds: list[dict], min_events: int = 1000) -> dict:
+    """From the first published round on, consecutive windows grouped into blocks of at
+    least `min_events` sampled events (so that a block's difference is not noise; a last,
+    smaller rest is left out), and in how many blocks each learning arm's HR@10 is above
+    each baseline's (a tie is no win)."""
+    published = [r["after_events"] for r in rounds if r.get("outcome") == "published"]
+    start = published[0] if published else None
+    series: list[dict] = []
+    block: list[dict] = []
+    for w in windows:
+        if start is None or w["first_event"] < start or not w["arms"]:
+            continue
+        block.append(w)
+        evaluated = sum(b["evaluated"] for b in block)
+        if evaluated >= min_events:
+            names = block[0]["arms"]
+            hits = {a: sum(b["arms"][a]["hr10"] * b["arms"][a]["events_evaluated"]
+                           for b in block) for a in names}
+            series.append({"first_event": block[0]["first_event"],
+                           "end_event": w["first_event"] + w["events"],
+                           "events_evaluated": evaluated,
+                           "hr10": {a: round(h / evaluated, 4) for a, h in hits.items()}})
+            block = []
+    wins = {arm: {base: sum(b["hr10"][arm] > b["hr10"][base] for b in series)
+                  for base in BASELINES if series and base in series[0]["hr10"]}
+            for arm in LEARNING_ARMS if series and arm in series[0]["hr10"]}
+    return {"min_sampled_events": min_events, "from_event": start, "count": len(series),
+            "wins": wins, "series": series}
 
 
 def markdown_table(result: dict) -> str:
     lines = ["| arm | HR@10 | NDCG@10 | events evaluated |", "|---|---|---|---|"]
     for name, arm in result["arms"].items():
         lines.append(f"| {name} | {arm['hr10']} | {arm['ndcg10']} | {arm['events_evaluated']:,} |")
+    blocks = result.get("blocks") or {}
+    for arm, against in blocks.get("wins", {}).items():
+        for base, won in against.items():
+            lines.append(f"\n{arm} above {base} in {won} of {blocks['count']} blocks of "
+                         f">= {blocks['min_sampled_events']:,} sampled events after the "
+                         f"first round")
     return "\n".join(lines)
 
 

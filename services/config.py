@@ -160,6 +160,9 @@ class TrainingSettings:
     train_workers: int = _opt(2, "Ray Train workers (DDP)", ">=1")
     use_gpu: bool = _opt(False, "train on GPUs (NCCL)")
     train_steps: int = _opt(40, "optimizer steps per training round", ">=1")
+    round_max_epochs: float = _opt(1.0, "a round takes at most this many passes over its "
+                                   "examples (fewer steps than train_steps when it has little "
+                                   "data, so that a small round does not overfit it)", ">0")
     batch_size: int = _opt(32, "examples per worker per step", ">=1")
     learning_rate: float = _opt(0.01, "Adam learning rate", ">0")
     item_token_lr: float = _opt(0.003, "Adam learning rate of the item tokens (the soft prompt "

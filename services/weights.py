@@ -224,17 +224,23 @@ def init_soft_prompt(tokenizer, encoder: nn.Module, config: ModelConfig) -> torc
     return table[torch.tensor(ids)].detach().clone()
 
 
+# The untrained version's personal-prompt gate. Above 0 the personal prompt (a recency
+# average of the user's item vectors) counts before any round: on ML-100K validation the
+# untrained version's NDCG@10 was 0.0198 with gate 0, 0.0215 with 0.5, 0.0206 with 1.0.
+INITIAL_PERSONAL_GATE = 0.5
+
+
 def initial_weights(tokenizer, encoder: nn.Module, config: ModelConfig,
                     num_items: int = 0) -> PromptWeights:
     """A first version of the structure `config` gives: the soft prompt from the task
-    text, temperature 20, zero item weights, gate 0 (as if there were no personal prompt)."""
+    text, temperature 20, zero item weights, the personal gate `INITIAL_PERSONAL_GATE`."""
     prompt = init_soft_prompt(tokenizer, encoder, config)  # [P, H]
     s = PromptStructure.of(config, prompt.shape[1], num_items)
     return PromptWeights(
         s, soft_prompt=prompt, logit_scale=torch.tensor(math.log(20.0)),
         item_bias=torch.zeros(s.num_items) if s.item_bias else None,
         item_delta=torch.zeros(s.num_items, s.hidden_size) if s.item_tokens else None,
-        personal_gate=torch.tensor(0.0) if s.causal else None)
+        personal_gate=torch.tensor(INITIAL_PERSONAL_GATE) if s.causal else None)
 
 
 def unseen_items_fall_back_to_text(weights: PromptWeights, seen: np.ndarray,

@@ -135,3 +135,10 @@ def batches(n_examples: int, batch_size: int, steps: int, rng: np.random.Generat
 
 def steps_for(epochs: float, n_examples: int, batch_size: int) -> int:
     return max(1, math.ceil(epochs * n_examples / batch_size))
+
+
+def round_steps(train_steps: int, max_epochs: float, n_examples: int, batch_size: int,
+                workers: int) -> int:
+    """A round's steps: `train_steps`, or fewer when that many would take more than
+    `max_epochs` passes over its `n_examples` (each step reads batch_size per worker)."""
+    return min(train_steps, steps_for(max_epochs, n_examples, batch_size * workers))

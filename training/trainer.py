@@ -31,7 +31,7 @@ from services.backbone import load_backbone, resolve_backbone_path
 from services.config import Settings
 from services.decoded import decode_version
 from services.prompt_model import PromptRecModel
-from training.examples import Examples
+from training.examples import Examples, round_steps
 from training.step import make_optimizer, train_step
 
 log = logging.getLogger(__name__)
@@ -145,7 +145,9 @@ def rounds_loop_per_worker(config: dict) -> None:
         mine = np.arange(rank, len(train), world)  # disjoint slice per worker
         rng = np.random.default_rng(payload["seed"] + rank)
         optimizer = make_optimizer(core, s.training.learning_rate, s.training.item_token_lr)
-        steps, losses = s.training.train_steps, []
+        steps = round_steps(s.training.train_steps, s.training.round_max_epochs, len(train),
+                            s.training.batch_size, world)
+        losses = []
         started = time.perf_counter()
         for step in range(steps):
             batch = train.subset(rng.choice(mine, size=min(s.training.batch_size, len(mine)),

@@ -18,7 +18,7 @@ from bench.prequential import (
     SampleRule,
     run_windows,
 )
-from bench.prequential_report import build_result, markdown_table, plot, smoothed_hr
+from bench.prequential_report import block_wins, build_result, markdown_table, plot, smoothed_hr
 from services.events import ClickEvent
 from services.rank_metrics import hit_ndcg
 
@@ -277,3 +277,26 @@ def test_a_recent_window_below_one_event_exits_2(value, capsys):
 
     assert main(["eval", "prequential", "--recent-window", value]) == 2
     assert f"--recent-window must be >= 1 (events), not {value}" in capsys.readouterr().err
+
+
+def _window(first: int, evaluated: int, online: float, pop: float) -> dict:
+    arms = {"online": {"hr10": online, "events_evaluated": evaluated},
+            "popularity": {"hr10": pop, "events_evaluated": evaluated}}
+    return {"first_event": first, "events": 100, "evaluated": evaluated, "arms": arms}
+
+
+def test_blocks_start_at_the_first_published_round_and_hold_enough_sampled_events():
+    windows = [_window(0, 600, 0.0, 0.9),  # before the first round: never counted
+               _window(100, 600, 0.2, 0.1), _window(200, 600, 0.0, 0.1),  # one block
+               _window(300, 1000, 0.1, 0.1),  # a tie is no win
+               _window(400, 700, 0.5, 0.0), _window(500, 300, 0.5, 0.0),  # a win
+               _window(600, 999, 0.9, 0.0)]  # a rest below the minimum: left out
+    rounds = [{"after_events": 50, "outcome": "rejected"},
+              {"after_events": 100, "outcome": "published"}]
+    blocks = block_wins(windows, rounds, min_events=1000)
+    assert blocks["from_event"] == 100 and blocks["count"] == 3
+    assert [b["events_evaluated"] for b in blocks["series"]] == [1200, 1000, 1000]
+    assert blocks["series"][0]["hr10"] == {"online": 0.1, "popularity": 0.1}
+    assert blocks["series"][0]["end_event"] == 300
+    assert blocks["wins"] == {"online": {"popularity": 1}}
+    assert block_wins(windows, rounds[:1])["count"] == 0  # nothing published: no blocks

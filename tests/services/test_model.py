@@ -187,7 +187,9 @@ def test_a_causal_version_adds_the_personal_prompt_by_its_trained_gate(backbone)
     personal = torch.nn.functional.normalize(torch.randn(1, hidden), dim=-1)
     with torch.no_grad():
         alone = model.encode_users(history, mask)
-        assert torch.allclose(model.encode_users(history, mask, personal), alone)  # gate 0
+        assert not torch.allclose(model.encode_users(history, mask, personal), alone)
+        model.personal_gate.fill_(0.0)
+        assert torch.allclose(model.encode_users(history, mask, personal), alone)
         model.personal_gate.fill_(1.0)
         mixed = model.encode_users(history, mask, personal)
         assert torch.allclose(mixed[0], torch.nn.functional.normalize(alone[0] + personal[0],

@@ -7,7 +7,7 @@ from services.config import TrainingSettings
 from services.prompt_model import PromptRecModel
 from services.weights import initial_weights
 from tests.model_configs import plain_config
-from training.examples import PAD, Examples
+from training.examples import PAD, Examples, round_steps
 from training.scheduler import RoundScheduler
 from training.step import evaluate, mask_seen, train_step
 
@@ -138,3 +138,10 @@ def test_dropout_trains_in_train_mode_and_evaluation_scores_without_it():
     assert evaluate(model, batch, text) == first  # scoring is deterministic
     train_step(model, optimizer, batch, text)  # dropout 0: the step runs in eval mode
     assert not model.training
+
+
+def test_a_small_round_takes_fewer_steps_than_train_steps():
+    assert round_steps(200, 1.0, 2_000, 32, 2) == 32  # one pass over 2,000 rows, 64 a step
+    assert round_steps(200, 2.0, 2_000, 32, 2) == 63
+    assert round_steps(40, 1.0, 100_000, 32, 2) == 40  # enough data: train_steps
+    assert round_steps(40, 1.0, 1, 32, 2) == 1
