@@ -174,7 +174,8 @@ class PromptRecModel(nn.Module):
         """The training path: history_idx [B, L] catalog indices (anything where masked),
         history_mask [B, L], text_vectors [N, H] frozen, personal [B, H] -> logits [B, N];
         for a causal version personal is [B, L, H] (the prompt after each position) and
-        the logits [B, L, N]: row t scores the item after history item t.
+        the logits [B, L + 1, N]: row 0 (the prompt alone, as a user without history is
+        encoded) scores the first history item, row t + 1 the item after history item t.
 
         The item table is built inside forward, so under DDP the item tokens' gradient is
         part of the pass that DDP synchronises.
@@ -183,8 +184,10 @@ class PromptRecModel(nn.Module):
         history = items[history_idx] * history_mask.unsqueeze(-1).to(items.dtype)
         history = F.dropout(history, self.dropout, self.training and self.dropout > 0)
         if self.causal:
-            users = self.add_personal(self.encode_prefixes(history, history_mask), personal)
-            return self.logits(users, items)
+            users = self.encode_prefixes(history, history_mask, with_prompt_only=True)
+            if personal is not None:  # no personal prompt before the first item
+                personal = torch.cat([torch.zeros_like(personal[:, :1]), personal], dim=1)
+            return self.logits(self.add_personal(users, personal), items)
         return self.logits(self.encode_users(history, history_mask, personal), items)
 
     def weights(self) -> PromptWeights:

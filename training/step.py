@@ -98,9 +98,17 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Exampl
 
 
 def next_items(idx: torch.Tensor, mask: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """idx [B, L] right-padded histories, mask [B, L], target [B] -> [B, L]: the item that
-    follows each history position (the next history item, then the target at the last
-    one; PAD after it)."""
+    """idx [B, L] right-padded histories, mask [B, L], target [B] -> [B, L + 1]: the item
+    that follows each prefix: the first item after the prompt alone (so that users
+    without history get a trained list), then the next history item, the target after
+    the last one, PAD after it."""
+    first = torch.where(mask[:, 0], idx[:, 0], target.to(idx.dtype)) if idx.shape[1] \
+        else target.to(idx.dtype)
+    return torch.cat([first[:, None], _after_each(idx, mask, target)], dim=1)
+
+
+def _after_each(idx: torch.Tensor, mask: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """[B, L]: the item after each history position (PAD after the target)."""
     shifted = torch.cat([idx[:, 1:], torch.full_like(idx[:, :1], PAD)], dim=1)
     shifted = torch.where(torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], 1),
                           shifted, torch.full_like(shifted, PAD))

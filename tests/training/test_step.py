@@ -87,7 +87,10 @@ def test_a_causal_step_learns_every_next_item_of_the_history():
                      np.array([4, 5], np.int32))
     idx = torch.as_tensor(batch.history, dtype=torch.long)
     assert next_items(idx.clamp(min=0), idx >= 0, torch.as_tensor(batch.target)).tolist() == [
-        [1, 2, 4, -1], [5, -1, -1, -1]]
+        [0, 1, 2, 4, -1], [3, 5, -1, -1, -1]]  # the prompt alone predicts the first item
+    empty = torch.full((2, 1), PAD)
+    assert next_items(empty.clamp(min=0), empty >= 0, torch.tensor([6, 7])).tolist() == [
+        [6, -1], [7, -1]]
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
     losses = [train_step(model, optimizer, batch, text) for _ in range(15)]
     assert np.isfinite(losses).all() and losses[-1] < losses[0] * 0.5
@@ -145,3 +148,22 @@ def test_a_small_round_takes_fewer_steps_than_train_steps():
     assert round_steps(200, 2.0, 2_000, 32, 2) == 63
     assert round_steps(40, 1.0, 100_000, 32, 2) == 40  # enough data: train_steps
     assert round_steps(40, 1.0, 1, 32, 2) == 1
+
+
+def test_training_teaches_the_prompt_alone_what_users_start_with():
+    tokenizer, encoder = load_backbone(default_backbone_path())
+    model = PromptRecModel(encoder, initial_weights(
+        tokenizer, encoder, plain_config(4, item_tokens=True, causal=True), num_items=8))
+    text = torch.nn.functional.normalize(torch.randn(8, encoder.config.hidden_size), dim=-1)
+    batch = Examples(np.array([[6, 1, 2], [6, 4, PAD], [6, PAD, PAD]], np.int32),
+                     np.array([5, 3, 0], np.int32))
+
+    def first_choice() -> int:  # the top item of a user without history
+        with torch.no_grad():
+            users = model.encode_users(torch.zeros(1, 0, text.shape[1]), torch.zeros(1, 0))
+            return int(model.logits(users, model.item_table(text)).argmax())
+
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    for _ in range(15):
+        train_step(model, optimizer, batch, text, personal_alpha=None)
+    assert first_choice() == 6  # every user starts with item 6
