@@ -40,8 +40,8 @@ log = logging.getLogger("promptrec")
 # The settings a result records (what shaped the run).
 RECORDED_SETTINGS = ("train_every_events", "first_round_events", "train_steps",
                      "round_max_epochs", "train_workers", "batch_size", "learning_rate",
-                     "item_token_lr", "bf16", "train_rows", "user_layers", "readout",
-                     "gate_margin",
+                     "item_token_lr", "item_bias_lr", "bf16", "train_rows", "user_layers",
+                     "readout", "gate_margin",
                      "val_users", "history_len",
                      "personal_alpha", "num_replicas", "num_shards", "num_consumers",
                      "partitions")

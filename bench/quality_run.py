@@ -76,8 +76,7 @@ def train_run(settings: Settings, catalog: Catalog, split: Split, steps: int, ev
     tokenizer, encoder = load_backbone(resolve_backbone_path(settings.model.backbone_path))
     model = PromptRecModel(encoder, initial_weights(tokenizer, encoder, settings.model,
                                                     num_items=len(catalog)))
-    optimizer = make_optimizer(model, settings.training.learning_rate,
-                               settings.training.item_token_lr)
+    optimizer = make_optimizer(model, settings.training)
     rng = np.random.default_rng(seed)
     bf16 = settings.training.bf16  # the checkpoints' users too; test scores are float32
     best = (score(model, split.val, vectors, alpha, bf16)["ndcg10"], model.weights(), 0)

@@ -167,6 +167,8 @@ class TrainingSettings:
     learning_rate: float = _opt(0.01, "Adam learning rate", ">0")
     item_token_lr: float = _opt(0.003, "Adam learning rate of the item tokens (the soft prompt "
                                 "uses learning_rate)", ">0")
+    item_bias_lr: float = _opt(0.0, "Adam learning rate of the item bias (0: learning_rate)",
+                               ">=0")
     bf16: bool = _opt(False, "training forward passes under bfloat16 autocast (CPUs with "
                       "avx512_bf16/AMX, GPUs: ~2x faster); weights and Adam stay float32")
     train_rows: str = _opt("targets", "'users': one row per user, its last history_len + 1 "

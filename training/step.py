@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from services.config import StreamingSettings
+from services.config import StreamingSettings, TrainingSettings
 from services.personal import replay
 from services.rank_metrics import hit_ndcg_of_ranks
 from training.examples import PAD, Examples
@@ -48,16 +48,19 @@ def replay_personal(history: np.ndarray, weights: np.ndarray | None,
     return replay(text_history, mask, alpha, weights, every_step)
 
 
-def make_optimizer(model: nn.Module, learning_rate: float,
-                   item_token_lr: float | None = None) -> torch.optim.Optimizer:
-    """Adam over the trainable weights; item tokens may take their own rate (each moves
-    mostly when its item appears, and its entries are ~1/sqrt(H) in size)."""
-    tokens = getattr(model, "item_delta", None)
-    rest = [p for p in model.parameters() if p.requires_grad and p is not tokens]
-    groups: list[dict] = [{"params": rest}]
-    if tokens is not None:
-        groups.append({"params": [tokens], "lr": item_token_lr or learning_rate})
-    return torch.optim.Adam(groups, lr=learning_rate)
+def make_optimizer(model: nn.Module, training: TrainingSettings) -> torch.optim.Optimizer:
+    """Adam over the trainable weights: `learning_rate` for the soft prompt, temperature
+    and gate; item tokens take `item_token_lr` (each moves mostly when its item appears,
+    and its entries are ~1/sqrt(H) in size) and the item bias `item_bias_lr` when set (a
+    bias spans a few nats of popularity; at a prompt's safe rate a round barely moves it)."""
+    tokens, bias = getattr(model, "item_delta", None), getattr(model, "item_bias", None)
+    own = {id(tokens): training.item_token_lr, id(bias): training.item_bias_lr or None}
+    groups: list[dict] = [{"params": [p for p in model.parameters() if p.requires_grad
+                                      and own.get(id(p)) is None]}]
+    for param in (tokens, bias):
+        if param is not None and own[id(param)] is not None:
+            groups.append({"params": [param], "lr": own[id(param)]})
+    return torch.optim.Adam(groups, lr=training.learning_rate)
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Examples,

@@ -144,7 +144,7 @@ def rounds_loop_per_worker(config: dict) -> None:
         train = Examples(inputs["history"], inputs["target"], inputs["weights"])
         mine = np.arange(rank, len(train), world)  # disjoint slice per worker
         rng = np.random.default_rng(payload["seed"] + rank)
-        optimizer = make_optimizer(core, s.training.learning_rate, s.training.item_token_lr)
+        optimizer = make_optimizer(core, s.training)
         steps = round_steps(s.training.train_steps, s.training.round_max_epochs, len(train),
                             s.training.batch_size, world)
         losses = []

@@ -167,3 +167,22 @@ def test_training_teaches_the_prompt_alone_what_users_start_with():
     for _ in range(15):
         train_step(model, optimizer, batch, text, personal_alpha=None)
     assert first_choice() == 6  # every user starts with item 6
+
+
+def test_the_optimiser_gives_item_tokens_and_bias_their_own_rates():
+    from training.step import make_optimizer
+
+    tokenizer, encoder = load_backbone(default_backbone_path())
+    model = PromptRecModel(encoder, initial_weights(
+        tokenizer, encoder, plain_config(4, item_bias=True, item_tokens=True, causal=True), num_items=8))
+
+    def rates(**changes) -> dict[str, float]:
+        optimizer = make_optimizer(model, TrainingSettings(**changes))
+        named = {id(p): n for n, p in model.named_parameters()}
+        return {named[id(p)]: g["lr"] for g in optimizer.param_groups for p in g["params"]}
+
+    shared = rates(learning_rate=0.01, item_token_lr=0.003)
+    assert shared["item_bias"] == shared["soft_prompt"] == 0.01
+    assert shared["item_delta"] == 0.003
+    own = rates(learning_rate=0.001, item_token_lr=0.003, item_bias_lr=0.05)
+    assert own["item_bias"] == 0.05 and own["soft_prompt"] == 0.001
