@@ -28,11 +28,12 @@ def block_wins(windows: list[dict], rounds: list[dict], min_events: int = 1000) 
     start = published[0] if published else None
     series: list[dict] = []
     block: list[dict] = []
+    evaluated = 0
     for w in windows:
         if start is None or w["first_event"] < start or not w["arms"]:
             continue
         block.append(w)
-        evaluated = sum(b["evaluated"] for b in block)
+        evaluated += w["evaluated"]
         if evaluated >= min_events:
             names = block[0]["arms"]
             hits = {a: sum(b["arms"][a]["hr10"] * b["arms"][a]["events_evaluated"]
@@ -41,7 +42,7 @@ def block_wins(windows: list[dict], rounds: list[dict], min_events: int = 1000) 
                            "end_event": w["first_event"] + w["events"],
                            "events_evaluated": evaluated,
                            "hr10": {a: round(h / evaluated, 4) for a, h in hits.items()}})
-            block = []
+            block, evaluated = [], 0
     wins = {arm: {base: sum(b["hr10"][arm] > b["hr10"][base] for b in series)
                   for base in BASELINES if series and base in series[0]["hr10"]}
             for arm in LEARNING_ARMS if series and arm in series[0]["hr10"]}

@@ -53,13 +53,15 @@ def make_optimizer(model: nn.Module, training: TrainingSettings) -> torch.optim.
     and gate; item tokens take `item_token_lr` (each moves mostly when its item appears,
     and its entries are ~1/sqrt(H) in size) and the item bias `item_bias_lr` when set (a
     bias spans a few nats of popularity; at a prompt's safe rate a round barely moves it)."""
-    tokens, bias = getattr(model, "item_delta", None), getattr(model, "item_bias", None)
-    own = {id(tokens): training.item_token_lr, id(bias): training.item_bias_lr or None}
-    groups: list[dict] = [{"params": [p for p in model.parameters() if p.requires_grad
-                                      and own.get(id(p)) is None]}]
-    for param in (tokens, bias):
-        if param is not None and own[id(param)] is not None:
-            groups.append({"params": [param], "lr": own[id(param)]})
+    own = [(param, lr) for param, lr in ((getattr(model, "item_delta", None),
+                                          training.item_token_lr),
+                                         (getattr(model, "item_bias", None),
+                                          training.item_bias_lr))
+           if param is not None and lr]  # an item_bias_lr of 0 shares learning_rate
+    owned = {id(param) for param, _ in own}
+    groups: list[dict] = [{"params": [p for p in model.parameters()
+                                      if p.requires_grad and id(p) not in owned]}]
+    groups += [{"params": [param], "lr": lr} for param, lr in own]
     return torch.optim.Adam(groups, lr=training.learning_rate)
 
 

@@ -151,6 +151,7 @@ def test_a_small_round_takes_fewer_steps_than_train_steps():
 
 
 def test_training_teaches_the_prompt_alone_what_users_start_with():
+    torch.manual_seed(0)  # the random item vectors below
     tokenizer, encoder = load_backbone(default_backbone_path())
     model = PromptRecModel(encoder, initial_weights(
         tokenizer, encoder, plain_config(4, item_tokens=True, causal=True), num_items=8))
@@ -174,7 +175,8 @@ def test_the_optimiser_gives_item_tokens_and_bias_their_own_rates():
 
     tokenizer, encoder = load_backbone(default_backbone_path())
     model = PromptRecModel(encoder, initial_weights(
-        tokenizer, encoder, plain_config(4, item_bias=True, item_tokens=True, causal=True), num_items=8))
+        tokenizer, encoder, plain_config(4, item_bias=True, item_tokens=True, causal=True),
+        num_items=8))
 
     def rates(**changes) -> dict[str, float]:
         optimizer = make_optimizer(model, TrainingSettings(**changes))
