@@ -137,10 +137,16 @@ class LeakCheck:
         return {"answers": self.answers, "ahead": self.ahead, "behind": self.behind}
 
 
+# Sampled events by what the arms knew of their user: nothing ("new_users": the user's
+# first events, answered from the shared prompt alone) or at least one earlier event.
+SEGMENTS = ("new_users", "returning_users")
+
+
 @dataclass
 class Evaluation:
     totals: dict[str, Tally]
     leaks: dict[str, LeakCheck]
+    segments: dict[str, dict[str, Tally]] = field(default_factory=dict)  # arm -> segment
     windows: list[dict] = field(default_factory=list)
     seconds: Counter = field(default_factory=Counter)  # "test:<arm>" and "learn"
 
@@ -159,7 +165,8 @@ def run_windows(events: Sequence[ClickEvent], arms: Sequence[Arm],
     totals = {arm.name: Tally() for arm in arms}
     leaks = {arm.name: LeakCheck() for arm in arms}
     learned = Counter()  # user -> events learned before the current window
-    evaluation = Evaluation(totals, leaks)
+    evaluation = Evaluation(totals, leaks,
+                            {arm.name: {seg: Tally() for seg in SEGMENTS} for arm in arms})
     for start in range(0, n, window):
         batch = events[start:start + window]
         targets = [e for j, e in enumerate(batch) if sample(start + j, n)]
@@ -176,7 +183,10 @@ def run_windows(events: Sequence[ClickEvent], arms: Sequence[Arm],
                 evaluation.seconds[f"test:{arm.name}"] += time.monotonic() - t
                 tally = Tally()
                 for event in targets:
-                    tally.add(*hit_ndcg(answers[event.user_id].items, event.item_id, k))
+                    scores = hit_ndcg(answers[event.user_id].items, event.item_id, k)
+                    tally.add(*scores)
+                    segment = SEGMENTS[learned[event.user_id] > 0]
+                    evaluation.segments[arm.name][segment].add(*scores)
                 for user in users:
                     leaks[arm.name].check(answers[user].state_version, learned[user])
                 totals[arm.name].merge(tally)

@@ -13,6 +13,8 @@ LEARNING_ARMS = ("online", "rounds_only")  # the arms that follow rounds
 def build_result(evaluation: Evaluation, **meta) -> dict:
     return {**meta,
             "arms": {name: t.summary() for name, t in evaluation.totals.items()},
+            "segments": {name: {seg: t.summary() for seg, t in segs.items()}
+                         for name, segs in evaluation.segments.items()},
             "blocks": block_wins(evaluation.windows, meta.get("rounds", [])),
             "leak_check": {name: c.to_dict() for name, c in evaluation.leaks.items()},
             "phase_seconds": {name: round(v, 1) for name, v in evaluation.seconds.items()},

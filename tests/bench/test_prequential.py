@@ -239,6 +239,24 @@ def test_windows_report_per_arm_series_and_timestamps():
     assert result.leaks["popularity"].ahead == 0
 
 
+def test_sampled_events_are_split_by_whether_their_user_was_known_before_the_window():
+    """Windows of 2: user u's events 0 and 1 fall in window 0 (u unknown to every arm),
+    event 2 in window 1 (u known). v's first event (3) is new, its second (4) returning.
+    The unmasked last-item arm hits u's and v's repeats only where it knows the user."""
+    events = [_event(0, "u", "a"), _event(1, "u", "a"), _event(2, "u", "a"),
+              _event(3, "v", "b"), _event(4, "v", "b"), _event(5, "w", "c")]
+    system = RememberingSystem()
+    evaluation = run_windows(events, [LastItemArm(system)], system.learn, 2, SampleRule(1, 0.0))
+    segments = evaluation.segments["last_item"]
+    assert segments["new_users"].n == 4  # events 0, 1, 3, 5
+    assert segments["returning_users"].n == 2  # events 2 and 4
+    assert segments["new_users"].hits == 0 and segments["returning_users"].hits == 2
+    result = build_result(evaluation, rounds=[])
+    assert result["segments"]["last_item"]["returning_users"]["hr10"] == 1.0
+    assert sum(s["events_evaluated"] for s in result["segments"]["last_item"].values()) == \
+        result["arms"]["last_item"]["events_evaluated"]
+
+
 def test_result_table_and_plot(tmp_path):
     events, catalog = _hand_made_stream()
     system, pop = RememberingSystem(), PopularityArm(catalog, history_len=30)
