@@ -174,6 +174,10 @@ class TrainingSettings:
     train_rows: str = _opt("targets", "'users': one row per user, its last history_len + 1 "
                            "items, a loss at every position (causal); 'targets': one per "
                            "event with the items before it", "in:targets,users")
+    prompt_alone_events: int = _opt(20, "with 'targets' rows, what a user with no known event "
+                                    "gets (the prompt alone) learns each user's first this "
+                                    "many items; 0: the first item of every row's window",
+                                    ">=0")
     dropout: float = _opt(0.0, "training dropout on the history's item vectors; above 0 the "
                           "user side's backbone layers also drop at their own rates", "share")
     val_users: int = _opt(200, "held-out users for the validation gate", ">=1")

@@ -28,30 +28,37 @@ class Examples:
     # [E, L] float32 event weight w(type) of each history position (1 at PAD); None:
     # every event weighs 1, a click (data without event types, e.g. MovieLens ratings)
     weights: np.ndarray | None = None
+    # [E] int32: the item the prompt alone (a user with no known event) learns to score in
+    # this row, PAD for none; None: the row's first history item (its target if empty)
+    prompt_target: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.target)
 
     def subset(self, idx: np.ndarray) -> Examples:
         return Examples(self.history[idx], self.target[idx],
-                        None if self.weights is None else self.weights[idx])
+                        None if self.weights is None else self.weights[idx],
+                        None if self.prompt_target is None else self.prompt_target[idx])
 
     def trimmed(self) -> Examples:
         """The same examples without the columns past the longest history (rows are
         right-padded), so a batch of short histories costs what they need."""
         width = max(1, int((self.history != PAD).sum(1).max(initial=0)))
         return Examples(self.history[:, :width], self.target,
-                        None if self.weights is None else self.weights[:, :width])
+                        None if self.weights is None else self.weights[:, :width],
+                        self.prompt_target)
 
     def save(self, path: str) -> None:
-        extra = {} if self.weights is None else {"weights": self.weights}
+        extra = {name: getattr(self, name) for name in ("weights", "prompt_target")
+                 if getattr(self, name) is not None}
         np.savez(path, history=self.history, target=self.target, **extra)
 
     @classmethod
     def load(cls, path: str) -> Examples:
         data = np.load(path)
         return cls(data["history"], data["target"],
-                   data["weights"] if "weights" in data.files else None)
+                   *(data[name] if name in data.files else None
+                     for name in ("weights", "prompt_target")))
 
 
 def _is_validation_user(user_id: str, fraction_per_mille: int) -> bool:
@@ -60,13 +67,17 @@ def _is_validation_user(user_id: str, fraction_per_mille: int) -> bool:
 
 def build_examples(log: pa.Table, item_index: dict[str, int], history_len: int,
                    since_ingest_ts: float = 0.0, val_users: int = 200,
-                   rows: str = "targets") -> tuple[Examples, Examples]:
+                   rows: str = "targets", prompt_alone_events: int = 0
+                   ) -> tuple[Examples, Examples]:
     """(train, validation) examples from a logged events table.
 
     Targets of training examples are events ingested after `since_ingest_ts`
     (the window since the last round); histories use everything before them. `rows`
     "users" keeps one training row per user, the one ending at its newest such event (a
     causal model learns every next item of its window from it: TrainingSettings.train_rows).
+    `prompt_alone_events` > 0 (with "targets" rows): the prompt alone learns each user's
+    first that many items, each once (the row of target `pos` teaches item `pos - 1`),
+    instead of the first item of every row's window (TrainingSettings.prompt_alone_events).
     """
     if log.num_rows == 0:
         return _pack([], [], [], history_len), _pack([], [], [], history_len)
@@ -85,7 +96,7 @@ def build_examples(log: pa.Table, item_index: dict[str, int], history_len: int,
     per_mille = max(1, min(1000, round(1000 * val_users / max(n_users, 1))))
     starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
     ends = np.r_[starts[1:], len(users)]
-    train_h, train_w, train_t, val_h, val_w, val_t = [], [], [], [], [], []
+    train_h, train_w, train_t, train_p, val_h, val_w, val_t = [], [], [], [], [], [], []
     for start, end in zip(starts, ends, strict=True):
         seq, seq_w = items[start:end], weights[start:end]
         is_val = _is_validation_user(users[start], per_mille)
@@ -109,10 +120,13 @@ def build_examples(log: pa.Table, item_index: dict[str, int], history_len: int,
                 train_h.append(row)
                 train_w.append(row_w)
                 train_t.append(seq[pos])
+                train_p.append(seq[pos - 1] if pos - 1 < prompt_alone_events else PAD)
                 if rows == "users":
                     break
-    return (_pack(train_h, train_w, train_t, history_len),
-            _pack(val_h, val_w, val_t, history_len))
+    train = _pack(train_h, train_w, train_t, history_len)
+    if prompt_alone_events > 0 and rows == "targets":
+        train.prompt_target = np.array(train_p, np.int32)
+    return train, _pack(val_h, val_w, val_t, history_len)
 
 
 def _pack(history: list, weights: list, target: list, history_len: int) -> Examples:

@@ -100,7 +100,8 @@ class RoundRunner:
         log_table = read_event_log(str(s.infra.root / "eventlog"))
         train, val = build_examples(log_table, self.catalog.index, s.streaming.history_len,
                                     since_ingest_ts=since, val_users=s.training.val_users,
-                                    rows=s.training.train_rows)
+                                    rows=s.training.train_rows,
+                                    prompt_alone_events=s.training.prompt_alone_events)
         result = RoundResult(round=self.round, outcome="skipped", reason="", version=None,
                              serving_version=serving.get("version", 0),
                              train_examples=len(train), val_examples=len(val), loss=None,

@@ -92,7 +92,9 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Exampl
         logits = model(idx, mask, item_vectors, personal)
     logits = logits.float()
     if logits.ndim == 3:  # a causal model scored the next item after every position
-        targets = next_items(idx, mask, target)
+        prompt_target = None if batch.prompt_target is None else \
+            torch.as_tensor(batch.prompt_target, dtype=torch.long, device=device)
+        targets = next_items(idx, mask, target, prompt_target)
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=PAD)
     else:
         loss = F.cross_entropy(logits, target)
@@ -102,13 +104,18 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Exampl
     return float(loss.detach())
 
 
-def next_items(idx: torch.Tensor, mask: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def next_items(idx: torch.Tensor, mask: torch.Tensor, target: torch.Tensor,
+               prompt_target: torch.Tensor | None = None) -> torch.Tensor:
     """idx [B, L] right-padded histories, mask [B, L], target [B] -> [B, L + 1]: the item
-    that follows each prefix: the first item after the prompt alone (so that users
-    without history get a trained list), then the next history item, the target after
-    the last one, PAD after it."""
-    first = torch.where(mask[:, 0], idx[:, 0], target.to(idx.dtype)) if idx.shape[1] \
-        else target.to(idx.dtype)
+    that follows each prefix: for the prompt alone (so that users without history get a
+    trained list) `prompt_target` [B] (PAD: no loss) or by default the first history item,
+    then the next history item, the target after the last one, PAD after it."""
+    if prompt_target is not None:
+        first = prompt_target.to(idx.dtype)
+    elif idx.shape[1]:
+        first = torch.where(mask[:, 0], idx[:, 0], target.to(idx.dtype))
+    else:
+        first = target.to(idx.dtype)
     return torch.cat([first[:, None], _after_each(idx, mask, target)], dim=1)
 
 

@@ -141,7 +141,8 @@ def rounds_loop_per_worker(config: dict) -> None:
         else:
             core.load_weights(warm)  # every rank loads the same weights: in sync
         items = torch.as_tensor(inputs["item_vectors"]).to(device)
-        train = Examples(inputs["history"], inputs["target"], inputs["weights"])
+        train = Examples(inputs["history"], inputs["target"], inputs["weights"],
+                         inputs["prompt_target"])
         mine = np.arange(rank, len(train), world)  # disjoint slice per worker
         rng = np.random.default_rng(payload["seed"] + rank)
         optimizer = make_optimizer(core, s.training)
@@ -220,7 +221,8 @@ class LongLivedTrainer:
             self._start_run()
         # The driver owns the inputs until the round is over.
         inputs = ray.put({"history": train.history, "target": train.target,
-                          "weights": train.weights, "item_vectors": item_vectors,
+                          "weights": train.weights, "prompt_target": train.prompt_target,
+                          "item_vectors": item_vectors,
                           "prompt_blob": warm_blob, "prompt_version": warm_version})
         round_no = ray.get(self.board.post.remote({"inputs": inputs, "seed": seed}))
         deadline = time.monotonic() + ROUND_TIMEOUT_S

@@ -60,3 +60,35 @@ def test_user_rows_keep_one_row_per_user_ending_at_its_newest_new_event():
     # u: one row ending at c (b before it is learned on the way); v: a -> d; w: nothing new.
     assert train.target.tolist() == [2, 3]
     assert train.history.tolist() == [[0, 1, PAD], [0, PAD, PAD]]
+
+
+def test_the_prompt_alone_learns_each_users_first_items_once():
+    """User u: a b c d; v: d a. With prompt_alone_events 2 the rows of targets at
+    positions 1 and 2 teach the prompt alone u's items 0 and 1 (a, b), the row at 3
+    nothing; v's one row teaches d. Only the new rows (since the last round) are built,
+    and their prompt targets still name the user's first items."""
+    rows = [_ev(str(i), "u", item, float(i)) for i, item in enumerate("abcd")]
+    rows += [_ev("v0", "v", "d", 0.0), _ev("v1", "v", "a", 1.0)]
+    train, _ = build_examples(_log(rows), INDEX, history_len=2, val_users=0,
+                              prompt_alone_events=2)
+    assert train.target.tolist() == [1, 2, 3, 0]
+    assert train.prompt_target.tolist() == [0, 1, PAD, 3]
+    assert train.subset(np.array([3, 1])).prompt_target.tolist() == [3, 1]
+    assert train.trimmed().prompt_target.tolist() == [0, 1, PAD, 3]
+    late = [dict(r, ingest_ts=20.0 if r["event_id"] in ("2", "3") else 10.0) for r in rows]
+    newer, _ = build_examples(_log(late), INDEX, history_len=2, since_ingest_ts=15,
+                              val_users=0, prompt_alone_events=2)
+    assert newer.target.tolist() == [2, 3] and newer.prompt_target.tolist() == [1, PAD]
+    default, _ = build_examples(_log(rows), INDEX, history_len=2, val_users=0)
+    assert default.prompt_target is None  # 0: the first item of each row's window
+    users, _ = build_examples(_log(rows), INDEX, history_len=2, val_users=0, rows="users",
+                              prompt_alone_events=2)
+    assert users.prompt_target is None  # user rows keep their window's first item
+
+
+def test_examples_save_and_load_keep_the_prompt_targets(tmp_path):
+    ex = Examples(np.array([[1, PAD]], np.int32), np.array([2], np.int32),
+                  np.ones((1, 2), np.float32), np.array([PAD], np.int32))
+    ex.save(str(tmp_path / "x.npz"))
+    back = Examples.load(str(tmp_path / "x.npz"))
+    assert back.prompt_target.tolist() == [PAD] and back.weights.shape == (1, 2)

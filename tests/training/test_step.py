@@ -9,7 +9,7 @@ from services.weights import initial_weights
 from tests.model_configs import plain_config
 from training.examples import PAD, Examples, round_steps
 from training.scheduler import RoundScheduler
-from training.step import evaluate, mask_seen, train_step
+from training.step import evaluate, mask_seen, next_items, train_step
 
 
 class FixedScores:
@@ -77,8 +77,6 @@ def test_the_first_round_starts_early_and_later_ones_on_the_usual_trigger():
 
 
 def test_a_causal_step_learns_every_next_item_of_the_history():
-    from training.step import next_items
-
     tokenizer, encoder = load_backbone(default_backbone_path())
     model = PromptRecModel(encoder, initial_weights(
         tokenizer, encoder, plain_config(4, item_tokens=True, causal=True), num_items=8))
@@ -168,6 +166,18 @@ def test_training_teaches_the_prompt_alone_what_users_start_with():
     for _ in range(15):
         train_step(model, optimizer, batch, text, personal_alpha=None)
     assert first_choice() == 6  # every user starts with item 6
+
+    # Given prompt targets, the prompt alone learns them instead of the rows' first items
+    # (PAD: no loss for that row's prompt alone).
+    batch.prompt_target = np.array([2, 2, PAD], np.int32)
+    idx = torch.as_tensor(batch.history, dtype=torch.long)
+    assert [row[0] for row in next_items(idx.clamp(min=0), idx >= 0,
+                                         torch.as_tensor(batch.target),
+                                         torch.as_tensor(batch.prompt_target)).tolist()] == \
+        [2, 2, PAD]
+    for _ in range(15):
+        train_step(model, optimizer, batch, text, personal_alpha=None)
+    assert first_choice() == 2
 
 
 def test_the_optimiser_gives_item_tokens_and_bias_their_own_rates():
