@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     run = uuid.uuid4().hex[:8]
     interactions = load_interactions("ml-100k", args.events + args.latency_events)
-    events = [interactions.event(i, "ml-100k") for i in range(len(interactions))]
+    events = [interactions.event(i) for i in range(len(interactions))]
     bulk, paced = events[:args.events], events[args.events:]
 
     broker = EmbeddedBroker().start()

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     n = args.events
     inter = load_interactions("ml-100k", n)
-    events = [inter.event(i, "ml-100k") for i in range(len(inter))]
+    events = [inter.event(i) for i in range(len(inter))]
     catalog = load_catalog("ml-100k", resolve_backbone_path(""),
                            Path(".promptrec/cache").resolve())
     items = list(catalog.index)

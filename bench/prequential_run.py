@@ -70,8 +70,9 @@ def run_prequential(settings: Settings, out: Path, window: int = 1000,
     sample = sample or SampleRule()
     started = time.monotonic()
     dataset = settings.infra.dataset
-    interactions = load_interactions(dataset, limit=max_events)
-    events = [interactions.event(i, dataset) for i in range(len(interactions))]
+    source = settings.infra.events_source
+    interactions = load_interactions(source, limit=max_events)
+    events = [interactions.event(i) for i in range(len(interactions))]
     stack = Stack(settings, progress=progress)
     try:
         stack.start(fresh=True)
@@ -133,7 +134,7 @@ def run_prequential(settings: Settings, out: Path, window: int = 1000,
         producer.close()
         result = build_result(
             evaluation, dataset=dataset, events_replayed=len(events),
-            events_in_dataset=len(load_interactions(dataset)) if max_events else len(events),
+            events_in_dataset=len(load_interactions(source)) if max_events else len(events),
             window_events=window, recent_window_events=recent_window, k=K,
             sample={"rule": sample.describe(), "every": sample.every, "warmup": sample.warmup,
                     "first_evaluated_event": sample.first(len(events))},

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     stack = Stack(settings, progress=False).start(fresh=True)
     try:
-        interactions = load_interactions(settings.infra.dataset, args.events)
+        interactions = load_interactions(settings.infra.events_source, args.events)
         sent = replay(stack.bootstrap, settings.streaming.topic_clicks, interactions,
                       settings.infra.dataset, progress=False)
         stack.wait_handled(sent, timeout_s=600)

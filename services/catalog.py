@@ -38,7 +38,7 @@ class Catalog:
 
 
 def catalog_key(items: list[Item], backbone_path: Path) -> str:
-    text_hash = hashlib.sha256("\n".join(f"{i.item_id}\t{i.text}" for i in items).encode())
+    text_hash = hashlib.sha256("\n".join(f"{i.item_id}\t{i.document}" for i in items).encode())
     return f"{backbone_fingerprint(backbone_path)}-{text_hash.hexdigest()[:16]}"
 
 
@@ -49,7 +49,7 @@ def build_catalog(items: list[Item], backbone_path: Path, cache_dir: Path,
     if cache.exists():
         return Catalog(items, load_file(str(cache))["vectors"])
     tokenizer, encoder = load_backbone(backbone_path)
-    vectors = embed_texts(tokenizer, encoder, [i.text for i in items], progress=progress)
+    vectors = embed_texts(tokenizer, encoder, [i.document for i in items], progress=progress)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(f".tmp{os.getpid()}")
     save_file({"vectors": vectors.contiguous()}, str(tmp))
@@ -57,6 +57,7 @@ def build_catalog(items: list[Item], backbone_path: Path, cache_dir: Path,
     return Catalog(items, vectors)
 
 
-def load_catalog(dataset: str, backbone_path: Path, cache_dir: Path,
+def load_catalog(source: str, backbone_path: Path, cache_dir: Path,
                  progress: bool = False) -> Catalog:
-    return build_catalog(load_items(dataset), backbone_path, cache_dir, progress)
+    """The catalog of a MovieLens name or an item file (`InfraSettings.catalog_source`)."""
+    return build_catalog(load_items(source), backbone_path, cache_dir, progress)

@@ -68,12 +68,30 @@ class InfraSettings:
                          "Train results live")
     cache_dir: str = _opt("", "where frozen item embeddings are cached; empty means "
                           "<data_dir>/cache")
-    dataset: str = _opt("ml-100k", "ml-100k or ml-1m")
+    dataset: str = _opt("ml-100k", "ml-100k or ml-1m: the MovieLens set whose items and events "
+                        "are used where `catalog` / `events` are empty")
+    catalog: str = _opt("", "item file (Parquet, JSONL or CSV; a path or a pyarrow URI such as "
+                        "s3://...) in the format of docs/data.md; empty: the dataset's movies")
+    events: str = _opt("", "event file in the same formats, for `replay` and the evaluations; "
+                       "empty: the dataset's ratings")
     metrics_port: int = _opt(8090, "Prometheus export port of Ray", "port")
 
     def check(self) -> None:
         if self.dataset not in DATASETS:
             raise ConfigError("dataset", f"must be ml-100k or ml-1m, got {self.dataset!r}")
+        for name in ("catalog", "events"):
+            path = getattr(self, name)
+            if path and "://" not in path and not Path(path).is_file():
+                raise ConfigError(name, f"no such file: {path}")
+
+    @property
+    def catalog_source(self) -> str:
+        """Where the items come from: the catalog file, or the MovieLens name."""
+        return self.catalog or self.dataset
+
+    @property
+    def events_source(self) -> str:
+        return self.events or self.dataset
         for hostport in filter(None, self.kafka_bootstrap.split(",")):
             host, _, port = hostport.rpartition(":")
             if not host or not port.isdigit():

@@ -54,7 +54,7 @@ class Recommender:
         backbone = resolve_backbone_path(self.settings.model.backbone_path)
         _, encoder = load_backbone(backbone)
         infra = self.settings.infra
-        self.catalog = load_catalog(infra.dataset, backbone, infra.cache)
+        self.catalog = load_catalog(infra.catalog_source, backbone, infra.cache)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self._shards: dict[int, object] = {}
         self.cache = UserVectorCache(self.settings.serving.user_cache_size)

@@ -1,4 +1,5 @@
-"""Replay a MovieLens data set into Kafka as click events, in timestamp order."""
+"""Replay events (a MovieLens set or an event file) into Kafka as click events, in
+timestamp order."""
 
 from __future__ import annotations
 
@@ -26,18 +27,19 @@ def send_events(producer, topic: str, events: Iterable[ClickEvent]) -> int:
     return sent
 
 
-def replay(bootstrap: str, topic: str, interactions: Interactions, dataset: str,
+def replay(bootstrap: str, topic: str, interactions: Interactions, label: str,
            start: int = 0, stop: int | None = None, progress: bool = True) -> int:
-    """Produce events [start, stop) of `interactions`; returns how many were sent."""
+    """Produce events [start, stop) of `interactions` (`label`: where they come from, for
+    the progress bar); returns how many were sent."""
     stop = len(interactions) if stop is None else min(stop, len(interactions))
     indices: Iterable[int] = range(start, stop)
     if progress:
         from tqdm import tqdm
 
-        indices = tqdm(indices, desc=f"replaying {dataset} into {topic}", unit="ev",
+        indices = tqdm(indices, desc=f"replaying {label} into {topic}", unit="ev",
                        unit_scale=True, mininterval=0.5)
     producer = make_producer(bootstrap)
     try:
-        return send_events(producer, topic, (interactions.event(i, dataset) for i in indices))
+        return send_events(producer, topic, (interactions.event(i) for i in indices))
     finally:
         producer.close()

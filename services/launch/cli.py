@@ -2,7 +2,8 @@
 
     promptrec demo      the whole pipeline on the embedded defaults, then stop
     promptrec serve     start the stack and keep serving (training rounds on a schedule)
-    promptrec replay    push a MovieLens data set into a Kafka topic
+    promptrec replay    push events (a MovieLens set, or --events FILE) into a Kafka topic
+    promptrec import movielens ml-1m --out DIR   MovieLens as items.parquet + events.parquet
     promptrec eval offline   leave-one-out quality against popularity
     promptrec eval prequential   test-then-learn on the running system: popularity,
                              recent popularity, static and online arms over the same replay
@@ -17,6 +18,7 @@ import sys
 from services.config import ConfigError
 from services.config_sources import add_settings_flags, settings_from_flags
 from services.embedded import InfrastructureError
+from services.item_files import DataFileError
 
 log = logging.getLogger("promptrec")
 
@@ -42,11 +44,23 @@ def _parser() -> argparse.ArgumentParser:
                            "events and run training rounds by the train_every_* settings.")
     add_settings_flags(serve)
 
-    replay = sub.add_parser("replay", help="produce a MovieLens data set into Kafka",
-                            description="Produce events in timestamp order (key = user_id).")
+    replay = sub.add_parser("replay", help="produce events into Kafka",
+                            description="Produce the events of --events FILE (or of the "
+                            "MovieLens --dataset) in timestamp order (key = user_id).")
     replay.add_argument("--start", type=int, default=0, help="first event index")
     replay.add_argument("--stop", type=int, default=None, help="stop before this event index")
     add_settings_flags(replay)
+
+    from services.movielens import DATASETS
+
+    importer = sub.add_parser("import", help="write a data set in the catalog and event format")
+    sources = importer.add_subparsers(dest="import_kind", required=True)
+    movielens = sources.add_parser(
+        "movielens", help="MovieLens from its pip package",
+        description="Write DIR/items.parquet and DIR/events.parquet (docs/data.md), ready for "
+        "--catalog and --events.")
+    movielens.add_argument("name", choices=sorted(DATASETS))
+    movielens.add_argument("--out", required=True, help="directory to write the two files to")
 
     evaluate = sub.add_parser("eval", help="measure recommendation quality")
     kinds = evaluate.add_subparsers(dest="eval_kind", required=True)
@@ -106,6 +120,14 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv)
+    if args.command == "import":
+        from pathlib import Path
+
+        from services.movielens import import_movielens
+
+        for path in import_movielens(args.name, Path(args.out)):
+            print(f"wrote {path}")
+        return 0
     try:
         settings = settings_from_flags(args)
     except ConfigError as err:
@@ -142,14 +164,17 @@ def main(argv: list[str] | None = None) -> int:
                 print("promptrec replay: set --kafka-bootstrap", file=sys.stderr)
                 return 2
             check_kafka(bootstrap)
-            sent = replay(bootstrap, settings.streaming.topic_clicks,
-                          load_interactions(settings.infra.dataset), settings.infra.dataset,
-                          args.start, args.stop)
+            source = settings.infra.events_source
+            sent = replay(bootstrap, settings.streaming.topic_clicks, load_interactions(source),
+                          source, args.start, args.stop)
             print(f"sent {sent} events to {settings.streaming.topic_clicks}")
             return 0
     except InfrastructureError as err:
         print(f"promptrec: {err}", file=sys.stderr)
         return 3
+    except DataFileError as err:
+        print(f"promptrec: {err}", file=sys.stderr)
+        return 2
     return 1
 
 

@@ -56,12 +56,12 @@ def run_demo(settings: Settings, args: argparse.Namespace) -> int:
         for user in users:
             _show(stack, user, "no history yet")
 
-        interactions = load_interactions(settings.infra.dataset, limit=args.max_events)
-        print(f"\n== replaying {len(interactions):,} {settings.infra.dataset} events into Kafka "
-              f"(+{len(BAD_EVENTS)} malformed ones)")
+        interactions = load_interactions(settings.infra.events_source, limit=args.max_events)
+        print(f"\n== replaying {len(interactions):,} {settings.infra.events_source} events "
+              f"into Kafka (+{len(BAD_EVENTS)} malformed ones)")
         t = time.monotonic()
         sent = replay(stack.bootstrap, settings.streaming.topic_clicks, interactions,
-                      settings.infra.dataset)
+                      settings.infra.events_source)
         producer = make_producer(stack.bootstrap)
         for key, value in BAD_EVENTS:
             producer.send(settings.streaming.topic_clicks, key=key, value=value)

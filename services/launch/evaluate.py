@@ -21,8 +21,9 @@ def run_offline_eval(settings: Settings, args: argparse.Namespace) -> int:
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     backbone = resolve_backbone_path(settings.model.backbone_path)
-    catalog = load_catalog(settings.infra.dataset, backbone, settings.infra.cache, progress=True)
-    result = run_offline(settings, catalog, load_interactions(settings.infra.dataset),
+    catalog = load_catalog(settings.infra.catalog_source, backbone, settings.infra.cache,
+                           progress=True)
+    result = run_offline(settings, catalog, load_interactions(settings.infra.events_source),
                          steps=args.steps or (None if args.epochs else 300), epochs=args.epochs,
                          eval_every=args.eval_every, max_users=args.max_users)
     out = write_result(args.out or result_path(f"quality_{settings.infra.dataset}.json"), result)

@@ -80,7 +80,7 @@ class Stack:
 
         t = time.monotonic()
         backbone = resolve_backbone_path(s.model.backbone_path)
-        self.catalog = load_catalog(s.infra.dataset, backbone, s.infra.cache,
+        self.catalog = load_catalog(s.infra.catalog_source, backbone, s.infra.cache,
                                     progress=self.progress)
         self._step(f"catalog ready ({len(self.catalog)} items)", t)
 

@@ -12,7 +12,7 @@ from training.examples import PAD, Examples
 
 
 def _catalog(n: int) -> Catalog:
-    items = [Item(f"i{k}", f"Movie {k}", "1990", "Drama") for k in range(n)]
+    items = [Item(f"i{k}", f"Movie {k}", categories=("Drama",)) for k in range(n)]
     return Catalog(items, torch.nn.functional.normalize(torch.randn(n, 384), dim=1))
 
 
@@ -20,7 +20,9 @@ def _interactions(rows):
     users, items, ts = zip(*rows, strict=True)
     n = len(rows)
     return Interactions(np.array(users, dtype=object), np.array(items, dtype=object),
-                        np.array(ts, float), np.ones(n, np.float32), np.arange(n))
+                        np.array(ts, float), np.ones(n, np.float32),
+                        np.full(n, "rating", object), np.array([f"e{k}" for k in range(n)],
+                                                               object), np.arange(n))
 
 
 def _rows(catalog_size: int):

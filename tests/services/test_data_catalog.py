@@ -9,20 +9,24 @@ def test_movielens_100k_is_read_from_its_package():
     items = load_items("ml-100k")
     inter = load_interactions("ml-100k")
     assert len(items) == 1682 and len(inter) == 100_000
-    assert items[0].title == "Toy Story" and items[0].year == "1995"
+    assert items[0].title == "Toy Story" and items[0].attributes == {"year": "1995"}
+    assert items[0].categories == ("Animation", "Children's", "Comedy")
+    # The text the backbone has always read for a movie (cached embeddings stay valid).
+    assert items[0].document == "Toy Story (1995). Genres: Animation Children's Comedy."
     assert (inter.ts[1:] >= inter.ts[:-1]).all()  # timestamp order for replay
-    event = inter.event(0, "ml-100k")
+    event = inter.event(0)
     assert event.event_id == f"ml-100k-{inter.row[0]}" and event.type == "rating"
 
 
 def test_movielens_1m_items_use_title_year_keys():
     items = load_items("ml-1m")
     assert len(items) > 3000
-    assert items[0].item_id == "Toy Story (1995)" and items[0].year == "1995"
+    assert items[0].item_id == "Toy Story (1995)" and items[0].attributes["year"] == "1995"
 
 
 def test_catalog_embeddings_are_cached_per_catalog(tmp_path, monkeypatch):
-    items = [Item("a", "Alien", "1979", "Horror Sci-Fi"), Item("b", "Babe", "1995", "Children")]
+    items = [Item("a", "Alien", categories=("Horror", "Sci-Fi")),
+             Item("b", "Babe", description="A pig.", categories=("Children",))]
     first = build_catalog(items, default_backbone_path(), tmp_path)
     assert first.vectors.shape == (2, 384)
     assert abs(float(first.vectors.norm(dim=1).mean()) - 1.0) < 1e-4

@@ -40,7 +40,7 @@ def catalog():
 @pytest.fixture(scope="module")
 def events():
     inter = load_interactions("ml-100k", N_EVENTS)
-    return [inter.event(i, "ml-100k") for i in range(len(inter))]
+    return [inter.event(i) for i in range(len(inter))]
 
 
 @pytest.fixture(scope="module")
