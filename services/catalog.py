@@ -23,11 +23,25 @@ class Catalog:
     items: list[Item]
     vectors: torch.Tensor  # [N, H] unit-norm frozen text embeddings
     index: dict[str, int] = field(init=False)
+    unavailable: list[int] = field(init=False)  # items never recommended (available false)
+    by_category: dict[str, list[int]] = field(init=False)
 
     def __post_init__(self) -> None:
         if len(self.items) != self.vectors.shape[0]:
             raise ValueError("one vector per item")
         self.index = {item.item_id: i for i, item in enumerate(self.items)}
+        self.unavailable = [i for i, item in enumerate(self.items) if not item.available]
+        self.by_category = {}
+        for i, item in enumerate(self.items):
+            for category in item.categories:
+                self.by_category.setdefault(category, []).append(i)
+
+    def in_categories(self, categories: tuple[str, ...]) -> torch.Tensor:
+        """[N] bool: the items in at least one of `categories` (unknown ones match none)."""
+        mask = torch.zeros(len(self.items), dtype=torch.bool)
+        for category in categories:
+            mask[self.by_category.get(category, [])] = True
+        return mask
 
     def __len__(self) -> int:
         return len(self.items)

@@ -21,7 +21,7 @@ from services import metrics
 
 log = logging.getLogger("ray.serve")
 
-ROUTES = {"/recommend", "/healthz", "/version", "/admin/rollback"}
+ROUTES = {"/recommend", "/similar", "/healthz", "/version", "/admin/rollback"}
 
 app = FastAPI(title="promptrec", description="Recommendations from a hot-swapped soft prompt.")
 

@@ -37,8 +37,8 @@ from services.naming import REGISTRY_ACTOR, shard_actor, shard_for_user
 from serving.api import ApiError, app, check_admin_token, retry_later
 from serving.batching import EncodeBatcher
 from serving.cache import UserVectorCache
-from serving.query import parse_recommend_query, read_rollback_version
-from serving.ranking import explain, rank
+from serving.query import parse_recommend_query, parse_similar_query, read_rollback_version
+from serving.ranking import explain, rank, similar
 from serving.swap import ActivePrompt, PromptSwap
 
 # The settings `reconfigure` applies to a running replica (Serve's user_config).
@@ -115,7 +115,9 @@ class Recommender:
         personal = state.get("personal") if use_personal else None
         user, hit = await self._user_vector(query.user_id, state_version, history, personal,
                                             active)
-        indices, values = rank(active.model, user, active.items, query.k, history)
+        masked = history + self.catalog.unavailable + self.catalog.indices(list(query.exclude))
+        allowed = self.catalog.in_categories(query.categories) if query.categories else None
+        indices, values = rank(active.model, user, active.items, query.k, masked, allowed)
         items = self.catalog.items
         ranked = [{"item_id": items[i].item_id, "title": items[i].title,
                    "score": round(float(v), 4)}
@@ -134,6 +136,25 @@ class Recommender:
             "state_version": state_version,
             "cold_start": not history,
         }, headers={"X-User-Cache": "hit" if hit else "miss"})
+
+    @app.get("/similar")
+    async def similar_items(self, request: Request) -> JSONResponse:
+        """The items nearest one item in the serving version's item space."""
+        query = parse_similar_query(request.query_params.multi_items())
+        active = self.prompts.active
+        if active is None:
+            raise retry_later("no prompt version published yet", 1)
+        index = self.catalog.index.get(query.item_id)
+        if index is None:
+            raise ApiError(404, f"unknown item_id {query.item_id[:40]!r}")
+        indices, values = similar(active.items, index, query.k, self.catalog.unavailable)
+        items = self.catalog.items
+        return JSONResponse({
+            "item_id": query.item_id,
+            "items": [{"item_id": items[i].item_id, "title": items[i].title,
+                       "similarity": round(float(v), 4)}
+                      for i, v in zip(indices.tolist(), values.tolist(), strict=True)],
+            "prompt_version": active.version})
 
     @app.get("/healthz")
     async def healthz(self) -> dict:

@@ -15,7 +15,9 @@ from services.events import MAX_ID_CHARS
 from serving.api import ApiError
 
 MAX_K = 1000
-RECOMMEND_PARAMS = ("user_id", "k", "explain")
+MAX_LIST_VALUES = 1000  # ids in `exclude`, names in `category`
+RECOMMEND_PARAMS = ("user_id", "k", "explain", "exclude", "category")
+SIMILAR_PARAMS = ("item_id", "k")
 _K_PATTERN = re.compile(r"[0-9]{1,4}")  # ASCII digits only: int() also takes "1_0", " 5", "٣"
 _TRUE, _FALSE = ("true", "1"), ("false", "0")
 _ROLLBACK_BODY = "body must be JSON: {\"version\": <int>}"
@@ -53,26 +55,66 @@ def parse_explain(explain_flag: str | None) -> bool:
     raise ApiError(400, f"explain must be true or false, got {explain_flag[:20]!r}")
 
 
+def parse_list(name: str, value: str | None) -> tuple[str, ...]:
+    """"a,b,c" -> ("a", "b", "c"): each value printable, not empty, at most MAX_ID_CHARS,
+    at most MAX_LIST_VALUES of them; absent or empty -> ()."""
+    if not value:
+        return ()
+    values = value.split(",")
+    if len(values) > MAX_LIST_VALUES:
+        raise ApiError(400, f"{name} takes at most {MAX_LIST_VALUES} values, got {len(values)}")
+    for v in values:
+        if not v or len(v) > MAX_ID_CHARS or not v.isprintable():
+            raise ApiError(400, f"{name} values must be 1..{MAX_ID_CHARS} printable characters "
+                           f"separated by commas, got {v[:40]!r}")
+    return tuple(dict.fromkeys(values))
+
+
 @dataclass(frozen=True)
 class RecommendQuery:
     user_id: str
     k: int
     explain: bool
+    exclude: tuple[str, ...] = ()  # item ids never to return (unknown ones change nothing)
+    categories: tuple[str, ...] = ()  # return only items in at least one of these
 
 
-def parse_recommend_query(params: list[tuple[str, str]]) -> RecommendQuery:
-    """Query string pairs -> RecommendQuery; unknown or repeated parameters are refused
-    (a typo like `kk=5` must not silently become the default k)."""
+@dataclass(frozen=True)
+class SimilarQuery:
+    item_id: str
+    k: int
+
+
+def _params(params: list[tuple[str, str]], allowed: tuple[str, ...]) -> dict[str, str]:
+    """Unknown or repeated parameters are refused (a typo like `kk=5` must not silently
+    become the default k)."""
     given: dict[str, str] = {}
     for name, value in params:
-        if name not in RECOMMEND_PARAMS:
+        if name not in allowed:
             raise ApiError(400, f"unknown parameter {name[:40]!r}; allowed: "
-                           + ", ".join(RECOMMEND_PARAMS))
+                           + ", ".join(allowed))
         if name in given:
             raise ApiError(400, f"parameter {name!r} given more than once")
         given[name] = value
+    return given
+
+
+def parse_recommend_query(params: list[tuple[str, str]]) -> RecommendQuery:
+    given = _params(params, RECOMMEND_PARAMS)
     return RecommendQuery(parse_user_id(given.get("user_id")), parse_k(given.get("k")),
-                          parse_explain(given.get("explain")))
+                          parse_explain(given.get("explain")),
+                          parse_list("exclude", given.get("exclude")),
+                          parse_list("category", given.get("category")))
+
+
+def parse_similar_query(params: list[tuple[str, str]]) -> SimilarQuery:
+    given = _params(params, SIMILAR_PARAMS)
+    item_id = given.get("item_id")
+    if not item_id:
+        raise ApiError(400, "item_id is required")
+    if len(item_id) > MAX_ID_CHARS or not item_id.isprintable():
+        raise ApiError(400, f"item_id must be 1..{MAX_ID_CHARS} printable characters")
+    return SimilarQuery(item_id, parse_k(given.get("k")))
 
 
 async def read_rollback_version(request: Request) -> int:

@@ -39,14 +39,32 @@ def encode_histories(model: PromptRecModel, item_vectors: torch.Tensor,
 
 
 def rank(model: PromptRecModel, user: torch.Tensor, item_vectors: torch.Tensor, k: int,
-         seen: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """user [H], item_vectors [N, H] -> (item indices [k'], scores [k']), seen items masked;
-    k' = k unless fewer unseen items are left."""
+         seen: list[int], allowed: torch.Tensor | None = None
+         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """user [H], item_vectors [N, H] -> (item indices [k'], scores [k']), `seen` items
+    masked and, given `allowed` [N] bool, only allowed items; k' = k unless fewer are left."""
     with torch.inference_mode():
         scores = model.logits(user[None], item_vectors)[0]  # fresh tensor: mask in place
-        if seen:
-            scores.index_fill_(0, torch.tensor(seen, dtype=torch.long), float("-inf"))
-        values, indices = torch.topk(scores, min(k, len(scores) - len(set(seen))))
+        return _top(scores, k, seen, allowed)
+
+
+def similar(item_vectors: torch.Tensor, item: int, k: int, masked: list[int]
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k items nearest `item` by cosine similarity of the version's item vectors
+    [N, H] (unit norm), the item itself and `masked` left out -> (indices [k'], sims [k'])."""
+    with torch.inference_mode():
+        sims = item_vectors @ item_vectors[item]  # [N]
+        return _top(sims, k, [*masked, item], None)
+
+
+def _top(scores: torch.Tensor, k: int, masked: list[int], allowed: torch.Tensor | None
+         ) -> tuple[torch.Tensor, torch.Tensor]:
+    if allowed is not None:
+        scores.masked_fill_(~allowed, float("-inf"))
+    if masked:
+        scores.index_fill_(0, torch.tensor(masked, dtype=torch.long), float("-inf"))
+    left = int(torch.isfinite(scores).sum())
+    values, indices = torch.topk(scores, min(k, left))
     return indices, values
 
 

@@ -4,7 +4,9 @@ from serving.api import ApiError
 from serving.query import (
     parse_explain,
     parse_k,
+    parse_list,
     parse_recommend_query,
+    parse_similar_query,
     parse_user_id,
 )
 
@@ -45,3 +47,29 @@ def test_query_refuses_unknown_and_repeated_parameters():
         parse_recommend_query([("user_id", "7"), ("kk", "3")])
     with pytest.raises(ApiError, match="more than once"):
         parse_recommend_query([("user_id", "7"), ("k", "3"), ("k", "4")])
+
+
+def test_exclude_and_category_take_comma_separated_values():
+    query = parse_recommend_query([("user_id", "7"), ("exclude", "a,b,a"),
+                                   ("category", "Comedy,War")])
+    assert query.exclude == ("a", "b") and query.categories == ("Comedy", "War")
+    assert parse_recommend_query([("user_id", "7"), ("exclude", "")]).exclude == ()
+    assert parse_list("exclude", None) == ()
+
+
+@pytest.mark.parametrize("raw", ["a,,b", "a,", ",", "x" * 129, "bad\nid",
+                                 ",".join(["i"] * 1001)])
+def test_bad_lists_are_refused(raw):
+    for name in ("exclude", "category"):
+        with pytest.raises(ApiError) as err:
+            parse_recommend_query([("user_id", "7"), (name, raw)])
+        assert err.value.status == 400 and name in err.value.error
+
+
+def test_similar_query():
+    assert parse_similar_query([("item_id", "sku-1"), ("k", "3")]).k == 3
+    for params in ([], [("item_id", "")], [("item_id", "x" * 129)],
+                   [("item_id", "a"), ("user_id", "7")], [("item_id", "a"), ("k", "0")]):
+        with pytest.raises(ApiError) as err:
+            parse_similar_query(params)
+        assert err.value.status == 400

@@ -7,7 +7,7 @@ from transformers import BertConfig, BertModel
 
 from services.prompt_model import PromptRecModel
 from services.weights import PromptWeights
-from serving.ranking import encode_histories, explain, rank, ranking_mismatch
+from serving.ranking import encode_histories, explain, rank, ranking_mismatch, similar
 
 H = 32
 
@@ -47,6 +47,30 @@ def test_rank_masks_seen_items_and_returns_k(setup):
     assert scores.tolist() == sorted(scores.tolist(), reverse=True)
     all_but_three, _ = rank(m, user, items, 1000, seen=[1, 2, 3])
     assert len(all_but_three) == 37
+
+
+def test_rank_keeps_only_allowed_items_and_the_same_order(setup):
+    model, items = setup
+    m = model(1)
+    user = encode_histories(m, items, [[1, 2, 3]])[0]
+    everything, _ = rank(m, user, items, 40, seen=[1, 2, 3])
+    allowed = torch.zeros(40, dtype=torch.bool)
+    allowed[[0, 1, 5, 9, 30]] = True
+    picked, _ = rank(m, user, items, 10, seen=[1, 2, 3], allowed=allowed)
+    # the allowed unseen items (1 is seen), in the order the full ranking gives them
+    assert picked.tolist() == [i for i in everything.tolist() if i in {0, 5, 9, 30}]
+    none, _ = rank(m, user, items, 10, seen=[], allowed=torch.zeros(40, dtype=torch.bool))
+    assert len(none) == 0
+
+
+def test_similar_items_are_the_nearest_by_cosine_without_the_item_itself(setup):
+    _, items = setup
+    indices, sims = similar(items, 4, 5, masked=[7])
+    expected = [int(i) for i in (items @ items[4]).argsort(descending=True)
+                if int(i) not in (4, 7)][:5]
+    assert indices.tolist() == expected
+    assert sims.tolist() == sorted(sims.tolist(), reverse=True) and float(sims[0]) <= 1.0
+    assert len(similar(items, 4, 1000, masked=[])[0]) == 39
 
 
 def test_explain_lists_most_similar_history_items(setup):
