@@ -5,7 +5,7 @@
 For each Kafka client of the consumers (`--clients`: kafka-python, the default and the
 file's top-level figures, then confluent-kafka under `clients` when it is installed):
 
-1. Pre-produce `--events` MovieLens-100K events into a fresh topic.
+1. Pre-produce `--num-events` MovieLens-100K events into a fresh topic.
 2. raw: one plain consumer of that client drains the topic (records/s; median of three
    drains, each from the start).
 3. pipeline: the real plane (IngestConsumer + UserStateShard actors, a new consumer
@@ -190,7 +190,8 @@ def measure_client(client: str, args, run: str, bulk: list, paced: list, catalog
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--events", type=int, default=50_000, help="pre-produced events")
+    parser.add_argument("--num-events", type=int, default=50_000,
+                        help="pre-produced events")
     parser.add_argument("--rate", type=float, default=2000, help="offered rate for latency")
     parser.add_argument("--latency-events", type=int, default=20_000)
     parser.add_argument("--partitions", type=int, default=4)
@@ -208,9 +209,9 @@ def main(argv: list[str] | None = None) -> dict:
                      "top-level keys hold)")
 
     run = uuid.uuid4().hex[:8]
-    interactions = load_interactions("ml-100k", args.events + args.latency_events)
+    interactions = load_interactions("ml-100k", args.num_events + args.latency_events)
     events = [interactions.event(i) for i in range(len(interactions))]
-    bulk, paced = events[:args.events], events[args.events:]
+    bulk, paced = events[:args.num_events], events[args.num_events:]
 
     broker = EmbeddedBroker().start()
     by_client: dict[str, dict] = {}

@@ -1,7 +1,7 @@
 """Micro-benchmarks of the ingest hot path, old vs new in one run (pure functions, no
 broker, no Ray):
 
-    .venv/bin/python -m bench.micro_ingest [--events 50000]
+    .venv/bin/python -m bench.micro_ingest [--num-events 50000]
 
 - decode: `decode_event` per record vs `decode_batch` per poll of 2,000 records
   (all valid; one invalid record per poll; all valid but in a non-canonical shape);
@@ -53,10 +53,10 @@ def report(name: str, old: float, new: float) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--events", type=int, default=50_000)
+    parser.add_argument("--num-events", type=int, default=50_000)
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args(argv)
-    n = args.events
+    n = args.num_events
     inter = load_interactions("ml-100k", n)
     events = [inter.event(i) for i in range(len(inter))]
     catalog = load_catalog("ml-100k", resolve_backbone_path(""),

@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.miss_throughput", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--users", type=int, default=200, help="user pool size")
-    parser.add_argument("--events", type=int, default=100_000, help="events replayed")
+    parser.add_argument("--num-events", type=int, default=100_000,
+                        help="events replayed")
     parser.add_argument("--concurrency", type=int, default=16, help="closed-loop clients")
     parser.add_argument("--throughput-seconds", type=float, default=10.0)
     parser.add_argument("--only", nargs="*", default=None, choices=list(VARIANTS))
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         for row in variants.values():
             row["ok_per_s_over_before"] = round(row["ok_per_s"] / before, 2) if before else None
     result = {"variants": variants, "concurrency": args.concurrency,
-              "throughput_seconds": args.throughput_seconds, "events": args.events,
+              "throughput_seconds": args.throughput_seconds, "events": args.num_events,
               "wall_seconds": round(time.monotonic() - started),
               **run_stamp(" ".join(["python -m bench.miss_throughput", *argv]), load=True)}
     out = write_result(args.out or result_path("miss_throughput.json"), result)

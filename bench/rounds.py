@@ -3,7 +3,7 @@
     make bench-rounds           # = .venv/bin/python -m bench.rounds [--rounds 3 ...]
 
 Starts the real stack without Serve (embedded broker, local Ray, registry, shards),
-replays `--events` MovieLens-100K events so the event log has data, then runs `--rounds`
+replays `--num-events` MovieLens-100K events so the event log has data, then runs `--rounds`
 training rounds back to back, each on the whole log (warm start from the serving
 version, Ray Train DDP over `train_workers`, validation gate, publish). The first round
 starts the long-lived Ray Train run (training/trainer.py); the later ones reuse it.
@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m bench.rounds", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3, help="rounds run back to back")
-    parser.add_argument("--events", type=int, default=20_000, help="events replayed first")
+    parser.add_argument("--num-events", type=int, default=20_000,
+                        help="events replayed first")
     parser.add_argument("--out", default=str(RESULTS))
     add_settings_flags(parser)
     args = parser.parse_args(argv)
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     stack = Stack(settings, progress=False).start(fresh=True)
     try:
-        interactions = load_interactions(settings.infra.events_source, args.events)
+        interactions = load_interactions(settings.infra.events_source, args.num_events)
         sent = replay(stack.bootstrap, settings.streaming.topic_clicks, interactions,
                       settings.infra.dataset, progress=False)
         stack.wait_handled(sent, timeout_s=600)

@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dwell", type=float, default=1.0,
                         help="seconds of load on each version once all replicas serve it")
     parser.add_argument("--users", type=int, default=200, help="user pool size")
-    parser.add_argument("--events", type=int, default=100_000, help="events replayed")
+    parser.add_argument("--num-events", type=int, default=100_000,
+                        help="events replayed")
     parser.add_argument("--concurrency", type=int, default=16, help="closed-loop clients")
     parser.add_argument("--throughput-seconds", type=float, default=10.0)
     parser.add_argument("--no-compare", action="store_true",
@@ -174,7 +175,7 @@ def _run(stack: Stack, settings: Settings, args) -> dict:
                 "num_replicas", "replica_cpus", "max_ongoing_requests", "max_queued_requests",
                 "batch_max_size", "batch_wait_ms", "user_cache_size",
                 "serve_throughput_optimized", "dataset")},
-            "events_replayed": args.events,
+            "events_replayed": args.num_events,
         },
     }
 

@@ -99,7 +99,7 @@ class Scenario:
 def prepare(stack: Stack, settings: Settings, args,
             apps: list[tuple[str, str, dict]]) -> Scenario:
     """Replay events, deploy the side apps, pick the user pool, warm everything."""
-    interactions = load_interactions(settings.infra.events_source, args.events)
+    interactions = load_interactions(settings.infra.events_source, args.num_events)
     sent = replay(stack.bootstrap, settings.streaming.topic_clicks, interactions,
                   settings.infra.dataset, progress=False)
     stack.wait_handled(sent, timeout_s=600)

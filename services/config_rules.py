@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 
@@ -16,7 +17,8 @@ class Rule:
 
     @classmethod
     def named(cls, name: str) -> Rule:
-        """`>=1`, `>0`, `>=0`, `port`, `rate`, `share`, or `in:a,b` (exactly those values)."""
+        """`>=1`, `>0`, `>=0`, `port`, `rate`, `share`, `file`, or `in:a,b` (exactly those
+        values)."""
         if name.startswith("in:"):
             allowed = name[3:].split(",")
             return cls(lambda v: v in allowed, f"must be one of {', '.join(allowed)}",
@@ -34,4 +36,7 @@ RULES = {
     "port": Rule(lambda v: 0 < v < 65536, "must be a TCP port", "TCP port (1–65535)"),
     "rate": Rule(lambda v: 0 < v <= 1, "must be in (0, 1]", "in (0, 1]"),
     "share": Rule(lambda v: 0 <= v < 1, "must be in [0, 1)", "in [0, 1)"),
+    # A URI (s3://...) is opened, and checked, when it is read.
+    "file": Rule(lambda v: not v or "://" in v or Path(v).is_file(),
+                 "must be an existing file or a URI", "empty, an existing file or a URI"),
 }

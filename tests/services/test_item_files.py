@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from services.config import ConfigError, InfraSettings
+from services.config_sources import load_settings
 from services.data import load_interactions, load_items
 from services.item_files import DataFileError, read_table
 from services.launch.cli import main
@@ -149,12 +150,12 @@ def test_the_import_command_writes_both_files(tmp_path, capsys):
 
 def test_a_missing_catalog_file_fails_at_start_up_naming_the_setting(tmp_path):
     with pytest.raises(ConfigError, match="'catalog'"):
-        InfraSettings(catalog=str(tmp_path / "nope.jsonl")).check()
+        load_settings(env={}, overrides={"catalog": str(tmp_path / "nope.jsonl")})
     with pytest.raises(ConfigError, match="'events'"):
-        InfraSettings(events=str(tmp_path / "nope.csv")).check()
+        load_settings(env={"PROMPTREC_EVENTS": str(tmp_path / "nope.csv")})
     good = _write_jsonl(tmp_path / "items.jsonl", ITEMS)
-    InfraSettings(catalog=good).check()
-    assert InfraSettings(catalog=good).catalog_source == good
+    assert load_settings(env={}, overrides={"catalog": good}).infra.catalog_source == good
+    assert load_settings(env={}, overrides={"catalog": "s3://bucket/items.parquet"})
     assert InfraSettings().catalog_source == "ml-100k"
 
 
