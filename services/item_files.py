@@ -198,8 +198,7 @@ def interactions_from_table(table: pa.Table, path: str, limit: int | None = None
         if len(bad):
             raise DataFileError(path, f"unknown type {given[int(bad[0])].as_py()!r} (known: "
                                 f"{', '.join(sorted(EVENT_TYPES))})", int(bad[0]), "type")
-        given = given.to_numpy(zero_copy_only=False)
-        types = np.where(_is_none(given), types, given)
+        types = pc.fill_null(given, "click").to_numpy(zero_copy_only=False).astype(object)
     values = np.full(n, np.nan, np.float64)
     if "value" in table.column_names:
         column = table["value"]
@@ -253,11 +252,6 @@ def _ts_column(table: pa.Table, path: str) -> np.ndarray:
     if len(bad):
         raise DataFileError(path, "missing, negative or not a number", int(bad[0]), "ts")
     return ts.astype(np.float64)
-
-
-def _is_none(values: np.ndarray) -> np.ndarray:
-    """[n] object array -> [n] bool: which entries are None."""
-    return np.fromiter((v is None for v in values), bool, len(values))
 
 
 def _first_bad(column: pa.ChunkedArray, convert) -> int | None:
