@@ -15,6 +15,7 @@ import torch
 
 from services.catalog import Catalog
 from services.decoded import decode_version
+from services.item_weights import aligned_to
 from services.prompt_model import PromptRecModel
 from services.weights import PromptWeights
 from serving.ranking import encode_histories, ranking_mismatch
@@ -30,6 +31,7 @@ class VersionChecker:
         if version not in self._models:
             weights = decode_version(version, self.fetch_blob(version),
                                      self.catalog.vectors.shape[1])
+            weights = aligned_to(weights, self.catalog.item_ids, self.catalog.vectors)
             self._models[version] = PromptRecModel(self.encoder, weights)
         return self._models[version]
 

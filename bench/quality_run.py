@@ -14,8 +14,9 @@ import torch
 from services.backbone import load_backbone, resolve_backbone_path
 from services.catalog import Catalog
 from services.config import Settings
+from services.item_weights import unseen_items_fall_back_to_text
 from services.prompt_model import PromptRecModel
-from services.weights import PromptWeights, initial_weights, unseen_items_fall_back_to_text
+from services.weights import PromptWeights, initial_weights
 from training.examples import batches
 from training.step import evaluate, make_optimizer, train_step
 

@@ -1,36 +1,40 @@
-"""The item catalog: text and frozen embeddings, computed once and cached.
+"""The item catalog: items, their frozen text vectors, and how a catalog version changes.
 
-The cache file is keyed by backbone fingerprint + catalog text hash, so a new
-backbone or a changed catalog never reads stale vectors.
+A catalog version is immutable: a change (items added, changed, hidden or deleted, from
+the `promptrec.items` topic) makes a new `Catalog` beside the old one, so a request that
+read the old one finishes on it. Positions never move: a new item is appended, a changed
+one keeps its row, a deleted one stays as a tombstone (masked, out of `index`). Users'
+histories and trained weights name items by id, never by row.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from services.backbone import backbone_fingerprint, embed_texts, load_backbone
 from services.data import Item, load_items
+from services.vector_cache import TextVectors
 
 
 @dataclass
 class Catalog:
-    items: list[Item]
+    items: list[Item]  # by row; a deleted item's row stays (a tombstone)
     vectors: torch.Tensor  # [N, H] unit-norm frozen text embeddings
-    index: dict[str, int] = field(init=False)
-    unavailable: list[int] = field(init=False)  # items never recommended (available false)
+    version: int = 0  # the catalog version (0: a file, no live changes yet)
+    deleted: frozenset[int] = frozenset()  # rows of deleted items
+    index: dict[str, int] = field(init=False)  # item_id -> row, live items only
+    unavailable: list[int] = field(init=False)  # rows never recommended (hidden or deleted)
     by_category: dict[str, list[int]] = field(init=False)
 
     def __post_init__(self) -> None:
         if len(self.items) != self.vectors.shape[0]:
             raise ValueError("one vector per item")
-        self.index = {item.item_id: i for i, item in enumerate(self.items)}
-        self.unavailable = [i for i, item in enumerate(self.items) if not item.available]
+        self.index = {item.item_id: i for i, item in enumerate(self.items)
+                      if i not in self.deleted}
+        self.unavailable = [i for i, item in enumerate(self.items)
+                            if not item.available or i in self.deleted]
         self.by_category = {}
         for i, item in enumerate(self.items):
             for category in item.categories:
@@ -50,24 +54,45 @@ class Catalog:
         """Known items only, order kept."""
         return [self.index[i] for i in item_ids if i in self.index]
 
+    @property
+    def item_ids(self) -> list[str]:
+        """Every row's item id, tombstones included (the rows trained weights align to)."""
+        return [item.item_id for item in self.items]
 
-def catalog_key(items: list[Item], backbone_path: Path) -> str:
-    text_hash = hashlib.sha256("\n".join(f"{i.item_id}\t{i.document}" for i in items).encode())
-    return f"{backbone_fingerprint(backbone_path)}-{text_hash.hexdigest()[:16]}"
+    def changed(self, upserts: list[Item], vectors: torch.Tensor, deletes: list[str],
+                version: int) -> Catalog:
+        """The next version: `upserts` (vectors [U, H], one row each) added or replaced in
+        place, `deletes` (ids; unknown ones ignored) turned into tombstones."""
+        items = list(self.items)
+        replaced: dict[int, torch.Tensor] = {}
+        appended: list[torch.Tensor] = []
+        index = dict(self.index)
+        deleted = set(self.deleted)
+        for item, vector in zip(upserts, vectors, strict=True):
+            row = index.get(item.item_id)
+            if row is None:
+                index[item.item_id] = len(items)
+                items.append(item)
+                appended.append(vector)
+            else:
+                items[row] = item
+                replaced[row] = vector
+        for item_id in deletes:
+            if (row := index.pop(item_id, None)) is not None:
+                deleted.add(row)
+        table = torch.cat([self.vectors, *[v[None] for v in appended]]) if appended \
+            else self.vectors.clone() if replaced else self.vectors
+        for row, vector in replaced.items():
+            table[row] = vector
+        return Catalog(items, table, version, frozenset(deleted))
 
 
 def build_catalog(items: list[Item], backbone_path: Path, cache_dir: Path,
                   progress: bool = False) -> Catalog:
-    """Embed `items` with the frozen backbone, or read them from the cache."""
-    cache = cache_dir / f"catalog-{catalog_key(items, backbone_path)}.safetensors"
-    if cache.exists():
-        return Catalog(items, load_file(str(cache))["vectors"])
-    tokenizer, encoder = load_backbone(backbone_path)
-    vectors = embed_texts(tokenizer, encoder, [i.document for i in items], progress=progress)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(f".tmp{os.getpid()}")
-    save_file({"vectors": vectors.contiguous()}, str(tmp))
-    tmp.replace(cache)  # atomic: concurrent builders never see half a file
+    """Embed `items` with the frozen backbone; texts embedded before are read back from
+    the text-vector cache (services.vector_cache)."""
+    vectors = TextVectors(backbone_path, cache_dir).embed([i.document for i in items],
+                                                          progress=progress)
     return Catalog(items, vectors)
 
 

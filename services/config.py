@@ -3,6 +3,7 @@
     Settings
       infra      InfraSettings      Kafka, Ray, data set, where files live
       streaming  StreamingSettings  topics, consumers, shards, per-user state
+      items      ItemSettings       the live item topic, held events
       model      ModelConfig        the prompt's structure (recorded in every weights blob)
       training   TrainingSettings   Ray Train rounds, optimiser, gate
       serving    ServingSettings    Serve replicas, HTTP, cache, batching
@@ -23,30 +24,11 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
-from services.config_rules import Rule
+# Re-exported: their home is config_rules, their users import them from here.
+from services.config_rules import ENV_PREFIX, ConfigError, Rule, env_name, flag_name  # noqa: F401
+from services.config_rules import opt as _opt
 
-ENV_PREFIX = "PROMPTREC_"
 DATASETS = ("ml-100k", "ml-1m")
-
-
-def env_name(setting: str) -> str:
-    return ENV_PREFIX + setting.upper()
-
-
-def flag_name(setting: str) -> str:
-    return "--" + setting.replace("_", "-")
-
-
-class ConfigError(ValueError):
-    """A setting has a value the service cannot start with."""
-
-    def __init__(self, setting: str, message: str):
-        super().__init__(f"invalid setting {setting!r} ({env_name(setting)}): {message}")
-        self.setting = setting
-
-
-def _opt(default: Any, help_text: str, rule: str = "") -> Any:
-    return field(default=default, metadata={"help": help_text, "rule": rule})
 
 
 @dataclass(frozen=True)
@@ -129,6 +111,24 @@ class StreamingSettings:
                               "pip install -e '.[confluent]' (or make setup)")
         if self.topic_clicks == self.topic_dlq:
             raise ConfigError("topic_dlq", "must differ from topic_clicks")
+
+
+@dataclass(frozen=True)
+class ItemSettings:
+    topic_items: str = _opt("promptrec.items", "item topic (key item_id, JSON item; a null "
+                            "value deletes): live catalog changes")
+    topic_items_dlq: str = _opt("promptrec.items.dlq", "dead-letter topic of item records")
+    item_batch_max: int = _opt(500, "most item records in one catalog version", ">=1")
+    max_item_text_chars: int = _opt(4000, "longer item text / description is cut to this "
+                                    "(and counted): the backbone reads 64 tokens", ">=1")
+    hold_unknown_s: float = _opt(5.0, "how long an event naming an item not yet in the catalog "
+                                 "is held for it before it is dead-lettered", ">=0")
+    hold_max_events: int = _opt(10_000, "events held per partition at most (more: the oldest "
+                                "is dead-lettered)", ">=1")
+
+    def check(self) -> None:
+        if self.topic_items == self.topic_items_dlq:
+            raise ConfigError("topic_items_dlq", "must differ from topic_items")
 
 
 @dataclass(frozen=True)
@@ -246,6 +246,7 @@ class ServingSettings:
 class Settings:
     infra: InfraSettings = field(default_factory=InfraSettings)
     streaming: StreamingSettings = field(default_factory=StreamingSettings)
+    items: ItemSettings = field(default_factory=ItemSettings)
     model: ModelConfig = field(default_factory=ModelConfig)
     training: TrainingSettings = field(default_factory=TrainingSettings)
     serving: ServingSettings = field(default_factory=ServingSettings)

@@ -25,6 +25,8 @@ COMMAND = "python -m services.config_docs > docs/configuration.md"
 INTROS = {
     "infra": "Where Kafka and Ray are, which data set, where files live.",
     "streaming": "Topics, Kafka consumers, user-state shards and the per-user state they keep.",
+    "items": "The live item topic (catalog changes while serving) and events held for items "
+             "not in the catalog yet.",
     "model": "The structure of the trainable prompt; every weights blob records these values.",
     "training": "Ray Train rounds: workers, optimiser, schedule and the validation gate.",
     "serving": "Ray Serve replicas, the HTTP API, overload limits, batching and the cache.",

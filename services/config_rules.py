@@ -1,12 +1,35 @@
-"""The rules a setting's value must follow, named in its field's metadata: one home for
-each rule's test, its error message and how the configuration page shows it."""
+"""What every setting shares: its names (env variable, CLI flag), its error, and the
+rules its value must follow, named in its field's metadata: one home for each rule's
+test, its error message and how the configuration page shows it."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+ENV_PREFIX = "PROMPTREC_"
+
+
+def env_name(setting: str) -> str:
+    return ENV_PREFIX + setting.upper()
+
+
+def flag_name(setting: str) -> str:
+    return "--" + setting.replace("_", "-")
+
+
+class ConfigError(ValueError):
+    """A setting has a value the service cannot start with."""
+
+    def __init__(self, setting: str, message: str):
+        super().__init__(f"invalid setting {setting!r} ({env_name(setting)}): {message}")
+        self.setting = setting
+
+
+def opt(default: Any, help_text: str, rule: str = "") -> Any:
+    return field(default=default, metadata={"help": help_text, "rule": rule})
 
 
 @dataclass(frozen=True)

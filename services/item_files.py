@@ -17,6 +17,9 @@ Events, one row each (the click-event contract of `services.events`):
     type               click | view | purchase | rating, optional (default click)
     value              number, optional
 
+The item rules live in `services.item_fields` (shared with the `promptrec.items` Kafka
+codec, `services.item_records`); files get its leniencies for CSV and Parquet cells.
+
 A file that breaks these rules fails at start-up with `DataFileError`, which names the
 file, the row (0-based, as the file orders them) and the column.
 """
@@ -24,7 +27,6 @@ file, the row (0-based, as the file orders them) and the column.
 from __future__ import annotations
 
 import csv
-import json
 import math
 from pathlib import Path, PurePosixPath
 
@@ -34,13 +36,12 @@ import pyarrow.compute as pc
 
 from services.data import Interactions, Item
 from services.events import EVENT_TYPES, MAX_ID_CHARS
+from services.item_fields import ITEM_FIELDS, ItemFieldError, item_from_record
 
-ITEM_COLUMNS = ("item_id", "title", "text", "description", "categories", "attributes",
-                "available")
+ITEM_COLUMNS = ITEM_FIELDS
 EVENT_COLUMNS = ("event_id", "user_id", "item_id", "ts", "type", "value")
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "json", ".ndjson": "json",
            ".json": "json", ".csv": "csv"}
-_TRUE, _FALSE = {"true", "1", "yes"}, {"false", "0", "no"}
 
 
 class DataFileError(ValueError):
@@ -102,7 +103,10 @@ def items_from_table(table: pa.Table, path: str) -> list[Item]:
     items: list[Item] = []
     seen: dict[str, int] = {}
     for row, record in enumerate(table.to_pylist()):
-        item = _item(record, path, row)
+        try:
+            item = item_from_record(record, lenient_csv=True)
+        except ItemFieldError as err:
+            raise DataFileError(path, err.problem, row, err.column) from err
         if item.item_id in seen:
             raise DataFileError(path, f"item_id {item.item_id!r} repeats row "
                                 f"{seen[item.item_id]}", row, "item_id")
@@ -111,68 +115,6 @@ def items_from_table(table: pa.Table, path: str) -> list[Item]:
     if not items:
         raise DataFileError(path, "no items")
     return items
-
-
-def _item(record: dict, path: str, row: int) -> Item:
-    def text(column: str, required: bool = False) -> str:
-        value = record.get(column)
-        if value is None or (isinstance(value, str) and not value.strip()):
-            if required:
-                raise DataFileError(path, "empty", row, column)
-            return ""
-        if isinstance(value, int) and not isinstance(value, bool) and column == "item_id":
-            value = str(value)
-        if not isinstance(value, str):
-            raise DataFileError(path, f"expected text, got {type(value).__name__}", row, column)
-        return value.strip()
-
-    item_id = text("item_id", required=True)
-    if len(item_id) > MAX_ID_CHARS:
-        raise DataFileError(path, f"longer than {MAX_ID_CHARS} characters", row, "item_id")
-    return Item(item_id=item_id, title=text("title", required=True), text=text("text"),
-                description=text("description"),
-                categories=_categories(record.get("categories"), path, row),
-                attributes=_attributes(record.get("attributes"), path, row),
-                available=_available(record.get("available"), path, row))
-
-
-def _categories(value, path: str, row: int) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, str):  # CSV
-        value = value.split("|")
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise DataFileError(path, "expected a list of text", row, "categories")
-    return tuple(v.strip() for v in value if v.strip())
-
-
-def _attributes(value, path: str, row: int) -> dict[str, str]:
-    if value is None:
-        return {}
-    if isinstance(value, str):  # CSV
-        try:
-            value = json.loads(value) if value.strip() else {}
-        except json.JSONDecodeError as err:
-            raise DataFileError(path, f"not a JSON object: {err}", row, "attributes") from err
-    if isinstance(value, list) and all(isinstance(p, tuple) and len(p) == 2 for p in value):
-        value = dict(value)  # Parquet map<string, string>: [(key, value), ...]
-    if not isinstance(value, dict):
-        raise DataFileError(path, "expected a map of text to text", row, "attributes")
-    # JSON objects are read as structs: keys that only other rows have come back as None.
-    out = {str(k): v for k, v in value.items() if v is not None}
-    if not all(isinstance(v, str) for v in out.values()):
-        raise DataFileError(path, "expected a map of text to text", row, "attributes")
-    return out
-
-
-def _available(value, path: str, row: int) -> bool:
-    if value is None:
-        return True
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-        return value.strip().lower() in _TRUE
-    raise DataFileError(path, f"expected true or false, got {value!r}", row, "available")
 
 
 def interactions_from_table(table: pa.Table, path: str, limit: int | None = None

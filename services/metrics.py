@@ -143,6 +143,32 @@ def swap_seconds():
 
 
 @functools.cache
+def item_records():
+    return _counter("promptrec_item_records_total",
+                    "Item-topic records by result (upsert, delete, invalid, truncated) and "
+                    "invalid reason", ("result", "reason"))
+
+
+@functools.cache
+def serving_catalog_version():
+    return KeptGauge(_gauge("promptrec_serving_catalog_version",
+                            "Catalog version each replica serves", ("replica",)))
+
+
+@functools.cache
+def item_live_seconds():
+    return _histogram("promptrec_item_live_seconds",
+                      "From an item record's Kafka timestamp to rankable in a replica")
+
+
+@functools.cache
+def held_events():
+    return _counter("promptrec_held_events_total",
+                    "Events held for an item not yet in the catalog, by outcome (held, "
+                    "applied, expired)", ("outcome",))
+
+
+@functools.cache
 def request_seconds():
     return _histogram("promptrec_request_seconds", "HTTP request latency by route",
                       tag_keys=("route",))

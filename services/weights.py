@@ -11,6 +11,8 @@ Tensors (float32), H = backbone hidden size, N = catalog size:
     item_bias      [N]     structure.item_bias: one float per catalog item (zeros at first)
     item_delta     [N, H]  structure.item_tokens: a learned offset per item (zeros at first)
     personal_gate  []      structure.causal: weight of the personal prompt (0 at first)
+    item_ids       [B]     uint8, with per-item weights: the JSON list of the N item ids
+                           their rows belong to (rows are keyed by item id, not position)
 
 On the wire a version is one safetensors blob whose metadata records the structure under
 one key, METADATA_KEY, as a JSON string (metadata values are strings):
@@ -19,6 +21,8 @@ one key, METADATA_KEY, as a JSON string (metadata values are strings):
      "readout": "last", "user_layers": 2}
 `decode_weights` checks the blob against its metadata and against what the caller
 expects; `decode_version` (services/decoded.py) does that once per process per version.
+A version serves any later catalog: `aligned_to` maps its rows onto the catalog's by item
+id, and items it never knew start from what their text says.
 """
 
 from __future__ import annotations
@@ -28,7 +32,6 @@ import json
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
@@ -43,6 +46,7 @@ CONFIG_FIELDS = ("prompt_len", "item_bias", "item_tokens", "causal", "readout", 
 LEGACY_DEFAULTS = {"readout": "mean", "user_layers": 0}
 METADATA_KEY = "promptrec"
 TENSOR_NAMES = ("soft_prompt", "logit_scale", "item_bias", "item_delta", "personal_gate")
+ITEM_IDS = "item_ids"
 
 
 class BadPromptWeights(ValueError):
@@ -139,6 +143,7 @@ class PromptWeights:
     item_bias: torch.Tensor | None = None
     item_delta: torch.Tensor | None = None
     personal_gate: torch.Tensor | None = None
+    item_ids: tuple[str, ...] | None = None  # the rows' items (None: the catalog's order)
 
     @classmethod
     def plain(cls, soft_prompt: torch.Tensor, logit_scale: torch.Tensor) -> PromptWeights:
@@ -159,6 +164,9 @@ class PromptWeights:
         """One safetensors blob with the structure in its metadata; not checked here (the
         reader checks, so refusals can be tested)."""
         tensors = {k: v.detach().cpu().contiguous().float() for k, v in self.tensors().items()}
+        if self.item_ids is not None and self.has_item_weights:
+            ids = json.dumps(list(self.item_ids), separators=(",", ":")).encode()
+            tensors[ITEM_IDS] = torch.frombuffer(bytearray(ids), dtype=torch.uint8)
         return st_save(tensors, metadata=self.structure.to_metadata())
 
     def check(self, hidden_size: int | None = None, num_items: int | None = None,
@@ -187,7 +195,11 @@ class PromptWeights:
         if hidden_size is not None and s.hidden_size != hidden_size:
             raise BadPromptWeights(f"soft_prompt shape {tuple(self.soft_prompt.shape)}: "
                                    f"hidden size {s.hidden_size}, the backbone {hidden_size}")
-        if num_items is not None and s.has_item_weights and s.num_items != num_items:
+        if self.item_ids is not None and len(self.item_ids) != s.num_items:
+            raise BadPromptWeights(f"{len(self.item_ids)} item ids for {s.num_items} rows")
+        # Rows keyed by item id fit any catalog (`aligned_to`); positional ones one size.
+        if num_items is not None and s.has_item_weights and self.item_ids is None \
+                and s.num_items != num_items:
             name = "item_bias" if s.item_bias else "item_delta"
             raise BadPromptWeights(f"{name} has {s.num_items} items, the catalog {num_items}")
         if config is not None:
@@ -207,12 +219,21 @@ def decode_weights(blob: bytes, hidden_size: int | None = None, num_items: int |
     except Exception as err:  # safetensors raises several types for corrupt input
         raise BadPromptWeights(f"not a safetensors blob: {err}") from None
     structure = PromptStructure.from_metadata(meta)
+    item_ids = None
+    if ITEM_IDS in tensors:
+        try:
+            item_ids = tuple(json.loads(tensors.pop(ITEM_IDS).numpy().tobytes()))
+        except ValueError as err:
+            raise BadPromptWeights(f"{ITEM_IDS} is not a JSON list: {err}") from None
+        if not all(isinstance(i, str) for i in item_ids):
+            raise BadPromptWeights(f"{ITEM_IDS} must be a list of text")
     known = set(structure.tensor_shapes())
     if not set(tensors) <= known:
         raise BadPromptWeights(f"tensors {sorted(tensors)}: the structure {structure} has "
                                f"{sorted(known)}")
     # A missing tensor stays None, and check() names it.
-    weights = PromptWeights(structure, **{n: tensors.get(n) for n in TENSOR_NAMES})
+    weights = PromptWeights(structure, **{n: tensors.get(n) for n in TENSOR_NAMES},
+                            item_ids=item_ids)
     return weights.check(hidden_size, num_items, config)
 
 
@@ -231,46 +252,16 @@ INITIAL_PERSONAL_GATE = 0.5
 
 
 def initial_weights(tokenizer, encoder: nn.Module, config: ModelConfig,
-                    num_items: int = 0) -> PromptWeights:
+                    num_items: int = 0, item_ids: list[str] | None = None) -> PromptWeights:
     """A first version of the structure `config` gives: the soft prompt from the task
-    text, temperature 20, zero item weights, the personal gate `INITIAL_PERSONAL_GATE`."""
+    text, temperature 20, zero item weights (rows for `item_ids`, or `num_items`
+    positional ones), the personal gate `INITIAL_PERSONAL_GATE`."""
     prompt = init_soft_prompt(tokenizer, encoder, config)  # [P, H]
+    num_items = len(item_ids) if item_ids is not None else num_items
     s = PromptStructure.of(config, prompt.shape[1], num_items)
     return PromptWeights(
         s, soft_prompt=prompt, logit_scale=torch.tensor(math.log(20.0)),
         item_bias=torch.zeros(s.num_items) if s.item_bias else None,
         item_delta=torch.zeros(s.num_items, s.hidden_size) if s.item_tokens else None,
-        personal_gate=torch.tensor(INITIAL_PERSONAL_GATE) if s.causal else None)
-
-
-def unseen_items_fall_back_to_text(weights: PromptWeights, seen: np.ndarray,
-                                   text_vectors: torch.Tensor | None = None,
-                                   neighbours: int = 10) -> PromptWeights:
-    """seen [N] bool: items that appeared in training data -> the version with every unseen
-    item's bias and item token replaced by what its text says.
-
-    Full softmax only ever pushed an unseen item down (it was a negative, never a target),
-    so what it learned says nothing about it. Without `text_vectors` [N, H] it gets the
-    mean bias of the seen items and a zero token (its text vector alone places it); with
-    them it gets the mean bias and token of its `neighbours` seen items nearest in text
-    space (its text says which trained items it resembles, and they moved).
-    """
-    seen_t = torch.as_tensor(np.asarray(seen, bool))
-    if not weights.has_item_weights or not seen_t.any() or seen_t.all():
-        return weights
-    if text_vectors is None:
-        take = None
-    else:
-        sims = text_vectors[~seen_t] @ text_vectors[seen_t].T  # [unseen, seen]
-        near = sims.topk(min(neighbours, int(seen_t.sum())), dim=1).indices  # [unseen, k]
-        take = torch.nonzero(seen_t).squeeze(1)[near]  # catalog indices [unseen, k]
-    changes = {}
-    if weights.item_bias is not None:
-        bias = weights.item_bias.clone()
-        bias[~seen_t] = bias[seen_t].mean() if take is None else bias[take].mean(1)
-        changes["item_bias"] = bias
-    if weights.item_delta is not None:
-        delta = weights.item_delta.clone()
-        delta[~seen_t] = 0.0 if take is None else delta[take].mean(1)
-        changes["item_delta"] = delta
-    return dataclasses.replace(weights, **changes)
+        personal_gate=torch.tensor(INITIAL_PERSONAL_GATE) if s.causal else None,
+        item_ids=tuple(item_ids) if item_ids is not None and s.has_item_weights else None)

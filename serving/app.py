@@ -10,8 +10,9 @@ once and puts together the pieces, each in a module of its own:
     serving.batching  cache misses of concurrent requests encoded together
     serving.ranking   the tensor work: encode, rank, explain
 
-Routes: GET /recommend?user_id=&k=&explain=, GET /healthz, GET /version,
-POST /admin/rollback. Overload (more than max_ongoing_requests per replica plus
+Routes: GET /recommend?user_id=&k=&explain=&exclude=&category=, GET /similar,
+GET /healthz, GET /version, POST /admin/rollback. Every answer names the prompt version
+and the catalog version it came from. Overload (more than max_ongoing_requests per replica plus
 max_queued_requests waiting) is answered by Ray Serve's proxy with 503 + Retry-After.
 Batch size, batch wait, cache size and explained items are runtime knobs: Serve's
 `user_config`, applied by `reconfigure` without restarting the replica.
@@ -29,7 +30,6 @@ from ray import serve
 from ray.serve.config import BackpressureConfig
 
 from services.backbone import load_backbone, resolve_backbone_path
-from services.catalog import load_catalog
 from services.config import Settings
 from services.config_sources import load_settings
 from services.health import wait_until
@@ -54,14 +54,13 @@ class Recommender:
         backbone = resolve_backbone_path(self.settings.model.backbone_path)
         _, encoder = load_backbone(backbone)
         infra = self.settings.infra
-        self.catalog = load_catalog(infra.catalog_source, backbone, infra.cache)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self._shards: dict[int, object] = {}
         self.cache = UserVectorCache(self.settings.serving.user_cache_size)
         serving = self.settings.serving
         self.batcher = EncodeBatcher(serving.batch_max_size, serving.batch_wait_ms,
                                      serving.encode_thread)
-        self.prompts = PromptSwap(encoder, self.catalog, infra.namespace, self.replica)
+        self.prompts = PromptSwap(encoder, infra.namespace, self.replica)
         await self.prompts.start(self.settings.serving.pin_version)
 
     def reconfigure(self, knobs: dict) -> None:
@@ -110,20 +109,21 @@ class Recommender:
             raise retry_later("no prompt version published yet", 1)
         state = await self._user_state(query.user_id)
         state_version = state["state_version"] if state else 0
-        history = self.catalog.indices(state["history"]) if state else []
+        catalog = active.catalog
+        history = catalog.indices(state["history"]) if state else []
         use_personal = state and self.settings.serving.personal_prompts
         personal = state.get("personal") if use_personal else None
         user, hit = await self._user_vector(query.user_id, state_version, history, personal,
                                             active)
-        masked = history + self.catalog.unavailable + self.catalog.indices(list(query.exclude))
-        allowed = self.catalog.in_categories(query.categories) if query.categories else None
+        masked = history + catalog.unavailable + catalog.indices(list(query.exclude))
+        allowed = catalog.in_categories(query.categories) if query.categories else None
         indices, values = rank(active.model, user, active.items, query.k, masked, allowed)
-        items = self.catalog.items
+        items = catalog.items
         ranked = [{"item_id": items[i].item_id, "title": items[i].title,
                    "score": round(float(v), 4)}
                   for i, v in zip(indices.tolist(), values.tolist(), strict=True)]
         if query.explain:
-            reasons = explain(self.catalog.vectors, history, indices.tolist(),
+            reasons = explain(catalog.vectors, history, indices.tolist(),
                               self.settings.serving.explain_items)
             for entry, because in zip(ranked, reasons, strict=True):
                 entry["because"] = [{"item_id": items[h].item_id, "title": items[h].title,
@@ -133,6 +133,7 @@ class Recommender:
             "user_id": query.user_id,
             "items": ranked,
             "prompt_version": active.version,
+            "catalog_version": active.catalog_version,
             "state_version": state_version,
             "cold_start": not history,
         }, headers={"X-User-Cache": "hit" if hit else "miss"})
@@ -144,17 +145,18 @@ class Recommender:
         active = self.prompts.active
         if active is None:
             raise retry_later("no prompt version published yet", 1)
-        index = self.catalog.index.get(query.item_id)
+        catalog = active.catalog
+        index = catalog.index.get(query.item_id)
         if index is None:
             raise ApiError(404, f"unknown item_id {query.item_id[:40]!r}")
-        indices, values = similar(active.items, index, query.k, self.catalog.unavailable)
-        items = self.catalog.items
+        indices, values = similar(active.items, index, query.k, catalog.unavailable)
+        items = catalog.items
         return JSONResponse({
             "item_id": query.item_id,
             "items": [{"item_id": items[i].item_id, "title": items[i].title,
                        "similarity": round(float(v), 4)}
                       for i, v in zip(indices.tolist(), values.tolist(), strict=True)],
-            "prompt_version": active.version})
+            "prompt_version": active.version, "catalog_version": active.catalog_version})
 
     @app.get("/healthz")
     async def healthz(self) -> dict:
@@ -166,8 +168,14 @@ class Recommender:
     @app.get("/version")
     async def version(self) -> dict:
         active = self.prompts.active
+        live = sorted(self.prompts.item_live_ms)
         return {"prompt_version": active.version if active else 0,
                 "prompt_sha256": active.sha256 if active else None,
+                "catalog_version": active.catalog_version if active else 0,
+                "catalog_items": len(active.catalog.index) if active else 0,
+                "item_live_ms": {"count": len(live),
+                                 "p50": live[len(live) // 2] if live else None,
+                                 "p99": live[int(len(live) * 0.99)] if live else None},
                 "replica": self.replica,
                 "publish_to_live_ms": active.publish_to_live_ms if active else None,
                 "swap_ms": active.swap_ms if active else None,

@@ -1,16 +1,21 @@
 """The hot swap: one immutable `ActivePrompt` reference, replaced whole on a new version.
 
-`PromptSwap` builds the new version beside the old one and then replaces one reference
-(atomic under the GIL). A request reads `active` once at its start and passes that
-down (cache key, encoder, scorer), so it is served wholly by one version, and names it.
-A watcher thread long-polls the registry and swaps on a change.
+An `ActivePrompt` is a prompt version on a catalog version. `PromptSwap` builds the new
+one beside the old one and then replaces one reference (atomic under the GIL), when the
+prompt registry publishes (or rolls back) and when the catalog changes. A request reads
+`active` once at its start and passes that down (cache key, encoder, scorer, item
+names), so it is served wholly by one prompt version and one catalog version, and names
+both. Two watcher threads long-poll: the prompt registry here, the catalog registry in
+`services.catalog_registry.CatalogFollower`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import ray
@@ -18,14 +23,18 @@ import torch
 
 from services import metrics
 from services.catalog import Catalog
+from services.catalog_registry import CatalogChange, CatalogFollower
 from services.decoded import decode_version
+from services.item_weights import aligned_to
 from services.naming import REGISTRY_ACTOR
 from services.prompt_model import PromptRecModel
+from services.weights import PromptWeights
 
 log = logging.getLogger("ray.serve")
 
 LONG_POLL_S = 30.0  # one registry long-poll; a change answers it at once
 RETRY_S = 1.0  # pause after a failed long-poll or a refused version
+ITEM_LIVE_KEPT = 5000  # recent record-to-live latencies a replica reports on /version
 
 
 @dataclass(frozen=True)
@@ -34,28 +43,42 @@ class ActivePrompt:
     sha256: str
     model: PromptRecModel
     items: torch.Tensor  # [N, H] the item vectors this version reads and ranks
+    catalog: Catalog  # the catalog version they are of (names, filters, masks)
     swap_ms: float  # weights received -> this reference built
     publish_to_live_ms: float | None  # registry made it serving -> live here (None at start-up)
 
+    @property
+    def catalog_version(self) -> int:
+        return self.catalog.version
+
 
 class PromptSwap:
-    """The version a replica serves (`active`, None until one is loaded) and its watcher.
+    """The version a replica serves (`active`, None until one is loaded) and its watchers.
 
-    encoder: the frozen backbone, shared by every version; catalog: its item vectors
-    [N, H] are turned into each version's item table once, at the swap.
+    encoder: the frozen backbone, shared by every version. The catalog comes from the
+    catalog registry; each (prompt version, catalog version) pair gets its item table
+    once, when it becomes active.
     """
 
-    def __init__(self, encoder, catalog: Catalog, namespace: str, replica: str):
-        self.encoder, self.catalog = encoder, catalog
-        self.namespace, self.replica = namespace, replica
+    def __init__(self, encoder, namespace: str, replica: str):
+        self.encoder, self.namespace, self.replica = encoder, namespace, replica
         self.registry = ray.get_actor(REGISTRY_ACTOR, namespace=namespace)
         self.active: ActivePrompt | None = None
+        self._prompt: tuple[dict, PromptWeights] | None = None  # entry (no blob), weights
+        self._build_lock = threading.Lock()  # two watchers build; the later one wins whole
+        self.item_live_ms: deque[float] = deque(maxlen=ITEM_LIVE_KEPT)
         self._stopping = threading.Event()
+        self.catalogs = CatalogFollower(namespace, on_change=self._catalog_changed)
+
+    @property
+    def catalog(self) -> Catalog:
+        return self.catalogs.catalog
 
     async def start(self, pin_version: int = 0) -> None:
         """Load the serving version (or `pin_version`) and, unless pinned, watch for more."""
         if pin_version:
-            # A pinned replica serves that one version for good: no watcher, no swaps.
+            # A pinned replica serves that one version for good: no prompt watcher (the
+            # catalog still follows: a pinned version must not return a deleted item).
             self.swap(await self.registry.get.remote(pin_version), initial=True)
             return
         entry = await self.registry.serving.remote()
@@ -67,25 +90,50 @@ class PromptSwap:
 
     def stop(self) -> None:
         self._stopping.set()
+        self.catalogs.stop()
 
     def swap(self, entry: dict, initial: bool = False) -> None:
-        """Build the new version beside the old one, then replace one reference;
+        """Build the new prompt version beside the old one, then replace one reference;
         requests that already read the old one finish on it."""
         started = time.perf_counter()
-        weights = decode_version(entry["version"], entry["blob"], self.catalog.vectors.shape[1],
-                                 len(self.catalog))
-        model = PromptRecModel(self.encoder, weights)  # shares the frozen encoder
-        with torch.inference_mode():
-            items = model.item_table(self.catalog.vectors)  # once per version, not per request
-        swap_ms = round((time.perf_counter() - started) * 1000, 2)
+        weights = decode_version(entry["version"], entry["blob"],
+                                 self.catalog.vectors.shape[1])
         since = entry.get("serving_since", entry["created"])
+        with self._build_lock:
+            self._prompt = ({k: v for k, v in entry.items() if k != "blob"}, weights)
+            self._activate(started)
         # At start-up the version was live long before this replica existed: no swap time.
         live_ms = None if initial else round((time.time() - since) * 1000, 1)
-        self.active = ActivePrompt(entry["version"], entry["sha256"], model, items, swap_ms,
-                                   live_ms)
-        metrics.swap_seconds().observe(swap_ms / 1000)
+        self.active = dataclasses.replace(self.active, publish_to_live_ms=live_ms)
+        metrics.swap_seconds().observe(self.active.swap_ms / 1000)
         metrics.serving_prompt_version().set(entry["version"], tags={"replica": self.replica})
         log.info("replica %s now serves prompt version %d", self.replica, entry["version"])
+
+    def _catalog_changed(self, catalog: Catalog, change: CatalogChange | None) -> None:
+        """On the catalog watcher's thread: the serving prompt version on the new catalog."""
+        with self._build_lock:
+            if self._prompt is not None:
+                self._activate(time.perf_counter())
+        now_ms = time.time() * 1000
+        if change is not None:
+            live = [(now_ms - ms) for ms in change.record_ms if ms > 0]
+            self.item_live_ms.extend(live)
+            metrics.observe_all(metrics.item_live_seconds(), [ms / 1000 for ms in live])
+        metrics.serving_catalog_version().set(catalog.version, tags={"replica": self.replica})
+
+    def _activate(self, started: float) -> None:
+        """Under the build lock: the current prompt version on the current catalog (read
+        here, so neither watcher can make an older catalog active), made active."""
+        entry, weights = self._prompt
+        catalog = self.catalog
+        model = PromptRecModel(self.encoder, aligned_to(weights, catalog.item_ids,
+                                                        catalog.vectors))
+        with torch.inference_mode():
+            items = model.item_table(catalog.vectors)  # once per version, not per request
+        swap_ms = round((time.perf_counter() - started) * 1000, 2)
+        publish_ms = self.active.publish_to_live_ms if self.active else None
+        self.active = ActivePrompt(entry["version"], entry["sha256"], model, items, catalog,
+                                   swap_ms, publish_ms)
 
     def _lookup_registry(self) -> None:
         # When Serve is deployed from a config, the driver that owns the registry can

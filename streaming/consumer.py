@@ -15,7 +15,10 @@ event_id), so per-user state is effectively-once. The loop, per poll:
 3. valid events are buffered for the event log;
 4. every `log_flush_s` (or after a fifth of it once the consumer has caught up) the log
    buffer is written, the DLQ producer flushed, and only then offsets committed
-   (commit = last handled offset + 1).
+   (commit = last handled offset + 1, never past an event still held).
+
+Where a live catalog runs, the known items follow its versions, and an event naming an
+item not there yet is held for it (`streaming.held`), not dead-lettered at once.
 
 Offsets are qualified by the topic's id (its epoch): a topic recreated under the same
 name (the embedded broker keeps data in memory; a restart empties it) restarts offsets
@@ -40,7 +43,8 @@ from services.batch_decode import decode_batch
 from services.config import Settings
 from services.eventlog import EventLogWriter
 from services.naming import shard_for_user
-from streaming.kafka_client import PartitionRecords, open_clients
+from streaming.held import ItemHold
+from streaming.kafka_client import PartitionRecords, dead_letter, open_clients
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +55,7 @@ class _Part(NamedTuple):
     low: int  # first offset
     high: int  # last offset + 1
     events: EventBatch  # for the shards and the log
+    held: list[tuple[int, int]]  # (shard, offset) of the events held back
 
 
 @dataclass
@@ -65,9 +70,9 @@ class IngestConsumer:
         self.settings = settings.validate()  # an actor re-checks what it was handed
         self.index = consumer_index
         self.shards = shards
-        self.known_items = frozenset(known_items)
-        self.bootstrap = bootstrap
         self.counts: Tally[str] = Tally()
+        self.held = ItemHold(settings, shards, frozenset(known_items), self._count)
+        self.bootstrap = bootstrap
         self.lag: dict[int, int] = {}
         self.error: str | None = None
         self._stop = threading.Event()
@@ -152,7 +157,7 @@ class IngestConsumer:
                     self.rewinds += 1
                 else:
                     event_log.append_columns(part.events)
-                    pending[partition] = part.high
+                    pending[partition] = self.held.commit_offset(partition, part.high)
             inflight = None
             return rewind
 
@@ -169,6 +174,7 @@ class IngestConsumer:
                     if inflight:
                         settle()
                     pending.clear()
+                    self.held.clear()  # their offsets belong to the old topic
                     consumer.seek_to_beginning()
                     self.epoch = new_epoch
                 if self._paused.is_set() != paused:
@@ -196,6 +202,8 @@ class IngestConsumer:
                         or len(event_log) >= s.poll_max_records))):
                     commit()
                     last_flush = time.monotonic()
+                if self.held.due():
+                    self.held.release(dlq, event_log)
                 self._update_lag(consumer)
         finally:
             # Stopping cleanly: keep what was applied, logged and committed.
@@ -211,17 +219,20 @@ class IngestConsumer:
         parts = {}
         for partition, records in batches.items():
             offsets = records.offsets
-            decoded = decode_batch(records.keys, records.values, self.known_items,
+            decoded = decode_batch(records.keys, records.values, self.held.known,
                                    partition=partition, offsets=offsets,
                                    kafka_ms=records.timestamps_ms)
             topic = self.settings.streaming.topic_clicks
+            held = []
             for i, bad in decoded.invalid:
-                dlq.send(self.settings.streaming.topic_dlq, records.keys[i], records.values[i],
-                         [("reason", bad.reason.encode()),
-                          ("detail", bad.detail[:512].encode("utf-8", "replace")),
-                          ("source", f"{topic}/{partition}/{offsets[i]}".encode())])
+                if bad.reason == "unknown_item" and self.held.following:
+                    held.append(self.held.hold(partition, records, i, dlq))
+                    continue
+                dead_letter(dlq, self.settings.streaming.topic_dlq, records.keys[i],
+                            records.values[i], bad.reason, bad.detail,
+                            f"{topic}/{partition}/{offsets[i]}")
                 self._count("invalid", bad.reason)
-            parts[partition] = _Part(offsets[0], offsets[-1] + 1, decoded.events)
+            parts[partition] = _Part(offsets[0], offsets[-1] + 1, decoded.events, held)
         return parts
 
     def _submit(self, batch: dict) -> _InFlight:
@@ -239,8 +250,12 @@ class IngestConsumer:
             for i, user in enumerate(columns.user_id):
                 rows[shard_of[user]].append(i)
             by_shard = [columns.take(mine) for mine in rows]
-        refs = [shard.apply.remote(events, ranges)
-                for shard, events in zip(self.shards, by_shard, strict=True)]
+        held: list[dict[int, list[int]]] = [{} for _ in self.shards]
+        for partition, part in batch.items():
+            for shard, offset in part.held:
+                held[shard].setdefault(partition, []).append(offset)
+        refs = [shard.apply.remote(events, ranges, mine)
+                for shard, events, mine in zip(self.shards, by_shard, held, strict=True)]
         return _InFlight(refs=refs, batch=batch)
 
     def _collect(self, inflight: _InFlight) -> dict[int, int]:

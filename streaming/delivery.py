@@ -10,6 +10,9 @@ Two guards:
   seeks back.
 - event ids: an `event_id` seen within the dedupe window (a producer's duplicate sent as
   a new record) is counted as a duplicate and changes nothing.
+- holes: offsets inside a covered range whose event the consumer held back (its item was
+  not in the catalog yet, `streaming.held`). A replay admits them although they lie
+  below `covered`; applying one (released late, or replayed) fills its hole.
 
 `DeliveryGuard.admit` decides a whole batch with set operations; the result is exactly
 that of deciding event by event in batch order (`expect` + `remember`, as the reference
@@ -44,6 +47,7 @@ class DeliveryGuard:
         self.dedupe_window = dedupe_window
         self.covered: dict[int, tuple[str, int]] = {}  # partition -> (epoch, next offset)
         self.seen: OrderedDict[str, None] = OrderedDict()  # the dedupe window, oldest first
+        self.holes: dict[int, set[int]] = {}  # partition -> held offsets not yet applied
 
     def next_offset(self, partition: int, epoch: str) -> int:
         known_epoch, offset = self.covered.get(partition, (epoch, 0))
@@ -72,7 +76,9 @@ class DeliveryGuard:
         else:
             part, offset = events.partition, events.offset
             rows = [i for i in range(n) if part[i] not in rewind]
-            kept = [i for i in rows if offset[i] >= expected[part[i]]]
+            holes = self.holes
+            kept = [i for i in rows if offset[i] >= expected[part[i]]
+                    or offset[i] in holes.get(part[i], ())]
             replayed, rows = len(rows) - len(kept), kept
         ids = events.event_id if len(rows) == n else [events.event_id[i] for i in rows]
         if self.seen.keys().isdisjoint(ids) and len(set(ids)) == len(ids):
@@ -91,7 +97,41 @@ class DeliveryGuard:
                 if events.event_id[i] not in self.seen:
                     self.remember(events.event_id[i])
                     new.append(i)
+        if self.holes:
+            self.fill(events, new)
         return Admitted(new, len(rows) - len(new), replayed, expected, rewind)
+
+    def hold(self, holes: dict[int, list[int]]) -> None:
+        """Record offsets the consumer held back from a batch (call after `cover`)."""
+        for partition, offsets in holes.items():
+            self.holes.setdefault(partition, set()).update(offsets)
+
+    def fill(self, events: EventBatch, rows: list[int] | range) -> None:
+        """The holes of `rows` (applied) are no longer holes."""
+        for i in rows:
+            if (holes := self.holes.get(events.partition[i])) is not None:
+                holes.discard(events.offset[i])
+                if not holes:
+                    del self.holes[events.partition[i]]
+
+    def admit_late(self, events: EventBatch) -> list[int]:
+        """Rows of held events released late: new unless their event_id was seen."""
+        new = []
+        for i in range(len(events)):
+            if events.event_id[i] not in self.seen:
+                self.remember(events.event_id[i])
+                new.append(i)
+        self.fill(events, range(len(events)))  # a duplicate's hole is filled as well
+        return new
+
+    def forget(self, holes: dict[int, list[int]]) -> None:
+        """Held offsets that were dead-lettered: never to be applied."""
+        for partition, offsets in holes.items():
+            left = self.holes.get(partition, set()) - set(offsets)
+            if left:
+                self.holes[partition] = left
+            else:
+                self.holes.pop(partition, None)
 
     def cover(self, ranges: Ranges, expected: dict[int, int], rewind: dict[int, int]) -> None:
         """Record the batch's ranges as applied (all but the partitions sent back)."""

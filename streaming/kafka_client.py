@@ -54,6 +54,14 @@ class DeadLetterProducer(Protocol):
     def close(self) -> None: ...
 
 
+def dead_letter(dlq: DeadLetterProducer, topic: str, key: bytes | None, value: bytes | None,
+                reason: str, detail: str, source: str) -> None:
+    """Send a refused record to `topic` as it came, with why and whence in headers."""
+    dlq.send(topic, key, value, [("reason", reason.encode()),
+                                 ("detail", detail[:512].encode("utf-8", "replace")),
+                                 ("source", source.encode())])
+
+
 def open_clients(client: str, bootstrap: str, topic: str, group: str, client_id: str,
                  max_records: int) -> tuple[ClickConsumer, DeadLetterProducer]:
     if client == "kafka-python":

@@ -1,4 +1,5 @@
-"""Start the streaming plane: named shard actors and one consumer group of ingest actors."""
+"""Start the streaming plane: named shard actors, one consumer group of ingest actors, and
+the item consumer that turns `promptrec.items` into catalog versions."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import ray
 from services.config import Settings
 from services.naming import shard_actor
 from streaming.consumer import IngestConsumer
+from streaming.items import ItemConsumer
 from streaming.shard import UserStateShard
 
 
@@ -18,10 +20,12 @@ from streaming.shard import UserStateShard
 class StreamingPlane:
     shards: list
     consumers: list
+    item_consumer: object = None  # None: the catalog is fixed (no catalog registry)
 
     def stats(self) -> dict:
         shard_stats = ray.get([s.stats.remote() for s in self.shards])
         consumer_stats = ray.get([c.stats.remote() for c in self.consumers])
+        items = ray.get(self.item_consumer.stats.remote()) if self.item_consumer else None
         totals: dict[str, int] = {}
         for c in consumer_stats:
             for key, n in c["counts"].items():
@@ -29,7 +33,7 @@ class StreamingPlane:
         return {"shards": shard_stats, "consumers": consumer_stats, "totals": totals,
                 "users": sum(s["users"] for s in shard_stats),
                 "handled": sum(totals.values()),
-                "applied": sum(s["applied"] for s in shard_stats)}
+                "applied": sum(s["applied"] for s in shard_stats), "items": items}
 
     def pause(self) -> None:
         ray.get([c.pause.remote() for c in self.consumers])
@@ -50,18 +54,20 @@ class StreamingPlane:
         raise TimeoutError(f"consumer group not settled after {timeout_s:g} s: {assigned}")
 
     def stop(self) -> None:
-        ray.get([c.stop.remote() for c in self.consumers])
-        for actor in self.consumers + self.shards:
+        consumers = self.consumers + ([self.item_consumer] if self.item_consumer else [])
+        ray.get([c.stop.remote() for c in consumers])
+        for actor in consumers + self.shards:
             ray.kill(actor)
 
 
 def start_streaming(settings: Settings, bootstrap: str, item_ids: list[str],
-                    item_vectors: np.ndarray | None = None,
-                    paused: bool = False) -> StreamingPlane:
+                    item_vectors: np.ndarray | None = None, paused: bool = False,
+                    backbone_path: str = "") -> StreamingPlane:
     """Shards restore their latest snapshot under data_dir/snapshots, if any.
 
     `paused`: the consumers join their group but fetch nothing until `resume()` (the
-    ingest benchmark times a settled group, not its join).
+    ingest benchmark times a settled group, not its join). `backbone_path`: where a
+    catalog registry runs, start the item consumer, which embeds with that backbone.
 
     Both kinds of actor restart after a crash (max_restarts=-1); a shard call in flight
     is retried on the restarted shard, which then asks for a rewind to its snapshot.
@@ -71,7 +77,8 @@ def start_streaming(settings: Settings, bootstrap: str, item_ids: list[str],
     shards = [shard_cls.options(name=shard_actor(i), namespace=settings.infra.namespace,
                                 num_cpus=0.25, max_concurrency=1, max_restarts=-1,
                                 max_task_retries=-1).remote(
-        i, settings.streaming, vectors_ref, item_ids, str(settings.infra.root / "snapshots"))
+        i, settings.streaming, vectors_ref, item_ids, str(settings.infra.root / "snapshots"),
+        settings.infra.namespace)
         for i in range(settings.streaming.num_shards)]
     consumer_cls = ray.remote(IngestConsumer)
     # max_concurrency=4: stats()/stop() must run while the poll loop's thread is busy.
@@ -80,7 +87,13 @@ def start_streaming(settings: Settings, bootstrap: str, item_ids: list[str],
         settings, i, shards, item_ids, bootstrap)
         for i in range(settings.streaming.num_consumers)]
     ray.get([c.stats.remote() for c in consumers])  # constructed (and polling)
-    plane = StreamingPlane(shards=shards, consumers=consumers)
+    item_consumer = None
+    if backbone_path:
+        item_consumer = ray.remote(ItemConsumer).options(
+            num_cpus=0.25, max_concurrency=4, max_restarts=-1, max_task_retries=-1).remote(
+            settings, bootstrap, backbone_path)
+        ray.get(item_consumer.stats.remote())
+    plane = StreamingPlane(shards=shards, consumers=consumers, item_consumer=item_consumer)
     if paused:
         plane.pause()
     return plane

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from services.batch import EventBatch
+from services.catalog_registry import follow_if_running
 from services.config import StreamingSettings
 from services.personal import EventRates
 from streaming.apply import ItemSpace, UserState, apply_rows
@@ -38,10 +39,11 @@ log = logging.getLogger(__name__)
 class UserStateShard:
     def __init__(self, shard_index: int, config: StreamingSettings,
                  item_vectors: np.ndarray | None = None, item_ids: list[str] | None = None,
-                 snapshot_dir: str | None = None):
+                 snapshot_dir: str | None = None, namespace: str | None = None):
         """`config` gives history_len, dedupe_window, personal_alpha and snapshot_every_s;
         item_vectors [N, H] are the frozen catalog vectors the personal prompts move in (None:
-        no personal prompts); snapshots go under `snapshot_dir` (None: none)."""
+        no personal prompts); snapshots go under `snapshot_dir` (None: none). With `namespace`
+        the vectors follow the live catalog's versions, where a catalog registry runs."""
         self.shard_index = shard_index
         self.history_len = config.history_len
         self.personal_alpha = config.personal_alpha
@@ -57,15 +59,21 @@ class UserStateShard:
         self.snapshot_every_s = config.snapshot_every_s
         self._last_snapshot = time.monotonic()
         self.restored_from: str | None = self._restore()
+        self.catalogs = follow_if_running(namespace, lambda c, _: self.set_items(
+            c.vectors.numpy(), c.item_ids)) if namespace and self.items is not None else None
+        if self.catalogs is not None:  # the catalog may have moved since we were handed it
+            self.set_items(self.catalogs.catalog.vectors.numpy(), self.catalogs.catalog.item_ids)
         gc.freeze()  # see _housekeeping
 
     # --- applying events -------------------------------------------------
-    def apply(self, events: EventBatch | Sequence[tuple], ranges: Ranges) -> dict:
+    def apply(self, events: EventBatch | Sequence[tuple], ranges: Ranges,
+              held: dict[int, list[int]] | None = None) -> dict:
         """Apply one consumer batch.
 
         events: this shard's events of the batch (an `EventBatch`, or its rows); ranges:
         partition -> (topic epoch, first offset, last offset + 1) of the whole batch
-        (every shard gets every batch's ranges, events or not). Returns counts and
+        (every shard gets every batch's ranges, events or not); held: offsets of this
+        shard's events the consumer held back (`streaming.held`). Returns counts and
         `rewind` {partition: offset} for ranges this shard cannot take.
         """
         if not isinstance(events, EventBatch):
@@ -73,8 +81,28 @@ class UserStateShard:
         admitted = self.guard.admit(events, ranges)
         apply_rows(self.users, events, admitted.rows, self.history_len, self.items)
         self.latency.record(events, admitted.rows)
-        return self.finish(ranges, admitted.expected, admitted.rewind, len(admitted.rows),
-                           admitted.duplicates, admitted.replayed)
+        result = self.finish(ranges, admitted.expected, admitted.rewind, len(admitted.rows),
+                             admitted.duplicates, admitted.replayed)
+        if held:
+            self.guard.hold({p: o for p, o in held.items() if p not in admitted.rewind})
+        return result
+
+    def apply_held(self, events: EventBatch, expired: dict[int, list[int]]) -> dict:
+        """Held events released late (their item arrived), and held offsets dead-lettered
+        (`expired`): fill their holes. -> {"applied", "duplicates"}."""
+        rows = self.guard.admit_late(events)
+        apply_rows(self.users, events, rows, self.history_len, self.items)
+        self.latency.record(events, rows)
+        self.guard.forget(expired)
+        self.applied += len(rows)
+        self.duplicates += len(events) - len(rows)
+        return {"applied": len(rows), "duplicates": len(events) - len(rows)}
+
+    def set_items(self, item_vectors, item_ids: list[str]) -> None:
+        """A new catalog version's vectors [N, H] for the personal prompts to move in."""
+        if self.items is not None:  # one reference replaced: a batch reads it once
+            self.items = ItemSpace(item_vectors, {item: i for i, item in enumerate(item_ids)},
+                                   self.items.rates)
 
     def finish(self, ranges: Ranges, expected: dict[int, int], rewind: dict[int, int],
                applied: int, duplicates: int, replayed: int) -> dict:
@@ -146,6 +174,7 @@ class UserStateShard:
     def _capture(self) -> Captured:
         dim = self.items.vectors.shape[1] if self.items is not None else 0
         meta = {"covered": {str(p): list(c) for p, c in self.guard.covered.items()},
+                "holes": {str(p): sorted(h) for p, h in self.guard.holes.items()},
                 "applied": self.applied, "duplicates": self.duplicates}
         return capture(self.users, self.guard.seen, dim, meta)
 
@@ -156,6 +185,7 @@ class UserStateShard:
         meta = restored.meta
         self.guard.covered = {int(p): (c[0], c[1]) for p, c in meta["covered"].items()}
         self.guard.seen = restored.seen
+        self.guard.holes = {int(p): set(h) for p, h in meta.get("holes", {}).items()}
         self.applied, self.duplicates = meta["applied"], meta["duplicates"]
         self.users = restored.users
         log.info("shard %d restored %d users from %s (covered %s)", self.shard_index,

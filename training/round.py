@@ -8,8 +8,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -22,13 +24,9 @@ from services.catalog import Catalog
 from services.config import Settings
 from services.decoded import decode_version
 from services.eventlog import read_event_log
+from services.item_weights import aligned_to, unseen_items_fall_back_to_text
 from services.prompt_model import PromptRecModel
-from services.weights import (
-    BadPromptWeights,
-    PromptWeights,
-    decode_weights,
-    unseen_items_fall_back_to_text,
-)
+from services.weights import BadPromptWeights, PromptWeights, decode_weights
 from training.examples import Examples, build_examples
 from training.step import evaluate
 from training.trainer import LongLivedTrainer
@@ -69,9 +67,12 @@ class RoundResult:
 class RoundRunner:
     """Runs training rounds against the registry; keeps the gate's model loaded."""
 
-    def __init__(self, settings: Settings, catalog: Catalog, registry):
+    def __init__(self, settings: Settings, catalog: Catalog | Callable[[], Catalog], registry):
+        """`catalog`: a fixed one, or the live one's current version (each round trains on
+        the catalog as it is then, new items included)."""
         self.settings = settings
-        self.catalog = catalog
+        self._catalog_now = catalog if callable(catalog) else (lambda: catalog)
+        self.catalog = self._catalog_now()
         self.registry = registry
         self.round = 0
         self.last_ingest_ts = 0.0
@@ -96,6 +97,7 @@ class RoundRunner:
         started = time.monotonic()
         since = self.last_ingest_ts if since_ingest_ts is None else since_ingest_ts
         s = self.settings
+        self.catalog = self._catalog_now()
         serving = ray.get(self.registry.serving.remote())
         log_table = read_event_log(str(s.infra.root / "eventlog"))
         train, val = build_examples(log_table, self.catalog.index, s.streaming.history_len,
@@ -115,7 +117,8 @@ class RoundRunner:
                 return result
             newest_ingest = float(np.max(log_table["ingest_ts"].to_numpy()))
             fit_started = time.monotonic()
-            out = self.trainer.train(train, self.catalog.vectors.numpy(), serving["blob"],
+            out = self.trainer.train(train, self.catalog.vectors.numpy(),
+                                     self._serving_on_catalog(serving).to_bytes(),
                                      seed=self.round, warm_version=serving["version"])
             result.fit_seconds = time.monotonic() - fit_started
             result.train_seconds, result.started_run = out.train_seconds, out.started_run
@@ -131,6 +134,11 @@ class RoundRunner:
             metrics.training_rounds().inc(1, tags={"outcome": result.outcome})
             log.info("training round %d: %s %s", self.round, result.outcome, result.reason)
         return result
+
+    def _serving_on_catalog(self, serving: dict) -> PromptWeights:
+        """The serving version with its item rows on this round's catalog (by item id)."""
+        weights = decode_version(serving["version"], serving["blob"])
+        return aligned_to(weights, self.catalog.item_ids, self.catalog.vectors)
 
     def _logged_items(self, log_table) -> np.ndarray:
         """[N] bool: catalog items that some event in the log names."""
@@ -153,12 +161,15 @@ class RoundRunner:
         except BadPromptWeights as err:
             result.outcome, result.reason = "rejected", f"weights refused: {err}"
             return
-        if logged is not None and weights.has_item_weights:
-            weights = unseen_items_fall_back_to_text(weights, logged, self.catalog.vectors)
+        if weights.has_item_weights:
+            # The rows are this round's catalog's: say so, so later catalogs can align them.
+            weights = dataclasses.replace(weights, item_ids=tuple(self.catalog.item_ids))
+            if logged is not None:
+                weights = unseen_items_fall_back_to_text(weights, logged, self.catalog.vectors)
             candidate = weights.to_bytes()
         cand = self._evaluate(weights, val)
         # The serving version is the same for many rounds: decoded once per process.
-        base = self._evaluate(decode_version(serving["version"], serving["blob"]), val)
+        base = self._evaluate(self._serving_on_catalog(serving), val)
         result.candidate_ndcg10, result.candidate_hr10 = cand["ndcg10"], cand["hr10"]
         result.serving_ndcg10, result.serving_hr10 = base["ndcg10"], base["hr10"]
         if len(val) and cand["ndcg10"] < base["ndcg10"] - self.settings.training.gate_margin:

@@ -1,8 +1,9 @@
 """The whole service in one process's hands: start, use, stop.
 
 The only module of `services` besides `cli` that imports the planes (the entry
-point). Start order: broker -> Ray -> topics -> catalog -> registry (+ initial
-prompt) -> shards + consumers -> Serve -> training runner.
+point). Start order: broker -> Ray -> topics -> catalog (+ its registry) -> prompt
+registry (+ initial prompt) -> shards + consumers + item consumer -> Serve -> training
+runner.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import ray
 
 from services.backbone import load_backbone, resolve_backbone_path
 from services.catalog import Catalog, load_catalog
+from services.catalog_registry import CatalogFollower, start_catalog_registry
 from services.config import Settings
 from services.embedded import EmbeddedBroker, check_kafka, ensure_topics, start_ray
 from services.health import WaitTimeout, answers, wait_answers, wait_until
@@ -35,6 +37,8 @@ class Stack:
     bootstrap: str = ""
     catalog: Catalog | None = None
     registry: object = None
+    catalog_registry: object = None
+    catalogs: CatalogFollower | None = None  # the live catalog, as this driver sees it
     streaming: object = None
     runner: object = None
     timings: dict[str, float] = field(default_factory=dict)
@@ -71,7 +75,8 @@ class Stack:
             self.broker = EmbeddedBroker(log_path=s.infra.root / "broker.log").start()
             self.bootstrap = self.broker.bootstrap
         ensure_topics(self.bootstrap, {s.streaming.topic_clicks: s.streaming.partitions,
-                                       s.streaming.topic_dlq: 1})
+                                       s.streaming.topic_dlq: 1, s.items.topic_items: 1,
+                                       s.items.topic_items_dlq: 1})
         self._step(f"kafka ready ({self.bootstrap})", t)
 
         t = time.monotonic()
@@ -82,17 +87,21 @@ class Stack:
         backbone = resolve_backbone_path(s.model.backbone_path)
         self.catalog = load_catalog(s.infra.catalog_source, backbone, s.infra.cache,
                                     progress=self.progress)
+        self.catalog_registry = start_catalog_registry(s, self.catalog)
         self._step(f"catalog ready ({len(self.catalog)} items)", t)
 
         t = time.monotonic()
         self.registry = start_registry(s, hidden_size=self.catalog.vectors.shape[1])
         if ray.get(self.registry.serving_version.remote()) == 0:
             tokenizer, encoder = load_backbone(backbone)
-            weights = initial_weights(tokenizer, encoder, s.model, num_items=len(self.catalog))
+            weights = initial_weights(tokenizer, encoder, s.model,
+                                      item_ids=self.catalog.item_ids)
             ray.get(self.registry.publish.remote(
                 weights.to_bytes(), {"source": "initial", "text": s.model.prompt_init_text}))
         self.streaming = start_streaming(s, self.bootstrap, list(self.catalog.index),
-                                         self.catalog.vectors.numpy())
+                                         self.catalog.vectors.numpy(),
+                                         backbone_path=str(backbone))
+        self.catalogs = CatalogFollower(s.infra.namespace)
         self._step("registry, shards, consumers", t)
 
         if s.infra.deploy_serve:
@@ -106,7 +115,7 @@ class Stack:
             self._step(f"serve ready ({s.serving.num_replicas} replicas)", t)
         else:
             log.info("Serve left to its config (deploy_serve off)")
-        self.runner = RoundRunner(s, self.catalog, self.registry)
+        self.runner = RoundRunner(s, lambda: self.catalogs.catalog, self.registry)
         return self
 
     def wait_healthy(self, timeout_s: float = 180, prefix: str = "") -> None:
@@ -164,6 +173,8 @@ class Stack:
     def stop(self) -> None:
         from ray import serve
 
+        if self.catalogs:
+            self.catalogs.stop()
         if ray.is_initialized():
             if self.runner:
                 self.runner.close()

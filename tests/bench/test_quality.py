@@ -110,7 +110,8 @@ def test_items_never_trained_get_the_mean_bias_and_no_item_token():
     import numpy as np
     import torch
 
-    from services.weights import PromptStructure, PromptWeights, unseen_items_fall_back_to_text
+    from services.item_weights import unseen_items_fall_back_to_text
+    from services.weights import PromptStructure, PromptWeights
 
     structure = PromptStructure(prompt_len=2, hidden_size=2, num_items=4, item_bias=True,
                                 item_tokens=True)
@@ -129,7 +130,8 @@ def test_unseen_items_can_take_the_weights_of_their_nearest_seen_items_by_text()
     import numpy as np
     import torch
 
-    from services.weights import PromptStructure, PromptWeights, unseen_items_fall_back_to_text
+    from services.item_weights import unseen_items_fall_back_to_text
+    from services.weights import PromptStructure, PromptWeights
 
     text = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.9, 0.1], [0.1, 0.9]])
     structure = PromptStructure(prompt_len=1, hidden_size=2, num_items=4, item_bias=True,

@@ -1,8 +1,9 @@
 import torch
 
 from services.backbone import default_backbone_path
-from services.catalog import build_catalog
+from services.catalog import Catalog, build_catalog
 from services.data import Item, load_interactions, load_items
+from services.vector_cache import TextVectors
 
 
 def test_movielens_100k_is_read_from_its_package():
@@ -24,21 +25,44 @@ def test_movielens_1m_items_use_title_year_keys():
     assert items[0].item_id == "Toy Story (1995)" and items[0].attributes["year"] == "1995"
 
 
-def test_catalog_embeddings_are_cached_per_catalog(tmp_path, monkeypatch):
+def test_item_vectors_are_cached_by_text_so_no_text_is_embedded_twice(tmp_path, monkeypatch):
     items = [Item("a", "Alien", categories=("Horror", "Sci-Fi")),
              Item("b", "Babe", description="A pig.", categories=("Children",))]
     first = build_catalog(items, default_backbone_path(), tmp_path)
     assert first.vectors.shape == (2, 384)
     assert abs(float(first.vectors.norm(dim=1).mean()) - 1.0) < 1e-4
-    # A second build must come from the cache, not the backbone.
-    monkeypatch.setattr("services.catalog.load_backbone",
+    # A second build (a restart) must come from the cache, not the backbone.
+    monkeypatch.setattr("services.vector_cache.load_backbone",
                         lambda *_: (_ for _ in ()).throw(AssertionError("recomputed")))
     again = build_catalog(items, default_backbone_path(), tmp_path)
     assert (again.vectors == first.vectors).all()
     assert again.indices(["b", "zzz", "a"]) == [1, 0]
-    # A changed catalog gets a new cache entry.
+    # Another catalog sharing a text reads that text back; only the new text is embedded.
     monkeypatch.undo()
-    changed = build_catalog(items[:1], default_backbone_path(), tmp_path)
-    assert len(list(tmp_path.glob("catalog-*.safetensors"))) == 2
-    assert changed.vectors.shape == (1, 384)
-    assert torch.allclose(changed.vectors[0], first.vectors[0], atol=1e-4)
+    cache = TextVectors(default_backbone_path(), tmp_path)
+    vectors = cache.embed([items[1].document, "Casablanca."])
+    assert (cache.embedded, cache.hits) == (1, 1)
+    assert torch.equal(vectors[0], first.vectors[1])
+
+
+def _vectors(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.nn.functional.normalize(torch.randn(n, 8, generator=torch.Generator()
+                                                     .manual_seed(seed)), dim=1)
+
+
+def test_a_catalog_change_appends_new_items_replaces_changed_ones_and_keeps_rows():
+    base = Catalog([Item("a", "A", categories=("x",)), Item("b", "B")], _vectors(2))
+    new = _vectors(2, seed=1)
+    after = base.changed([Item("c", "C", categories=("x",)), Item("a", "A2")], new, ["b"], 7)
+    assert after.version == 7 and after.item_ids == ["a", "b", "c"]
+    assert after.index == {"a": 0, "c": 2}  # b deleted: a tombstone, out of the index
+    assert sorted(after.unavailable) == [1]
+    assert torch.equal(after.vectors[0], new[1]) and torch.equal(after.vectors[2], new[0])
+    assert after.items[0].title == "A2" and after.by_category == {"x": [2]}
+    # The old version is untouched: requests that read it finish on it.
+    assert base.items[0].title == "A" and torch.equal(base.vectors, _vectors(2))
+    assert base.index == {"a": 0, "b": 1}
+    # A hidden item keeps its row and is masked; a deleted id that comes back is appended.
+    again = after.changed([Item("c", "C", available=False), Item("b", "B")], _vectors(2, 2),
+                          [], 8)
+    assert again.index == {"a": 0, "c": 2, "b": 3} and sorted(again.unavailable) == [1, 2]

@@ -12,6 +12,7 @@ from services.config_sources import load_settings
 from services.events import ClickEvent
 from services.naming import shard_for_user
 from streaming.consumer import IngestConsumer
+from streaming.held import ItemHold
 from streaming.kafka_client import PartitionRecords
 from streaming.shard import UserStateShard
 from tests.services.test_events import BAD, ITEMS
@@ -27,9 +28,9 @@ class _Shard:
 
         class _Apply:
             @staticmethod
-            def remote(events, ranges):
+            def remote(events, ranges, held=None):
                 shard.calls.append((events, ranges))
-                return shard.real.apply(events, ranges)
+                return shard.real.apply(events, ranges, held)
 
         self.apply = _Apply()
 
@@ -46,8 +47,9 @@ def _consumer(n_shards: int) -> IngestConsumer:
     consumer = object.__new__(IngestConsumer)  # no thread, no broker
     consumer.settings = load_settings(env={})
     consumer.shards = [_Shard(i) for i in range(n_shards)]
-    consumer.known_items = frozenset(ITEMS)
     consumer.counts = Counter()
+    consumer.held = ItemHold(consumer.settings, consumer.shards, frozenset(ITEMS),
+                             consumer._count)
     consumer.epoch = "E"
     return consumer
 

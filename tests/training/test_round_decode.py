@@ -59,7 +59,7 @@ def test_a_round_decodes_its_candidate_once_and_the_serving_version_once(monkeyp
     vectors = torch.nn.functional.normalize(torch.randn(N, H), dim=-1)
     runner = RoundRunner.__new__(RoundRunner)  # the gate only: no trainer, no Ray
     runner.settings, runner.registry = Settings(), registry
-    runner.catalog = SimpleNamespace(vectors=vectors)
+    runner.catalog = SimpleNamespace(vectors=vectors, item_ids=[f"i{n}" for n in range(N)])
     runner._gate_model = PromptRecModel(encoder, version(0))
     serving = {"version": 1, "blob": version(0).to_bytes()}
     no_validation = Examples(np.zeros((0, 4), np.int32), np.zeros(0, np.int32))
@@ -74,3 +74,4 @@ def test_a_round_decodes_its_candidate_once_and_the_serving_version_once(monkeyp
     sent = decode_weights(published[-1])
     assert not torch.equal(sent.item_bias[4:], version(2).item_bias[4:])
     assert torch.equal(sent.item_bias[:4], version(2).item_bias[:4])
+    assert sent.item_ids == tuple(runner.catalog.item_ids)  # rows keyed by item id

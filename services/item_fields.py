@@ -1,0 +1,121 @@
+"""The item field rules, in one place: the catalog files (`services.item_files`) and the
+`promptrec.items` Kafka codec (`services.item_records`) both build items here.
+
+`item_from_record` turns one record (a dict of field -> value) into an `Item` or raises
+`ItemFieldError` naming the field, the problem and its kind. `lenient_csv=True` is the
+file path, which also accepts what CSV, Parquet and pyarrow's JSON reader produce: an
+integer `item_id`, "a|b" categories, JSON-text or Parquet-map attributes (values None
+dropped), "yes"/"1"/"no"/"0" for `available`, ids trimmed of surrounding spaces.
+`lenient_csv=False` (JSON records from Kafka) wants the real JSON types and an id as it
+is: 1..MAX_ID_CHARS printable characters without surrounding spaces. In both, a field
+that is None counts as absent, and text is trimmed.
+"""
+
+from __future__ import annotations
+
+import json
+
+from services.data import Item
+from services.events import MAX_ID_CHARS
+
+ITEM_FIELDS = ("item_id", "title", "text", "description", "categories", "attributes",
+               "available")
+ITEM_FIELD_KINDS = ("missing", "empty", "wrong_type", "too_long", "invalid", "unknown")
+_TRUE, _FALSE = {"true", "1", "yes"}, {"false", "0", "no"}
+
+
+class ItemFieldError(ValueError):
+    """One field of an item record breaks a rule; `kind` is one of ITEM_FIELD_KINDS."""
+
+    def __init__(self, column: str, problem: str, kind: str):
+        assert kind in ITEM_FIELD_KINDS, kind
+        super().__init__(f"{column}: {problem}")
+        self.column, self.problem, self.kind = column, problem, kind
+
+
+def item_id_from(value: object, *, lenient_csv: bool) -> str:
+    """The item id `value` names, by the rules above."""
+    if lenient_csv and isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    item_id = _text("item_id", value, lenient_csv, required=True)
+    if len(item_id) > MAX_ID_CHARS:
+        raise ItemFieldError("item_id", f"longer than {MAX_ID_CHARS} characters", "too_long")
+    if not lenient_csv and (item_id != value or not item_id.isprintable()):
+        raise ItemFieldError("item_id", "not printable or has surrounding spaces", "invalid")
+    return item_id
+
+
+def item_from_record(record: dict, *, lenient_csv: bool) -> Item:
+    """The item of one record; raises `ItemFieldError` at the first broken rule."""
+    extra = sorted(name for name in record if name not in ITEM_FIELDS)
+    if extra:
+        raise ItemFieldError(str(extra[0]), f"unknown field (known: {', '.join(ITEM_FIELDS)})",
+                             "unknown")
+    get = record.get
+    return Item(item_id=item_id_from(get("item_id"), lenient_csv=lenient_csv),
+                title=_text("title", get("title"), lenient_csv, required=True),
+                text=_text("text", get("text"), lenient_csv),
+                description=_text("description", get("description"), lenient_csv),
+                categories=_categories(get("categories"), lenient_csv),
+                attributes=_attributes(get("attributes"), lenient_csv),
+                available=_available(get("available"), lenient_csv))
+
+
+def _text(column: str, value: object, lenient_csv: bool, required: bool = False) -> str:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        if required:
+            missing = value is None and not lenient_csv  # a file has the column: "empty"
+            raise ItemFieldError(column, "missing" if missing else "empty",
+                                 "missing" if value is None else "empty")
+        return ""
+    if not isinstance(value, str):
+        raise ItemFieldError(column, f"expected text, got {type(value).__name__}",
+                             "wrong_type")
+    return value.strip()
+
+
+def _categories(value: object, lenient_csv: bool) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if lenient_csv and isinstance(value, str):  # CSV
+        value = value.split("|")
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ItemFieldError("categories", "expected a list of text", "wrong_type")
+    return tuple(v.strip() for v in value if v.strip())
+
+
+def _attributes(value: object, lenient_csv: bool) -> dict[str, str]:
+    if value is None:
+        return {}
+    wrong = ItemFieldError("attributes", "expected a map of text to text", "wrong_type")
+    if lenient_csv:
+        if isinstance(value, str):  # CSV
+            try:
+                value = json.loads(value) if value.strip() else {}
+            except (ValueError, RecursionError) as err:
+                raise ItemFieldError("attributes", f"not a JSON object: {err}",
+                                     "wrong_type") from err
+        if isinstance(value, list) and all(isinstance(p, tuple) and len(p) == 2
+                                           for p in value):
+            value = dict(value)  # Parquet map<string, string>: [(key, value), ...]
+        if not isinstance(value, dict):
+            raise wrong
+        # JSON objects are read as structs: keys only other rows have come back as None.
+        value = {str(k): v for k, v in value.items() if v is not None}
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise wrong
+    return dict(value)
+
+
+def _available(value: object, lenient_csv: bool) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, bool):
+        return value
+    if lenient_csv:
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        raise ItemFieldError("available", f"expected true or false, got {value!r}",
+                             "wrong_type")
+    raise ItemFieldError("available", f"expected true or false, got {type(value).__name__}",
+                         "wrong_type")

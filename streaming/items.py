@@ -1,0 +1,148 @@
+"""ItemConsumer: Kafka `promptrec.items` -> validate -> embed -> catalog versions.
+
+Per poll (at most `item_batch_max` records):
+1. each record is decoded by `services.item_records`: an upsert, a delete (null value),
+   or invalid, which goes to `promptrec.items.dlq` with the reason in a header and is
+   counted; over-long text is cut and counted (`truncated`), not refused;
+2. the poll's records are merged by item id (the last one wins, as a compacted topic
+   keeps it), and records that change nothing (an item re-sent as it is) are dropped;
+3. the new and changed texts are embedded by the frozen backbone through the text-vector
+   cache (`services.vector_cache`): a text embedded before is read back;
+4. one `CatalogRegistry.apply` makes the next catalog version, which serving replicas,
+   shards, ingest consumers and the trainer follow.
+
+The topic is the record of catalog changes: the consumer has a group of its own per
+start and reads it from the beginning (no offsets are committed), so a restarted stack
+rebuilds the live catalog, and the cache makes that replay embed nothing again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+from collections import Counter as Tally
+from pathlib import Path
+
+import numpy as np
+
+from services import metrics
+from services.catalog_registry import CATALOG_ACTOR
+from services.config import Settings
+from services.data import Item
+from services.item_records import InvalidItemRecord, ItemDelete, decode_item_record
+from services.vector_cache import TextVectors
+from streaming.kafka_client import PartitionRecords, dead_letter, open_clients
+
+log = logging.getLogger(__name__)
+
+
+class ItemConsumer:
+    def __init__(self, settings: Settings, bootstrap: str, backbone_path: str):
+        self.settings = settings.validate()
+        self.bootstrap = bootstrap
+        self.vectors = TextVectors(Path(backbone_path), settings.infra.cache)
+        self.counts: Tally[str] = Tally()
+        self.version = 0  # the catalog version this consumer made last
+        self._known: dict[str, Item] | None = None  # live items as this consumer left them
+        self.error: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run_forever, daemon=True, name="items")
+        self._thread.start()
+
+    def stats(self) -> dict:
+        return {"counts": dict(self.counts), "catalog_version": self.version,
+                "embedded": self.vectors.embedded, "cache_hits": self.vectors.hits,
+                "alive": self._thread.is_alive(), "error": self.error}
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        return self.stats()
+
+    def _run_forever(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._run()
+            except Exception:  # noqa: BLE001 - logged and retried by design
+                self.error = traceback.format_exc(limit=3)
+                log.exception("item consumer failed; restarting in 1 s")
+                self._stop.wait(1.0)
+
+    def _run(self) -> None:
+        import ray
+
+        from services.embedded import ensure_topics
+
+        s, i = self.settings.streaming, self.settings.items
+        self.vectors.warm_up()
+        ensure_topics(self.bootstrap, {i.topic_items: 1, i.topic_items_dlq: 1})
+        registry = ray.get_actor(CATALOG_ACTOR, namespace=self.settings.infra.namespace)
+        # A group of its own per start: read the topic from the beginning, commit nothing.
+        group = f"promptrec-items-{time.time_ns()}"
+        consumer, dlq = open_clients(s.kafka_client, self.bootstrap, i.topic_items, group,
+                                     "promptrec-items", i.item_batch_max)
+        try:
+            while not self._stop.is_set():
+                polled = consumer.poll(0.1, i.item_batch_max)
+                if not polled:
+                    continue
+                upserts, deletes, record_ms = self._decode(polled, dlq)
+                dlq.flush()
+                if upserts or deletes:
+                    catalog = ray.get(registry.snapshot.remote()) if self.version == 0 \
+                        else None
+                    upserts, record_ms = self._changes_only(upserts, record_ms, deletes,
+                                                            catalog)
+                    vectors = self.vectors.embed([item.document for item in upserts])
+                    self.version = ray.get(registry.apply.remote(
+                        upserts, vectors.numpy().astype(np.float32), deletes, record_ms))
+        finally:
+            consumer.close()
+            dlq.close()
+
+    def _decode(self, polled: dict[int, PartitionRecords], dlq
+                ) -> tuple[list[Item], list[str], list[int]]:
+        """A poll's records -> (upserts, deletes, record ms of each upsert), merged by id."""
+        final: dict[str, tuple[Item, int] | None] = {}
+        topic = self.settings.items.topic_items
+        for partition, records in polled.items():
+            for key, value, offset, ms in zip(records.keys, records.values, records.offsets,
+                                              records.timestamps_ms, strict=True):
+                try:
+                    decoded = decode_item_record(key, value,
+                                                 self.settings.items.max_item_text_chars)
+                except InvalidItemRecord as bad:
+                    dead_letter(dlq, self.settings.items.topic_items_dlq, key, value,
+                                bad.reason, bad.detail, f"{topic}/{partition}/{offset}")
+                    self._count("invalid", bad.reason)
+                    continue
+                if isinstance(decoded, ItemDelete):
+                    final[decoded.item_id] = None
+                    self._count("delete")
+                    continue
+                if decoded.truncated:
+                    self._count("truncated")
+                final[decoded.item.item_id] = (decoded.item, ms)
+                self._count("upsert")
+        kept = [v for v in final.values() if v is not None]
+        return ([k[0] for k in kept], [i for i, v in final.items() if v is None],
+                [k[1] for k in kept])
+
+    def _changes_only(self, upserts: list[Item], record_ms: list[int], deletes: list[str],
+                      catalog) -> tuple[list[Item], list[int]]:
+        """Drop upserts equal to the live item (`catalog`: the registry's, the first time)."""
+        if self._known is None:
+            self._known = {i: catalog.items[row] for i, row in catalog.index.items()}
+        for item_id in deletes:
+            self._known.pop(item_id, None)
+        changed = [(item, ms) for item, ms in zip(upserts, record_ms, strict=True)
+                   if self._known.get(item.item_id) != item]
+        for item, _ in changed:
+            self._known[item.item_id] = item
+        return [c[0] for c in changed], [c[1] for c in changed]
+
+    def _count(self, result: str, reason: str = "") -> None:
+        self.counts[f"{result}:{reason}" if reason else result] += 1
+        metrics.item_records().inc(1, tags={"result": result, "reason": reason})
