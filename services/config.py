@@ -118,7 +118,7 @@ class ItemSettings:
     topic_items: str = _opt("promptrec.items", "item topic (key item_id, JSON item; a null "
                             "value deletes): live catalog changes")
     topic_items_dlq: str = _opt("promptrec.items.dlq", "dead-letter topic of item records")
-    item_batch_max: int = _opt(500, "most item records in one catalog version", ">=1")
+    item_batch_max: int = _opt(64, "most item records in one catalog version", ">=1")
     max_item_text_chars: int = _opt(4000, "longer item text / description is cut to this "
                                     "(and counted): the backbone reads 64 tokens", ">=1")
     hold_unknown_s: float = _opt(5.0, "how long an event naming an item not yet in the catalog "

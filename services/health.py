@@ -8,6 +8,7 @@ last look found.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -59,3 +60,15 @@ def wait_answers(url: str, timeout_s: float, what: str = "",
     """Poll `url` (e.g. an app's /healthz) until it answers 200; -> that response."""
     return wait_until(lambda: answers(url), timeout_s, what or f"GET {url} answers 200",
                       interval_s)
+
+
+def process_rss_mb() -> float:
+    """This process's resident memory in MB (/proc on Linux; else its peak, from rusage)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            pages = int(statm.read().split()[1])
+        return round(pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

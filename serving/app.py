@@ -32,7 +32,7 @@ from ray.serve.config import BackpressureConfig
 from services.backbone import load_backbone, resolve_backbone_path
 from services.config import Settings
 from services.config_sources import load_settings
-from services.health import wait_until
+from services.health import process_rss_mb, wait_until
 from services.naming import REGISTRY_ACTOR, shard_actor, shard_for_user
 from serving.api import ApiError, app, check_admin_token, retry_later
 from serving.batching import EncodeBatcher
@@ -177,6 +177,7 @@ class Recommender:
                                  "p50": live[len(live) // 2] if live else None,
                                  "p99": live[int(len(live) * 0.99)] if live else None},
                 "replica": self.replica,
+                "rss_mb": process_rss_mb(),
                 "publish_to_live_ms": active.publish_to_live_ms if active else None,
                 "swap_ms": active.swap_ms if active else None,
                 "pinned": bool(self.settings.serving.pin_version),

@@ -66,6 +66,7 @@ class PromptSwap:
         self.active: ActivePrompt | None = None
         self._prompt: tuple[dict, PromptWeights] | None = None  # entry (no blob), weights
         self._build_lock = threading.Lock()  # two watchers build; the later one wins whole
+        self._aligned: tuple[str, PromptWeights, torch.Tensor] | None = None  # sha, rows, texts
         self.item_live_ms: deque[float] = deque(maxlen=ITEM_LIVE_KEPT)
         self._stopping = threading.Event()
         self.catalogs = CatalogFollower(namespace, on_change=self._catalog_changed)
@@ -126,8 +127,12 @@ class PromptSwap:
         here, so neither watcher can make an older catalog active), made active."""
         entry, weights = self._prompt
         catalog = self.catalog
-        model = PromptRecModel(self.encoder, aligned_to(weights, catalog.item_ids,
-                                                        catalog.vectors))
+        # The same version on the last catalog: its text-filled rows are reused.
+        previous = self._aligned[1:] if self._aligned and \
+            self._aligned[0] == entry["sha256"] else None
+        aligned = aligned_to(weights, catalog.item_ids, catalog.vectors, previous)
+        self._aligned = (entry["sha256"], aligned, catalog.vectors)
+        model = PromptRecModel(self.encoder, aligned)
         with torch.inference_mode():
             items = model.item_table(catalog.vectors)  # once per version, not per request
         swap_ms = round((time.perf_counter() - started) * 1000, 2)

@@ -98,7 +98,7 @@ class DeliveryGuard:
                     self.remember(events.event_id[i])
                     new.append(i)
         if self.holes:
-            self.fill(events, new)
+            self.fill(events, rows)  # a hole replayed as an event_id duplicate is filled too
         return Admitted(new, len(rows) - len(new), replayed, expected, rewind)
 
     def hold(self, holes: dict[int, list[int]]) -> None:
