@@ -102,29 +102,42 @@ async def _probe_all(base_url: str, probes: list, sender: threading.Thread
 
 async def _probe(http: httpx.AsyncClient, item: Item, sent: float) -> float | None:
     params = {"user_id": PROBE_USER, "k": "1", "category": item.categories[0]}
-    while time.time() - sent < PROBE_GIVE_UP_S:
+    while (waited := time.time() - sent) < PROBE_GIVE_UP_S:
         try:
             body = (await http.get("/recommend", params=params)).json()
             if body.get("items"):
                 return (time.time() - sent) * 1000
         except (httpx.HTTPError, ValueError):
             pass
-        await asyncio.sleep(PROBE_INTERVAL_S)
+        # Past the target, ask less often: probes of late items must not add to the load
+        # that makes them late.
+        await asyncio.sleep(PROBE_INTERVAL_S if waited < 1.0 else 0.25)
     return None
 
 
-def sweep(base_url: str, bootstrap: str, topic: str, rates: list[float], seconds: float,
-          probes_per_s: float, target_ms: float, tag: str, log) -> dict:
-    """Offer each rate in turn (ascending) until one misses `target_ms` at p99 -> the runs
-    and the highest rate that held."""
-    runs, held = [], None
-    for n, rate in enumerate(sorted(rates)):
-        run = offer(base_url, bootstrap, topic, rate, seconds, probes_per_s, f"{tag}{n}")
-        summary = run.summary()
+def sweep(base_url: str, bootstrap: str, topic: str, first: float, rates: list[float],
+          seconds: float, probes_per_s: float, target_ms: float, tag: str, log) -> dict:
+    """Offer `first` items/s, then the higher `rates` in turn while p99 holds `target_ms`
+    (or the lower ones, from the top, until one holds) -> the runs and the highest rate
+    that held (None: not even the lowest)."""
+    def run(rate: float) -> bool:
+        result = offer(base_url, bootstrap, topic, rate, seconds, probes_per_s,
+                       f"{tag}{len(runs)}")
+        summary = result.summary()
         runs.append(summary)
         log(f"live items at {rate:g}/s: {summary}")
-        if summary["p99_ms"] is None or summary["p99_ms"] > target_ms or run.lost:
-            break
-        held = rate
-        time.sleep(2)  # let the last versions settle before the next rate
+        time.sleep(3)  # the last versions settle before the next rate
+        return summary["p99_ms"] is not None and summary["p99_ms"] <= target_ms \
+            and not result.lost
+
+    runs: list[dict] = []
+    held = first if run(first) else None
+    for rate in sorted(r for r in rates if r > first) if held else \
+            sorted((r for r in rates if r < first), reverse=True):
+        if run(rate):
+            held = max(rate, held or 0)
+            if rate < first:
+                break  # the highest of the lower rates that holds
+        elif held:
+            break  # the first higher rate that misses
     return {"runs": runs, "max_rate_within_target": held}

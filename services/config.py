@@ -119,12 +119,13 @@ class ItemSettings:
                             "value deletes): live catalog changes")
     topic_items_dlq: str = _opt("promptrec.items.dlq", "dead-letter topic of item records")
     item_batch_max: int = _opt(64, "most item records in one catalog version", ">=1")
+    item_embed_threads: int = _opt(2, "torch threads the item consumer embeds with", ">=1")
     max_item_text_chars: int = _opt(4000, "longer item text / description is cut to this "
                                     "(and counted): the backbone reads 64 tokens", ">=1")
     hold_unknown_s: float = _opt(5.0, "how long an event naming an item not yet in the catalog "
                                  "is held for it before it is dead-lettered", ">=0")
-    hold_max_events: int = _opt(10_000, "events held per partition at most (more: the oldest "
-                                "is dead-lettered)", ">=1")
+    hold_max_events: int = _opt(10_000, "most events held per partition (then the oldest goes)",
+                                ">=1")
 
     def check(self) -> None:
         if self.topic_items == self.topic_items_dlq:

@@ -9,6 +9,7 @@ import dataclasses
 import numpy as np
 import torch
 
+from services.row_buffer import RowBuffer, with_rows
 from services.weights import PromptWeights
 
 
@@ -106,3 +107,80 @@ def unseen_items_fall_back_to_text(weights: PromptWeights, seen: np.ndarray,
         delta[fill] = 0.0 if take is None else delta[take].mean(1)
         changes["item_delta"] = delta
     return dataclasses.replace(weights, **changes)
+
+
+class CatalogRows:
+    """One prompt version's per-item rows, kept on a live catalog as it changes.
+
+    `on(catalog)` -> the version aligned to `catalog`. The first call aligns in full
+    (`aligned_to`); a call for a catalog `changed` from the last one computes only the
+    rows the change added or replaced (by id from the version, or from their text's
+    nearest known items), and appends them into spare rows (services.row_buffer): at
+    100,000 items a full alignment took ~0.7 s, a change of ten items a few ms.
+    """
+
+    def __init__(self, weights: PromptWeights, neighbours: int = 10):
+        self.weights, self.neighbours = weights, neighbours
+        self.by_id = None if weights.item_ids is None or not weights.has_item_weights else \
+            {item: row for row, item in enumerate(weights.item_ids)}
+        self.aligned: PromptWeights | None = None
+        self._version, self._size = -2, 0  # the catalog aligned to last
+        self._buffers: dict[str, RowBuffer | None] = {}
+        self._known_vectors = self._known_rows = None  # text vectors / weight rows of known
+
+    def on(self, catalog) -> PromptWeights:
+        if self.by_id is None:
+            return self.weights  # positional weights, or none per item
+        incremental = self.aligned is not None and catalog.parent_version == self._version \
+            and catalog.parent_size == self._size and not any(
+                catalog.items[r].item_id in self.by_id
+                for r in (*catalog.replaced, *range(self._size, len(catalog))))
+        if incremental:
+            self.aligned = self._changed(catalog)
+        else:  # or a known item came or changed: the neighbours' basis moved, start over
+            self.aligned = aligned_to(self.weights, catalog.item_ids, catalog.vectors)
+            self._buffers = {}
+            known = [(row, self.by_id[i]) for row, i in enumerate(catalog.item_ids)
+                     if i in self.by_id]
+            self._known_vectors = catalog.vectors[[row for row, _ in known]]
+            self._known_rows = torch.tensor([r for _, r in known], dtype=torch.long)
+        self._version, self._size = catalog.version, len(catalog)
+        return self.aligned
+
+    def _changed(self, catalog) -> PromptWeights:
+        rows = [*catalog.replaced, *range(self._size, len(catalog))]
+        ids = [catalog.items[r].item_id for r in rows]
+        values = self._rows_for(ids, catalog.vectors[rows]) if rows else {}
+        changes: dict = {"item_ids": tuple(catalog.item_ids),
+                         "structure": dataclasses.replace(self.weights.structure,
+                                                          num_items=len(catalog))}
+        n_replaced = len(catalog.replaced)
+        for name, fresh in values.items():
+            old = getattr(self.aligned, name)
+            changes[name], self._buffers[name] = with_rows(
+                old, list(catalog.replaced), fresh[:n_replaced], fresh[n_replaced:],
+                self._buffers.get(name))
+        return dataclasses.replace(self.aligned, **changes)
+
+    def _rows_for(self, ids: list[str], vectors: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Rows for these items: the version's own, or their text neighbours' mean."""
+        w = self.weights
+        mine = torch.tensor([self.by_id.get(i, -1) for i in ids], dtype=torch.long)
+        known = mine >= 0
+        near = None
+        if (~known).any() and len(self._known_rows):
+            sims = vectors[~known] @ self._known_vectors.T  # [unknown, known]
+            k = min(self.neighbours, len(self._known_rows))
+            near = self._known_rows[sims.topk(k, dim=1).indices]  # weight rows [unknown, k]
+        out = {}
+        for name in ("item_bias", "item_delta"):
+            table = getattr(w, name)
+            if table is None:
+                continue
+            rows = table[mine.clamp(min=0)].clone()
+            if near is not None:
+                rows[~known] = table[near].mean(1)
+            elif (~known).any():  # nothing known: what the untrained version would hold
+                rows[~known] = 0.0
+            out[name] = rows
+        return out

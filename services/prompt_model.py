@@ -74,7 +74,8 @@ class PromptRecModel(nn.Module):
     def hidden_size(self) -> int:
         return self.soft_prompt.shape[1]
 
-    def item_table(self, text_vectors: torch.Tensor) -> torch.Tensor:
+    def item_table(self, text_vectors: torch.Tensor, rows: torch.Tensor | None = None
+                   ) -> torch.Tensor:
         """Frozen text vectors [N, H] -> the item vectors this version reads and ranks [N, H].
 
         Without item tokens that is the text vectors themselves; with them,
@@ -82,7 +83,9 @@ class PromptRecModel(nn.Module):
         step (training: the gradient reaches item_delta through both uses).
         """
         if self.item_delta is None:
-            return text_vectors
+            return text_vectors if rows is None else text_vectors[rows]
+        if rows is not None:  # some rows only ([R, H]): a live catalog's changed items
+            return F.normalize(text_vectors[rows] + self.item_delta[rows], dim=-1)
         if self.item_delta.shape != text_vectors.shape:
             raise ValueError(f"item_delta is {tuple(self.item_delta.shape)}, the catalog "
                              f"{tuple(text_vectors.shape)}")

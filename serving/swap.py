@@ -25,9 +25,10 @@ from services import metrics
 from services.catalog import Catalog
 from services.catalog_registry import CatalogChange, CatalogFollower
 from services.decoded import decode_version
-from services.item_weights import aligned_to
+from services.item_weights import CatalogRows
 from services.naming import REGISTRY_ACTOR
 from services.prompt_model import PromptRecModel
+from services.row_buffer import RowBuffer, with_rows
 from services.weights import PromptWeights
 
 log = logging.getLogger("ray.serve")
@@ -66,7 +67,8 @@ class PromptSwap:
         self.active: ActivePrompt | None = None
         self._prompt: tuple[dict, PromptWeights] | None = None  # entry (no blob), weights
         self._build_lock = threading.Lock()  # two watchers build; the later one wins whole
-        self._aligned: tuple[str, PromptWeights, torch.Tensor] | None = None  # sha, rows, texts
+        self._rows: CatalogRows | None = None  # the serving version's rows on the catalog
+        self._table_buffer: RowBuffer | None = None  # spare rows of the active item table
         self.item_live_ms: deque[float] = deque(maxlen=ITEM_LIVE_KEPT)
         self._stopping = threading.Event()
         self.catalogs = CatalogFollower(namespace, on_change=self._catalog_changed)
@@ -124,21 +126,38 @@ class PromptSwap:
 
     def _activate(self, started: float) -> None:
         """Under the build lock: the current prompt version on the current catalog (read
-        here, so neither watcher can make an older catalog active), made active."""
+        here, so neither watcher can make an older catalog active), made active. For a
+        catalog changed from the active one, only the changed rows are computed."""
         entry, weights = self._prompt
         catalog = self.catalog
-        # The same version on the last catalog: its text-filled rows are reused.
-        previous = self._aligned[1:] if self._aligned and \
-            self._aligned[0] == entry["sha256"] else None
-        aligned = aligned_to(weights, catalog.item_ids, catalog.vectors, previous)
-        self._aligned = (entry["sha256"], aligned, catalog.vectors)
-        model = PromptRecModel(self.encoder, aligned)
+        if self._rows is None or self._rows.weights is not weights:
+            self._rows = CatalogRows(weights)
+        model = PromptRecModel(self.encoder, self._rows.on(catalog))
         with torch.inference_mode():
-            items = model.item_table(catalog.vectors)  # once per version, not per request
+            items = self._item_table(model, entry, catalog)
         swap_ms = round((time.perf_counter() - started) * 1000, 2)
         publish_ms = self.active.publish_to_live_ms if self.active else None
         self.active = ActivePrompt(entry["version"], entry["sha256"], model, items, catalog,
                                    swap_ms, publish_ms)
+
+    def _item_table(self, model: PromptRecModel, entry: dict, catalog: Catalog
+                    ) -> torch.Tensor:
+        """[N, H] the item vectors `model` ranks: once per version, never per request; the
+        changed rows only when the catalog changed from the active one's."""
+        active = self.active
+        if model.item_delta is None:
+            return catalog.vectors
+        if active is None or active.sha256 != entry["sha256"] or \
+                catalog.parent_version != active.catalog.version or \
+                catalog.parent_size != len(active.catalog):
+            self._table_buffer = None
+            return model.item_table(catalog.vectors)
+        replaced = list(catalog.replaced)
+        fresh = model.item_table(catalog.vectors, torch.tensor(
+            [*replaced, *range(catalog.parent_size, len(catalog))], dtype=torch.long))
+        table, self._table_buffer = with_rows(active.items, replaced, fresh[:len(replaced)],
+                                              fresh[len(replaced):], self._table_buffer)
+        return table
 
     def _lookup_registry(self) -> None:
         # When Serve is deployed from a config, the driver that owns the registry can

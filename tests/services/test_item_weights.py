@@ -161,3 +161,51 @@ def test_positional_weights_and_an_unchanged_catalog_are_returned_as_they_are():
     assert aligned_to(keyed, ["a", "b"], _text(2, 1)) is keyed
     plain = PromptWeights.plain(torch.ones(2, H), torch.tensor(1.0))
     assert aligned_to(plain, ["a", "b"]) is plain
+
+
+# --- the fast path: rows kept on a live catalog, change by change ----------------------
+
+def test_rows_kept_on_a_changing_catalog_equal_a_full_alignment_after_every_change():
+    from services.catalog import Catalog
+    from services.data import Item
+    from services.item_weights import CatalogRows
+
+    known = [f"k{i}" for i in range(20)]
+    weights = _weights(known, seed=3)
+    catalog = Catalog([Item(i, i) for i in known[:15]], _text(15, 1))  # 5 known not here
+    rows = CatalogRows(weights)
+    g = torch.Generator().manual_seed(9)
+    changes = [  # (upserts, deletes): new items, a new item's text changed, deletes,
+        ([Item(f"n{i}", "x") for i in range(4)], []),  # a known item arriving late
+        ([Item("n1", "y"), Item("n9", "z")], ["k2"]),
+        ([Item("k17", "late")], ["n0"]),
+        ([], ["k3"]),
+        ([Item("n1", "again")], []),
+    ]
+    for version, (upserts, deletes) in enumerate(changes, start=2):
+        vectors = torch.nn.functional.normalize(torch.randn(len(upserts), H, generator=g), dim=1)
+        catalog = catalog.changed(upserts, vectors, deletes, version)
+        fast = rows.on(catalog)
+        full = aligned_to(weights, catalog.item_ids, catalog.vectors)
+        assert fast.item_ids == full.item_ids and fast.structure == full.structure
+        assert torch.allclose(fast.item_bias, full.item_bias, atol=1e-6), version
+        assert torch.allclose(fast.item_delta, full.item_delta, atol=1e-6), version
+
+
+def test_a_known_items_changed_text_realigns_in_full():
+    from services.catalog import Catalog
+    from services.data import Item
+    from services.item_weights import CatalogRows
+
+    known = [f"k{i}" for i in range(6)]
+    weights = _weights(known, seed=4)
+    catalog = Catalog([Item(i, i) for i in known], _text(6, 2))
+    rows = CatalogRows(weights)
+    rows.on(catalog)
+    catalog = catalog.changed([Item("new", "n")], _text(1, 5), [], 2)
+    rows.on(catalog)
+    catalog = catalog.changed([Item("k1", "other text")], _text(1, 6), [], 3)
+    fast = rows.on(catalog)  # k1's text moved: the neighbours of "new" may change
+    full = aligned_to(weights, catalog.item_ids, catalog.vectors)
+    assert torch.allclose(fast.item_bias, full.item_bias) and \
+        torch.allclose(fast.item_delta, full.item_delta)
