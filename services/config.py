@@ -124,8 +124,7 @@ class ItemSettings:
                                     "(and counted): the backbone reads 64 tokens", ">=1")
     hold_unknown_s: float = _opt(5.0, "how long an event naming an item not yet in the catalog "
                                  "is held for it before it is dead-lettered", ">=0")
-    hold_max_events: int = _opt(10_000, "most events held per partition (then the oldest goes)",
-                                ">=1")
+    hold_max_events: int = _opt(10_000, "most events held per partition (then the oldest)", ">=1")
 
     def check(self) -> None:
         if self.topic_items == self.topic_items_dlq:
