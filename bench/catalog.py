@@ -171,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="other rates: higher ones while the target holds, else lower")
     parser.add_argument("--rate-seconds", type=float, default=15.0, help="seconds per rate")
     parser.add_argument("--probes-per-s", type=float, default=5.0,
-                        help="offered items probed a second (each polls /recommend every 25 ms)")
+                        help="offered items probed a second (one /recommend every 50 ms "
+                             "asks for all of them)")
     parser.add_argument("--target-ms", type=float, default=1000.0,
                         help="p99 from record to recommendable that a rate must hold")
     parser.add_argument("--synthetic-items", type=int, default=100_000,

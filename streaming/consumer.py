@@ -32,7 +32,6 @@ import gc
 import logging
 import threading
 import time
-import traceback
 from collections import Counter as Tally
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -44,7 +43,7 @@ from services.config import Settings
 from services.eventlog import EventLogWriter
 from services.naming import shard_for_user
 from streaming.held import ItemHold
-from streaming.kafka_client import PartitionRecords, dead_letter, open_clients
+from streaming.kafka_client import PartitionRecords, dead_letter, open_clients, run_restarting
 
 log = logging.getLogger(__name__)
 
@@ -116,15 +115,9 @@ class IngestConsumer:
 
     # --- the loop ---
     def _run_forever(self) -> None:
-        # Errors of the client (broker gone, rebalance storms) must not end ingestion:
-        # rebuild the clients and resume from the committed offsets.
-        while not self._stop.is_set():
-            try:
-                self._run()
-            except Exception:  # noqa: BLE001 - logged and retried by design
-                self.error = traceback.format_exc(limit=3)
-                log.exception("consumer %d failed; restarting in 1 s", self.index)
-                self._stop.wait(1.0)
+        # Resumes from the committed offsets after a client error.
+        run_restarting(self._run, self._stop, f"consumer {self.index}",
+                       lambda error: setattr(self, "error", error))
 
     def _run(self) -> None:
         from services.embedded import ensure_topics

@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import traceback
 from collections import Counter as Tally
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from services.config import Settings
 from services.data import Item
 from services.item_records import InvalidItemRecord, ItemDelete, decode_item_record
 from services.vector_cache import TextVectors
-from streaming.kafka_client import PartitionRecords, dead_letter, open_clients
+from streaming.kafka_client import PartitionRecords, dead_letter, open_clients, run_restarting
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +69,8 @@ class ItemConsumer:
         return self.stats()
 
     def _run_forever(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self._run()
-            except Exception:  # noqa: BLE001 - logged and retried by design
-                self.error = traceback.format_exc(limit=3)
-                log.exception("item consumer failed; restarting in 1 s")
-                self._stop.wait(1.0)
+        run_restarting(self._run, self._stop, "item consumer",
+                       lambda error: setattr(self, "error", error))
 
     def _run(self) -> None:
         import ray

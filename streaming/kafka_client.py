@@ -16,8 +16,14 @@ run against the real broker by tests/streaming/test_kafka_client.py.
 
 from __future__ import annotations
 
+import logging
+import threading
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
+
+log = logging.getLogger(__name__)
 
 CLIENTS = ("kafka-python", "confluent-kafka")
 
@@ -52,6 +58,20 @@ class DeadLetterProducer(Protocol):
              headers: list[tuple[str, bytes]]) -> None: ...
     def flush(self) -> None: ...
     def close(self) -> None: ...
+
+
+def run_restarting(run: Callable[[], None], stop: threading.Event, what: str,
+                   on_error: Callable[[str], None]) -> None:
+    """Call `run` until `stop` is set; when it raises (broker gone, rebalance storms),
+    log it, hand the traceback to `on_error`, wait 1 s and call it again: a client error
+    must never end a consumer, which rebuilds its clients and resumes."""
+    while not stop.is_set():
+        try:
+            run()
+        except Exception:  # noqa: BLE001 - logged and retried by design
+            on_error(traceback.format_exc(limit=3))
+            log.exception("%s failed; restarting in 1 s", what)
+            stop.wait(1.0)
 
 
 def dead_letter(dlq: DeadLetterProducer, topic: str, key: bytes | None, value: bytes | None,

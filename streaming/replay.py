@@ -1,12 +1,13 @@
 """Replay events (a MovieLens set or an event file) into Kafka as click events, in
-timestamp order."""
+timestamp order; publish items (an item file) and deletes to the item topic."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-from services.data import Interactions
+from services.data import Interactions, Item
 from services.events import ClickEvent
+from services.item_records import encode_item
 
 
 def make_producer(bootstrap: str):
@@ -43,3 +44,18 @@ def replay(bootstrap: str, topic: str, interactions: Interactions, label: str,
         return send_events(producer, topic, (interactions.event(i) for i in indices))
     finally:
         producer.close()
+
+
+def publish_items(bootstrap: str, topic: str, items: list[Item], deletes: list[str]) -> int:
+    """Each item as a record of the item topic (key = item_id), then a null-value record
+    (a delete) for each id in `deletes`; returns how many were sent."""
+    producer = make_producer(bootstrap)
+    try:
+        for item in items:
+            producer.send(topic, key=item.item_id.encode(), value=encode_item(item))
+        for item_id in deletes:
+            producer.send(topic, key=item_id.encode(), value=None)
+        producer.flush()
+    finally:
+        producer.close()
+    return len(items) + len(deletes)

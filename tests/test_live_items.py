@@ -264,3 +264,18 @@ def test_the_next_training_round_trains_the_new_items(live):
     assert float(trained.item_bias[row]) > float(trained.item_bias.mean())
     stack.wait_all_replicas(result.version)
     assert _recommended(stack, "bivy")["prompt_version"] == result.version
+
+
+def test_promptrec_items_publishes_an_item_file_and_deletes(live, tmp_path):
+    from services.launch.cli import main
+
+    stack, _, _ = live
+    path = tmp_path / "new_items.csv"
+    path.write_text("item_id,title,categories\ncli-1,Folding saw,cli-cat\n"
+                    "cli-2,Pruning saw,cli-cat\n")
+    assert main(["items", str(path), "--kafka-bootstrap", stack.bootstrap]) == 0
+    wait_until(lambda: {e["item_id"] for e in _recommended(stack, "cli-cat")["items"]}
+               == {"cli-1", "cli-2"}, 60, "both items live", 0.05)
+    assert main(["items", "--delete", "cli-1", "--kafka-bootstrap", stack.bootstrap]) == 0
+    wait_until(lambda: [e["item_id"] for e in _recommended(stack, "cli-cat")["items"]]
+               == ["cli-2"], 60, "cli-1 deleted", 0.05)

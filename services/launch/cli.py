@@ -51,6 +51,15 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("--stop", type=int, default=None, help="stop before this event index")
     add_settings_flags(replay)
 
+    items = sub.add_parser("items", help="publish items (or deletes) to the item topic",
+                           description="Publish the items of an item file (Parquet, JSONL or "
+                           "CSV, docs/data.md) to topic_items, key = item_id; a running "
+                           "service ranks them once their catalog version is live.")
+    items.add_argument("file", nargs="?", help="item file (validated before anything is sent)")
+    items.add_argument("--delete", nargs="+", default=[], metavar="ITEM_ID",
+                       help="item ids to delete (a null-value record each)")
+    add_settings_flags(items)
+
     from services.movielens import DATASETS
 
     importer = sub.add_parser("import", help="write a data set in the catalog and event format")
@@ -154,15 +163,24 @@ def main(argv: list[str] | None = None) -> int:
             if args.eval_kind == "prequential":
                 return run_prequential_eval(settings, args, argv)
             return run_offline_eval(settings, args)
-        if args.command == "replay":
-            from services.data import load_interactions
+        if args.command in ("replay", "items"):
+            from services.data import load_interactions, load_items
             from services.embedded import check_kafka
-            from streaming.replay import replay
+            from streaming.replay import publish_items, replay
 
             bootstrap = settings.infra.kafka_bootstrap
             if not bootstrap:
-                print("promptrec replay: set --kafka-bootstrap", file=sys.stderr)
+                print(f"promptrec {args.command}: set --kafka-bootstrap", file=sys.stderr)
                 return 2
+            if args.command == "items":
+                if not args.file and not args.delete:
+                    print("promptrec items: give an item file or --delete", file=sys.stderr)
+                    return 2
+                found = load_items(args.file) if args.file else []
+                check_kafka(bootstrap)
+                sent = publish_items(bootstrap, settings.items.topic_items, found, args.delete)
+                print(f"sent {sent} records to {settings.items.topic_items}")
+                return 0
             check_kafka(bootstrap)
             source = settings.infra.events_source
             sent = replay(bootstrap, settings.streaming.topic_clicks, load_interactions(source),

@@ -166,3 +166,16 @@ def test_a_bad_catalog_file_exits_2_naming_file_row_and_column(tmp_path, capsys)
     assert code == 2
     assert f"{path}, row 0, column 'title'" in capsys.readouterr().err
 
+
+
+def test_promptrec_items_refuses_a_bad_file_or_nothing_to_send_before_any_kafka(tmp_path,
+                                                                                capsys):
+    # No broker listens on this port: the refusals must come before any connection.
+    assert main(["items", "--kafka-bootstrap", "127.0.0.1:9"]) == 2
+    assert "give an item file or --delete" in capsys.readouterr().err
+    bad = _write_jsonl(tmp_path / "items.jsonl", [{"item_id": "a", "title": "A"},
+                                                  {"item_id": "a", "title": "again"}])
+    assert main(["items", bad, "--kafka-bootstrap", "127.0.0.1:9"]) == 2
+    assert f"{bad}, row 1, column 'item_id'" in capsys.readouterr().err
+    assert main(["items", bad]) == 2  # no bootstrap at all
+    assert "set --kafka-bootstrap" in capsys.readouterr().err
