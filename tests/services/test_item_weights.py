@@ -209,3 +209,27 @@ def test_a_known_items_changed_text_realigns_in_full():
     full = aligned_to(weights, catalog.item_ids, catalog.vectors)
     assert torch.allclose(fast.item_bias, full.item_bias) and \
         torch.allclose(fast.item_delta, full.item_delta)
+
+
+def test_versions_trained_on_the_same_items_share_the_neighbour_search():
+    from services import item_weights
+    from services.catalog import Catalog
+    from services.data import Item
+    from services.item_weights import CatalogRows
+
+    item_weights._NEIGHBOURS.clear()
+    known = [f"k{i}" for i in range(12)]
+    catalog = Catalog([Item(i, i) for i in known] + [Item("new", "n")], _text(13, 7))
+    first, second = _weights(known, seed=1), _weights(known, seed=2)
+    assert torch.allclose(CatalogRows(first).on(catalog).item_bias,
+                          aligned_to(first, catalog.item_ids, catalog.vectors).item_bias)
+    [cache] = item_weights._NEIGHBOURS.values()
+    vector, rows = cache["new"]
+    cache["new"] = (vector, torch.zeros_like(rows))  # a marker: row 0 ten times
+    reused = CatalogRows(second).on(catalog)
+    assert float(reused.item_bias[12]) == pytest.approx(float(second.item_bias[0]))
+    # The same id with another text is searched again.
+    moved = catalog.changed([Item("new", "other")], _text(1, 8), [], 2)
+    fresh = CatalogRows(second).on(moved)
+    assert torch.allclose(fresh.item_bias, aligned_to(second, moved.item_ids,
+                                                      moved.vectors).item_bias)

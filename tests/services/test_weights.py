@@ -2,6 +2,7 @@
 on the way in; each version is decoded once per process. No backbone needed."""
 
 import dataclasses
+import hashlib
 import json
 
 import pytest
@@ -146,6 +147,13 @@ def test_a_version_is_decoded_once_then_served_from_the_cache(monkeypatch):
         with pytest.raises(BadPromptWeights, match="non-finite"):
             cache.get(3, bad)
     assert len(decodes) == 6
+    # A byte budget too: versions past it go, oldest first, but the newest always stays.
+    small = DecodedVersions(maxsize=8, max_bytes=len(first) + len(second) // 2)
+    small.get(1, first)
+    small.get(2, second)
+    assert len(small._kept) == 1 and (2, hashlib.sha256(second).hexdigest()) in small._kept
+    tiny = DecodedVersions(maxsize=8, max_bytes=1)
+    assert tiny.get(3, first) is tiny.get(3, first)  # kept although over the budget
 
 
 def test_decode_version_shares_one_cache_per_process(monkeypatch):
