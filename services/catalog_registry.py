@@ -177,6 +177,8 @@ class CatalogFollower:
             try:
                 got = ray.get(self.registry.wait_for_change.remote(self.catalog.version,
                                                                    LONG_POLL_S))
+            except SystemExit:  # Ray shutting down in this process
+                return
             except Exception:  # noqa: BLE001 - registry restarting: retry, keep the catalog
                 log.exception("catalog long-poll failed; retrying")
                 time.sleep(RETRY_S)

@@ -135,6 +135,7 @@ class IngestConsumer:
         # pauses ingestion for 200-300 ms (measured in bench.ingest).
         gc.freeze()
         pending: dict[int, int] = {}  # partition -> offset to commit
+        settled: dict[int, int] = {}  # partition -> end of its last settled batch
         inflight: _InFlight | None = None
         last_flush = time.monotonic()
         paused = False
@@ -147,9 +148,11 @@ class IngestConsumer:
                 if partition in rewind:
                     consumer.seek(partition, rewind[partition])
                     pending.pop(partition, None)
+                    settled.pop(partition, None)
                     self.rewinds += 1
                 else:
                     event_log.append_columns(part.events)
+                    settled[partition] = part.high
                     pending[partition] = self.held.commit_offset(partition, part.high)
             inflight = None
             return rewind
@@ -167,6 +170,7 @@ class IngestConsumer:
                     if inflight:
                         settle()
                     pending.clear()
+                    settled.clear()
                     self.held.clear()  # their offsets belong to the old topic
                     consumer.seek_to_beginning()
                     self.epoch = new_epoch
@@ -197,6 +201,9 @@ class IngestConsumer:
                     last_flush = time.monotonic()
                 if self.held.due():
                     self.held.release(dlq, event_log)
+                    # Offsets held back for them may be committed now.
+                    for partition, high in settled.items():
+                        pending[partition] = self.held.commit_offset(partition, high)
                 self._update_lag(consumer)
         finally:
             # Stopping cleanly: keep what was applied, logged and committed.

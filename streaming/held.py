@@ -171,7 +171,8 @@ class ItemHold:
         for result in ray.get(refs):
             self._count("ok", "", result["applied"])
             self._count("duplicate", "event_id", result["duplicates"])
-        metrics.held_events().inc(len(columns), tags={"outcome": "applied"})
+        if len(columns):  # Ray's counters refuse an increment of 0
+            metrics.held_events().inc(len(columns), tags={"outcome": "applied"})
         event_log.append_columns(columns)
 
     def _expire(self, partition: int, events: list[HeldEvent], dlq, why: str,

@@ -139,6 +139,9 @@ def test_offsets_are_committed_after_apply(stack):
         time.sleep(0.2)
     admin.close()
     assert committed == handled
+    # No consumer failed on the way (a failed loop restarts and rejoins its group).
+    assert [c["error"] for c in stack.streaming.stats()["consumers"]] == [None] * len(
+        stack.streaming.consumers)
 
 
 def test_bad_http_input_gets_a_json_4xx(stack):

@@ -205,6 +205,8 @@ def test_an_event_whose_item_never_arrives_is_dead_lettered_after_the_hold(live)
     assert time.monotonic() - sent >= HOLD_S * 0.9  # held first, not dead-lettered at once
     headers = dict(record.headers)
     assert headers["reason"] == b"unknown_item" and b"never-there" in headers["detail"]
+    # Expiring alone (nothing released with it) did not fail the consumer's loop.
+    assert [c["error"] for c in stack.streaming.stats()["consumers"]] == [None]
 
 
 def test_bad_item_records_go_to_the_item_dead_letter_topic_with_a_reason(live):

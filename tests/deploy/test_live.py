@@ -10,6 +10,7 @@ deploy/alerts.yml; the tests read Prometheus's HTTP API.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -44,6 +45,8 @@ SERVICE_METRICS = {  # as Prometheus stores them: `ray_` stripped, histograms as
     "promptrec_training_rounds_total", "promptrec_training_loss",
     "promptrec_serving_prompt_version", "promptrec_swap_seconds_bucket",
     "promptrec_request_seconds_bucket", "promptrec_requests_total",
+    "promptrec_item_records_total", "promptrec_serving_catalog_version",
+    "promptrec_item_live_seconds_bucket", "promptrec_held_events_total",
 }
 SERVE_METRICS = {
     "ray_serve_num_http_requests_total", "ray_serve_http_request_latency_ms_bucket",
@@ -246,6 +249,32 @@ def test_streamed_events_reach_the_config_deployed_replicas(live):
     assert body["state_version"] > 0 and not body["cold_start"], body
     assert len(body["items"]) == 5
     assert httpx.get(f"{live.url}/recommend", params={"k": "0"}, timeout=30).status_code == 400
+
+
+def test_an_item_published_while_serving_reaches_the_config_deployed_replicas(live):
+    # A click for an item that is not there yet is held, then applied when it arrives;
+    # the item panels and the held-events panel get data.
+    from services.data import Item
+    from services.item_records import encode_item
+
+    stack = live.stack
+    handled = stack.streaming.stats()["handled"]
+    producer = make_producer(stack.bootstrap)
+    event = {"event_id": "live-1", "user_id": "live-user", "item_id": "live-item",
+             "ts": time.time(), "type": "click"}
+    producer.send(stack.settings.streaming.topic_clicks, key=b"live-user",
+                  value=json.dumps(event).encode())
+    producer.flush()
+    wait_until(lambda: stack.streaming.stats()["totals"].get("held:unknown_item"), 60,
+               "the click held")
+    producer.send(stack.settings.items.topic_items, key=b"live-item", value=encode_item(
+        Item("live-item", "A lantern for the test", categories=("live-test",))))
+    producer.close()
+    body = wait_until(lambda: (b := httpx.get(f"{live.url}/recommend", timeout=30, params={
+        "user_id": "someone", "category": "live-test"}).json())["items"] and b, 60,
+        "the item recommended")
+    assert body["items"][0]["item_id"] == "live-item" and body["catalog_version"] >= 2
+    assert stack.wait_handled(handled + 1, timeout_s=60)["handled"] == handled + 1
 
 
 def test_training_round_reaches_the_config_deployed_replicas(live):
