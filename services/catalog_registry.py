@@ -131,6 +131,7 @@ def start_catalog_registry(settings, catalog: Catalog):
 
 LONG_POLL_S = 30.0
 RETRY_S = 1.0
+STOP_CHECK_S = 0.25
 
 
 def follow_if_running(namespace: str,
@@ -165,18 +166,28 @@ class CatalogFollower:
         self.registry = ray.get_actor(CATALOG_ACTOR, namespace=namespace)
         self.catalog: Catalog = ray.get(self.registry.snapshot.remote())
         self._stopping = threading.Event()
-        threading.Thread(target=self._watch, name="catalog-watcher", daemon=True).start()
+        self._thread = threading.Thread(target=self._watch, name="catalog-watcher",
+                                        daemon=True)
+        self._thread.start()
 
     def stop(self) -> None:
+        """Stop watching, and wait for the watcher: no thread of this process may be
+        inside a Ray call when Ray shuts down (it can end the process)."""
         self._stopping.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
 
     def _watch(self) -> None:
         import ray
 
         while not self._stopping.is_set():
             try:
-                got = ray.get(self.registry.wait_for_change.remote(self.catalog.version,
-                                                                   LONG_POLL_S))
+                ref = self.registry.wait_for_change.remote(self.catalog.version, LONG_POLL_S)
+                # Waiting in short steps, so that stop() ends this thread at once.
+                while not ray.wait([ref], timeout=STOP_CHECK_S)[0]:
+                    if self._stopping.is_set():
+                        return
+                got = ray.get(ref)
             except SystemExit:  # Ray shutting down in this process
                 return
             except Exception:  # noqa: BLE001 - registry restarting: retry, keep the catalog
