@@ -15,18 +15,12 @@ from services.weights import PromptWeights
 
 
 def aligned_to(weights: PromptWeights, item_ids: list[str],
-               text_vectors: torch.Tensor | None = None,
-               previous: tuple[PromptWeights, torch.Tensor] | None = None) -> PromptWeights:
+               text_vectors: torch.Tensor | None = None) -> PromptWeights:
     """The version with its per-item rows in the order of `item_ids` (a catalog's rows,
     text_vectors [N, H]): rows of items it has are carried over by id, the others start
     from their text (`unseen_items_fall_back_to_text`). Positional weights (no item ids)
-    are taken to be in the catalog's order already.
-
-    previous: (this version aligned to an earlier catalog, that catalog's text vectors):
-    its rows for items the version never knew are reused where the item's text vector is
-    unchanged, so a catalog change costs only its new and changed items, not every item
-    added since the version was trained (the neighbour search is [unseen, seen, H]).
-    """
+    are taken to be in the catalog's order already. `CatalogRows` is the fast path for a
+    catalog that keeps changing."""
     if not weights.has_item_weights or weights.item_ids is None \
             or list(weights.item_ids) == list(item_ids):
         return weights
@@ -41,46 +35,15 @@ def aligned_to(weights: PromptWeights, item_ids: list[str],
         changes["item_bias"] = torch.where(known, weights.item_bias[take], 0.0)
     if weights.item_delta is not None:
         changes["item_delta"] = weights.item_delta[take] * known[:, None]
-    out = dataclasses.replace(weights, **changes)
-    fill = ~known
-    if previous is not None and text_vectors is not None and previous[0].item_ids:
-        out, fill = _reuse_filled_rows(out, fill, text_vectors, *previous)
-    return unseen_items_fall_back_to_text(out, known.numpy(), text_vectors, only=fill.numpy())
-
-
-def _reuse_filled_rows(out: PromptWeights, fill: torch.Tensor, text_vectors: torch.Tensor,
-                       before: PromptWeights, before_vectors: torch.Tensor
-                       ) -> tuple[PromptWeights, torch.Tensor]:
-    """Copy `before`'s rows into the rows still to `fill` whose item it had with the same
-    text vector -> (weights, rows still to fill)."""
-    before_row = {item: row for row, item in enumerate(before.item_ids)}
-    mine = torch.nonzero(fill).squeeze(1).tolist()
-    pairs = [(i, before_row[out.item_ids[i]]) for i in mine if out.item_ids[i] in before_row]
-    if not pairs:
-        return out, fill
-    new = torch.tensor([p[0] for p in pairs])
-    old = torch.tensor([p[1] for p in pairs])
-    same = (text_vectors[new] == before_vectors[old]).all(dim=1)
-    new, old = new[same], old[same]
-    changes = {}
-    if out.item_bias is not None:
-        changes["item_bias"] = out.item_bias.clone()
-        changes["item_bias"][new] = before.item_bias[old]
-    if out.item_delta is not None:
-        changes["item_delta"] = out.item_delta.clone()
-        changes["item_delta"][new] = before.item_delta[old]
-    fill = fill.clone()
-    fill[new] = False
-    return dataclasses.replace(out, **changes), fill
+    return unseen_items_fall_back_to_text(dataclasses.replace(weights, **changes),
+                                          known.numpy(), text_vectors)
 
 
 def unseen_items_fall_back_to_text(weights: PromptWeights, seen: np.ndarray,
                                    text_vectors: torch.Tensor | None = None,
-                                   neighbours: int = 10, only: np.ndarray | None = None
-                                   ) -> PromptWeights:
+                                   neighbours: int = 10) -> PromptWeights:
     """seen [N] bool: items that appeared in training data -> the version with every unseen
-    item's bias and item token replaced by what its text says (`only` [N] bool: just
-    those unseen rows; the others are left as they are).
+    item's bias and item token replaced by what its text says.
 
     Full softmax only ever pushed an unseen item down (it was a negative, never a target),
     so what it learned says nothing about it. Without `text_vectors` [N, H] it gets the
@@ -89,7 +52,7 @@ def unseen_items_fall_back_to_text(weights: PromptWeights, seen: np.ndarray,
     space (its text says which trained items it resembles, and they moved).
     """
     seen_t = torch.as_tensor(np.asarray(seen, bool))
-    fill = ~seen_t if only is None else torch.as_tensor(np.asarray(only, bool)) & ~seen_t
+    fill = ~seen_t
     if not weights.has_item_weights or not seen_t.any() or not fill.any():
         return weights
     if text_vectors is None:

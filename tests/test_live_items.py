@@ -18,6 +18,7 @@ from kafka import KafkaConsumer, KafkaProducer
 from services.config_sources import load_settings
 from services.data import Item
 from services.embedded import free_port
+from services.eventlog import read_event_log
 from services.health import wait_until
 from services.item_records import encode_item
 from services.launch.stack import Stack
@@ -254,8 +255,10 @@ def test_the_next_training_round_trains_the_new_items(live):
                       value=json.dumps(e).encode())
     producer.flush()
     stack.wait_handled(handled + len(events), timeout_s=120)
-    # The event log is written at the consumer's next flush.
-    time.sleep(stack.settings.streaming.log_flush_s * 2)
+    # The event log is written at the consumer's next flush: wait for it, not a fixed time.
+    wait_until(lambda: len({i for i in read_event_log(str(stack.settings.infra.root /
+                                                          "eventlog"))["event_id"].to_pylist()
+                            if i.startswith("tr-")}) == len(events), 60, "events logged", 0.2)
     result = stack.runner.run(since_ingest_ts=0.0)
     assert result.outcome == "published", result
     blob = ray.get(stack.registry.serving.remote())["blob"]
