@@ -45,6 +45,11 @@ from services.embedded import free_port
 from services.launch.stack import Stack
 from services.vector_cache import TextVectors
 
+# The live runs start this long after the stack is up: items reach a running service, not
+# one in its first seconds (right after start-up the first items took up to ~0.9 s here,
+# against ~0.3 s once it had run a while).
+SETTLE_S = 10.0
+
 WORDS = ["alpine", "amber", "brisk", "canvas", "cedar", "coastal", "copper", "desert",
          "ember", "fern", "granite", "harbor", "indigo", "juniper", "lunar", "maple",
          "meadow", "misty", "nordic", "ochre", "prairie", "quartz", "river", "sage",
@@ -143,6 +148,7 @@ def swap_times(stack: Stack, swaps: int) -> dict:
 def measure(stack: Stack, args, rates: list[float], tag: str) -> dict:
     """Everything measured on one running stack."""
     items = stack.settings.items
+    time.sleep(SETTLE_S)
     live = sweep(stack.base_url, stack.bootstrap, items.topic_items, args.rate, rates,
                  args.rate_seconds, args.probes_per_s, args.target_ms,
                  f"{tag[0]}{run_tag()}", log)

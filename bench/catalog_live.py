@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import httpx
 
+from bench.common import cpu_times, steal_pct
 from bench.load import percentile
 from services.data import Item
 from services.item_records import encode_item
@@ -35,6 +36,7 @@ class LiveRun:
     probed: list[float]  # ms from send to the first /recommend that returned the item
     lost: int  # probes that never saw their item within PROBE_GIVE_UP_S
     send_lag_ms: float  # how far the producer fell behind its schedule, at most
+    steal_pct: float | None  # CPU time the host took from this machine during the run
 
     def summary(self) -> dict:
         ok = self.probed
@@ -43,7 +45,7 @@ class LiveRun:
                 "p50_ms": round(percentile(ok, 50), 1) if ok else None,
                 "p99_ms": round(percentile(ok, 99), 1) if ok else None,
                 "max_ms": round(max(ok), 1) if ok else None,
-                "producer_lag_ms": round(self.send_lag_ms, 1)}
+                "producer_lag_ms": round(self.send_lag_ms, 1), "cpu_steal_pct": self.steal_pct}
 
 
 def live_items(tag: str, n: int) -> list[Item]:
@@ -80,12 +82,13 @@ def offer(base_url: str, bootstrap: str, topic: str, rate: float, seconds: float
         producer.flush()
 
     sender = threading.Thread(target=send_all)
+    cpu = cpu_times()
     sender.start()
     found = asyncio.run(_probe_all(base_url, probes, sender))
     sender.join()
     producer.close()
     seen = [ms for ms in found if ms is not None]
-    return LiveRun(rate, len(items), seen, len(found) - len(seen), lag * 1000)
+    return LiveRun(rate, len(items), seen, len(found) - len(seen), lag * 1000, steal_pct(cpu))
 
 
 async def _probe_all(base_url: str, probes: list, sender: threading.Thread

@@ -55,6 +55,23 @@ def result_path(name: str) -> Path:
     return RESULTS_DIR / name
 
 
+def cpu_times() -> tuple[int, int]:
+    """(all, stolen) CPU ticks since boot, from /proc/stat ((0, 0) where there is none)."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    return sum(fields[:8]), fields[7] if len(fields) > 7 else 0
+
+
+def steal_pct(since: tuple[int, int]) -> float | None:
+    """Share of CPU time the host took from this virtual machine since `cpu_times()`
+    was `since`, in %: on a shared host, timings with much of it are not comparable."""
+    total, stolen = cpu_times()
+    return round(100 * (stolen - since[1]) / (total - since[0]), 1) \
+        if total > since[0] else None
+
+
 def run_stamp(command: str, load: bool = False) -> dict:
     """What every result file records about its run: machine, command, time (and the
     1-minute load average at the end, where the figures are timings)."""
