@@ -7,6 +7,7 @@
       model      ModelConfig        the prompt's structure (recorded in every weights blob)
       training   TrainingSettings   Ray Train rounds, optimiser, gate
       serving    ServingSettings    Serve replicas, HTTP, cache, batching
+      live       LiveSettings       impressions, live metrics, the canary
 
 Every setting has one flat name, unique across sections, used three ways (later ones
 winning): the default below, a `PROMPTREC_<NAME>` environment variable, a `--name` CLI
@@ -27,6 +28,7 @@ from typing import Any
 # Re-exported: their home is config_rules, their users import them from here.
 from services.config_rules import ENV_PREFIX, ConfigError, Rule, env_name, flag_name  # noqa: F401
 from services.config_rules import opt as _opt
+from services.config_sections import ItemSettings, LiveSettings
 
 DATASETS = ("ml-100k", "ml-1m")
 
@@ -111,24 +113,6 @@ class StreamingSettings:
                               "pip install -e '.[confluent]' (or make setup)")
         if self.topic_clicks == self.topic_dlq:
             raise ConfigError("topic_dlq", "must differ from topic_clicks")
-
-
-@dataclass(frozen=True)
-class ItemSettings:
-    topic_items: str = _opt("promptrec.items", "item topic (key item_id, JSON item; a null "
-                            "value deletes): live catalog changes")
-    topic_items_dlq: str = _opt("promptrec.items.dlq", "dead-letter topic of item records")
-    item_batch_max: int = _opt(64, "most item records in one catalog version", ">=1")
-    item_embed_threads: int = _opt(2, "torch threads the item consumer embeds with", ">=1")
-    max_item_text_chars: int = _opt(4000, "longer item text / description is cut to this "
-                                    "(and counted): the backbone reads 64 tokens", ">=1")
-    hold_unknown_s: float = _opt(5.0, "how long an event naming an item not yet in the catalog "
-                                 "is held for it before it is dead-lettered", ">=0")
-    hold_max_events: int = _opt(10_000, "most events held per partition (then the oldest)", ">=1")
-
-    def check(self) -> None:
-        if self.topic_items == self.topic_items_dlq:
-            raise ConfigError("topic_items_dlq", "must differ from topic_items")
 
 
 @dataclass(frozen=True)
@@ -250,6 +234,7 @@ class Settings:
     model: ModelConfig = field(default_factory=ModelConfig)
     training: TrainingSettings = field(default_factory=TrainingSettings)
     serving: ServingSettings = field(default_factory=ServingSettings)
+    live: LiveSettings = field(default_factory=LiveSettings)
 
     def validate(self) -> Settings:
         for section_name, f in setting_fields():

@@ -30,6 +30,8 @@ INTROS = {
     "model": "The structure of the trainable prompt; every weights blob records these values.",
     "training": "Ray Train rounds: workers, optimiser, schedule and the validation gate.",
     "serving": "Ray Serve replicas, the HTTP API, overload limits, batching and the cache.",
+    "live": "Impressions, live metrics from them and the events, and the canary that "
+            "promotes or rolls back a new prompt version ([canary.md](canary.md)).",
 }
 
 HEADER = f"""# Configuration

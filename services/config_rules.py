@@ -40,7 +40,7 @@ class Rule:
 
     @classmethod
     def named(cls, name: str) -> Rule:
-        """`>=1`, `>0`, `>=0`, `port`, `rate`, `share`, `file`, or `in:a,b` (exactly those
+        """`>=1`, `>0`, `>=0`, `port`, `rate`, `share`, `level`, `file`, or `in:a,b` (exactly those
         values)."""
         if name.startswith("in:"):
             allowed = name[3:].split(",")
@@ -59,6 +59,7 @@ RULES = {
     "port": Rule(lambda v: 0 < v < 65536, "must be a TCP port", "TCP port (1–65535)"),
     "rate": Rule(lambda v: 0 < v <= 1, "must be in (0, 1]", "in (0, 1]"),
     "share": Rule(lambda v: 0 <= v < 1, "must be in [0, 1)", "in [0, 1)"),
+    "level": Rule(lambda v: 0 < v < 1, "must be in (0, 1)", "in (0, 1)"),
     # A URI (s3://...) is opened, and checked, when it is read.
     "file": Rule(lambda v: not v or "://" in v or Path(v).is_file(),
                  "must be an existing file or a URI", "empty, an existing file or a URI"),

@@ -2,7 +2,9 @@
 
 An event is a JSON object on Kafka (key = user_id):
 `event_id` (str, unique), `user_id` (str), `item_id` (str), `ts` (epoch seconds),
-`type` (click | view | purchase | rating), optional `value` (number).
+`type` (click | view | purchase | rating), optional `value` (number), optional
+`request_id` (str: the /recommend answer the event came from; the live metrics credit it
+to that impression, `streaming.live_metrics`; the state keeps no request ids).
 `decode_event` either returns a `ClickEvent` or raises `InvalidEvent` whose
 `reason` is a short code: it goes in the dead-letter header and the metric label.
 It is the one authority on reasons: the consumer's fast path
@@ -56,7 +58,7 @@ class ClickEvent:
 
 
 _REQUIRED = {"event_id": str, "user_id": str, "item_id": str, "ts": (int, float), "type": str}
-_OPTIONAL = {"value": (int, float)}
+_OPTIONAL = {"value": (int, float), "request_id": str}
 
 
 def _finite(number: int | float) -> bool:
@@ -114,6 +116,11 @@ def decode_event(key: bytes | None, value: bytes | None,
         raise InvalidEvent("bad_value", f"value {_short(event_value)}")
     for name in ("event_id", "user_id", "item_id"):
         _check_id(name, body[name])
+    request_id = body.get("request_id")
+    if request_id is not None:
+        if not isinstance(request_id, str):
+            raise InvalidEvent("wrong_type", f"request_id is {type(request_id).__name__}")
+        _check_id("request_id", request_id)
     if body["type"] not in EVENT_TYPES:
         raise InvalidEvent("unknown_type", body["type"][:40])
     try:

@@ -194,6 +194,40 @@ def encode_batch_users():
                       boundaries=[1, 2, 3, 4, 6, 8, 12, 16, 32])
 
 
+@functools.cache
+def impressions():
+    return _counter("promptrec_impressions_total",
+                    "Impressions by result (sent, dropped: writer queue full, failed: not "
+                    "written to Kafka)", ("result",))
+
+
+@functools.cache
+def live_events():
+    return _counter("promptrec_live_events_total",
+                    "Events attributed to an impression, by prompt version, arm and result "
+                    "(hit: item in the served top-k, miss)", ("version", "arm", "result"))
+
+
+@functools.cache
+def live_hr():
+    return KeptGauge(_gauge("promptrec_live_hr",
+                            "Live HR@k per prompt version and arm: attributed events whose "
+                            "item was in the served top-k", ("version", "arm")))
+
+
+@functools.cache
+def live_ndcg():
+    return KeptGauge(_gauge("promptrec_live_ndcg",
+                            "Live NDCG@k per prompt version and arm (the position the "
+                            "event's item had in the served top-k)", ("version", "arm")))
+
+
+@functools.cache
+def canary_outcomes():
+    return _counter("promptrec_canary_total",
+                    "Canary versions by outcome (promote, rollback)", ("outcome",))
+
+
 _SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?P<labels>\{[^}]*\})?\s+(?P<value>\S+)")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import zlib
 
 REGISTRY_ACTOR = "promptrec-registry"
+LIVE_METRICS_ACTOR = "promptrec-live-metrics"
 SERVE_APP = "promptrec"
 
 

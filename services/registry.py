@@ -7,8 +7,11 @@ Ray actor. Layout on disk::
     <root>/index.json            {"serving": n, "versions": [{version, sha256, bytes, meta}]}
 
 "Serving" is the version replicas should use: the newest published one, or an
-older one after a rollback. Replicas call `wait_for_change(known, timeout)`,
-which returns as soon as serving differs from `known` (a push, not a poll loop).
+older one after a rollback. With a canary share, a newly published version is first the
+*canary*: it serves that share of users (services.canary) beside the serving version
+until the live-metrics judge promotes it (it becomes serving) or rolls it back; a newer
+publish supersedes a running canary. Replicas call `wait_for_routing(known, timeout)`,
+which returns as soon as (serving, canary) differs from `known` (a push, not a poll loop).
 """
 
 from __future__ import annotations
@@ -40,6 +43,10 @@ class PromptRegistry:
         self._versions: dict[int, dict[str, Any]] = {}
         self._serving: int = 0
         self._serving_since = time.time()
+        self._canary: int = 0  # 0: no canary running
+        self._canary_share = 0.0
+        self._canary_since = 0.0
+        self.canary_outcomes: list[dict[str, Any]] = []  # this process's, newest last
         self._changed = asyncio.Event()
         self._load_index()
 
@@ -61,11 +68,17 @@ class PromptRegistry:
             self._versions[entry["version"]] = entry
         serving = data.get("serving", 0)
         self._serving = serving if serving in self._versions else max(self._versions, default=0)
+        canary = data.get("canary", 0)
+        if canary in self._versions and canary != self._serving:
+            self._canary, self._canary_share = canary, data.get("canary_share", 0.0)
+            self._canary_since = data.get("canary_since", time.time())
 
     def _write_index(self) -> None:
         index = self.root / "index.json"
         tmp = index.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"serving": self._serving,
+        tmp.write_text(json.dumps({"serving": self._serving, "canary": self._canary,
+                                   "canary_share": self._canary_share,
+                                   "canary_since": self._canary_since,
                                    "versions": [self._versions[v] for v in sorted(self._versions)]},
                                   indent=1))
         tmp.replace(index)
@@ -81,14 +94,27 @@ class PromptRegistry:
         self._serving = version
         # Replicas time their swap from here: "created" is wrong for a rollback.
         self._serving_since = time.time()
+        self._canary = 0
+        self._routing_changed()
+
+    def _routing_changed(self) -> None:
         self._write_index()
         # Wake every waiting replica, then arm a fresh event for the next change.
         self._changed.set()
         self._changed = asyncio.Event()
 
+    def _end_canary(self, outcome: str, reason: str) -> None:
+        self.canary_outcomes.append({"version": self._canary, "outcome": outcome,
+                                     "reason": reason, "at": time.time(),
+                                     "serving": self._serving})
+        del self.canary_outcomes[:-100]
+        log.info("canary version %d %s: %s", self._canary, outcome, reason)
+
     # --- API ---------------------------------------------------------
-    async def publish(self, blob: bytes, meta: dict[str, Any] | None = None) -> int:
-        """Store new weights (checked first) and make them the serving version."""
+    async def publish(self, blob: bytes, meta: dict[str, Any] | None = None,
+                      canary_share: float = 0.0) -> int:
+        """Store new weights (checked first) and make them the serving version, or with
+        `canary_share` > 0 (and a serving version to compare with) the canary."""
         decode_weights(blob, self.hidden_size)
         version = max(self._versions, default=0) + 1
         path = self._path(version)
@@ -98,14 +124,49 @@ class PromptRegistry:
         self._versions[version] = {"version": version, "sha256": hashlib.sha256(blob).hexdigest(),
                                    "bytes": len(blob), "created": time.time(),
                                    "meta": dict(meta or {})}
-        self._set_serving(version)
-        log.info("published prompt version %d (%d bytes)", version, len(blob))
+        if canary_share > 0 and self._serving:
+            if self._canary:
+                self._end_canary("superseded", f"version {version} was published")
+            self._canary, self._canary_share = version, canary_share
+            self._canary_since = time.time()
+            self._routing_changed()
+            log.info("published prompt version %d (%d bytes) as the canary for %.0f%% of "
+                     "users", version, len(blob), 100 * canary_share)
+        else:
+            self._set_serving(version)
+            log.info("published prompt version %d (%d bytes)", version, len(blob))
         return version
 
+    async def end_canary(self, version: int, outcome: str, reason: str) -> bool:
+        """The judge's verdict on canary `version`: "promote" makes it the serving
+        version, "rollback" stops it (the serving version serves everyone again). False
+        when `version` is no longer the canary (superseded, or an operator acted)."""
+        if outcome not in ("promote", "rollback"):
+            raise ValueError(f"outcome must be promote or rollback, got {outcome!r}")
+        if version != self._canary or not version:
+            return False
+        self._end_canary(outcome, reason)
+        if outcome == "promote":
+            self._set_serving(version)
+        else:
+            self._canary = 0
+            self._routing_changed()
+        return True
+
+    async def routing(self) -> dict[str, Any]:
+        """Who serves whom now: versions only (no blobs), and the canary's outcomes."""
+        return {"serving": self._serving, "canary": self._canary,
+                "canary_share": self._canary_share if self._canary else 0.0,
+                "canary_since": self._canary_since if self._canary else None,
+                "canary_outcomes": list(self.canary_outcomes[-10:])}
+
     async def rollback(self, version: int) -> dict[str, Any]:
+        """An operator's call: `version` serves everyone; a running canary stops."""
         if version not in self._versions:
             raise UnknownVersion(f"no prompt version {version}; kept: {sorted(self._versions)}")
         self._read_checked(self._versions[version])
+        if self._canary:
+            self._end_canary("rollback", f"operator rolled back to version {version}")
         self._set_serving(version)
         log.info("rolled back to prompt version %d", version)
         return self._versions[version]
@@ -130,16 +191,22 @@ class PromptRegistry:
     async def versions(self) -> list[dict[str, Any]]:
         return [self._versions[v] for v in sorted(self._versions)]
 
-    async def wait_for_change(self, known_version: int, timeout_s: float) -> dict[str, Any]:
-        """Long-poll: the serving entry (with blob) once it differs from `known_version`,
-        or {} after `timeout_s`."""
-        if self._serving == known_version:
+    async def wait_for_routing(self, known: list[int], timeout_s: float) -> dict[str, Any]:
+        """Long-poll: once (serving, canary) differs from `known`, the serving entry and
+        the canary's (with blobs; {} for none) and the canary share; {} after `timeout_s`."""
+        if [self._serving, self._canary] == list(known):
             event = self._changed
             try:
                 await asyncio.wait_for(event.wait(), timeout_s)
             except TimeoutError:
                 return {}
-        return await self.serving()
+        canary = {}
+        if self._canary:
+            entry = self._versions[self._canary]
+            canary = {**entry, "blob": self._read_checked(entry),
+                      "serving_since": self._canary_since}
+        return {"serving": await self.serving(), "canary": canary,
+                "canary_share": self._canary_share if self._canary else 0.0}
 
 
 def start_registry(settings, hidden_size: int):

@@ -9,10 +9,12 @@ once and puts together the pieces, each in a module of its own:
     serving.cache     the user-vector LRU cache
     serving.batching  cache misses of concurrent requests encoded together
     serving.ranking   the tensor work: encode, rank, explain
+    serving.impressions  every answer written to Kafka, off the request path
 
 Routes: GET /recommend?user_id=&k=&explain=&exclude=&category=, GET /similar,
 GET /healthz, GET /version, POST /admin/rollback. Every answer names the prompt version
-and the catalog version it came from. Overload (more than max_ongoing_requests per replica plus
+and the catalog version it came from, its arm (serving, or canary while one runs) and a
+request_id that events may quote. Overload (more than max_ongoing_requests per replica plus
 max_queued_requests waiting) is answered by Ray Serve's proxy with 503 + Retry-After.
 Batch size, batch wait, cache size and explained items are runtime knobs: Serve's
 `user_config`, applied by `reconfigure` without restarting the replica.
@@ -21,6 +23,10 @@ Batch size, batch wait, cache size and explained items are runtime knobs: Serve'
 # No `from __future__ import annotations` here: Serve's ingress rebuilds the routes, and
 # FastAPI then no longer resolves a string annotation `Request` (a 400 "missing query
 # parameter request" on every call).
+import asyncio
+import time
+import uuid
+
 import numpy as np
 import ray
 import torch
@@ -33,10 +39,11 @@ from services.backbone import load_backbone, resolve_backbone_path
 from services.config import Settings
 from services.config_sources import load_settings
 from services.health import process_rss_mb, wait_until
-from services.naming import REGISTRY_ACTOR, shard_actor, shard_for_user
+from services.naming import LIVE_METRICS_ACTOR, REGISTRY_ACTOR, shard_actor, shard_for_user
 from serving.api import ApiError, app, check_admin_token, retry_later
 from serving.batching import EncodeBatcher
 from serving.cache import UserVectorCache
+from serving.impressions import ImpressionLog
 from serving.query import parse_recommend_query, parse_similar_query, read_rollback_version
 from serving.ranking import explain, rank, similar
 from serving.swap import ActivePrompt, PromptSwap
@@ -62,6 +69,12 @@ class Recommender:
                                      serving.encode_thread)
         self.prompts = PromptSwap(encoder, infra.namespace, self.replica)
         await self.prompts.start(self.settings.serving.pin_version)
+        live = self.settings.live
+        # Without a broker address (a Serve config that names none) nothing is written.
+        self.impressions = ImpressionLog(infra.kafka_bootstrap, live.topic_impressions,
+                                         live.impression_queue_max,
+                                         f"promptrec-impressions-{self.replica}") \
+            if infra.kafka_bootstrap else None
 
     def reconfigure(self, knobs: dict) -> None:
         """Serve's user_config (RUNTIME_KNOBS), at start and whenever it changes."""
@@ -74,6 +87,8 @@ class Recommender:
         prompts = getattr(self, "prompts", None)
         if prompts is not None:
             prompts.stop()
+        if getattr(self, "impressions", None) is not None:
+            self.impressions.stop()
 
     # --- user state -----------------------------------------------------
     async def _user_state(self, user_id: str) -> dict | None:
@@ -104,7 +119,8 @@ class Recommender:
     @app.get("/recommend")
     async def recommend(self, request: Request) -> JSONResponse:
         query = parse_recommend_query(request.query_params.multi_items())
-        active = self.prompts.active  # read once: this request is served wholly by it
+        # Read once: this request is served wholly by it.
+        active, arm = self.prompts.active_for(query.user_id)
         if active is None:
             raise retry_later("no prompt version published yet", 1)
         state = await self._user_state(query.user_id)
@@ -128,11 +144,19 @@ class Recommender:
             for entry, because in zip(ranked, reasons, strict=True):
                 entry["because"] = [{"item_id": items[h].item_id, "title": items[h].title,
                                      "similarity": sim} for h, sim in because]
+        request_id = uuid.uuid4().hex
+        if self.impressions is not None:
+            self.impressions.write({"request_id": request_id, "user_id": query.user_id,
+                                    "items": [entry["item_id"] for entry in ranked],
+                                    "prompt_version": active.version, "arm": arm,
+                                    "ts": time.time()})
         # Already JSON types: skip FastAPI's recursive jsonable_encoder on every request.
         return JSONResponse({
             "user_id": query.user_id,
             "items": ranked,
+            "request_id": request_id,
             "prompt_version": active.version,
+            "arm": arm,
             "catalog_version": active.catalog_version,
             "state_version": state_version,
             "cold_start": not history,
@@ -183,7 +207,20 @@ class Recommender:
                 "pinned": bool(self.settings.serving.pin_version),
                 "personal_prompts": self.settings.serving.personal_prompts,
                 "user_cache": {**self.cache.counts, "size": len(self.cache)},
-                "encoded": dict(self.batcher.counts)}
+                "encoded": dict(self.batcher.counts),
+                "canary": {"prompt_version": self.prompts.canary_slot.version,
+                           "share": self.prompts.canary_share},
+                "impressions": dict(self.impressions.counts) if self.impressions else None,
+                "live": await self._live_metrics()}
+
+    async def _live_metrics(self) -> dict | None:
+        """The live-metrics actor's report (per version and arm, the canary's verdicts);
+        None when it does not run or does not answer within a second."""
+        try:
+            actor = ray.get_actor(LIVE_METRICS_ACTOR, namespace=self.settings.infra.namespace)
+            return await asyncio.wait_for(actor.report.remote(), 1.0)
+        except (ValueError, TimeoutError, ray.exceptions.RayError):
+            return None
 
     @app.post("/admin/rollback")
     async def rollback(self, request: Request) -> dict:

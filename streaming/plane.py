@@ -1,5 +1,6 @@
-"""Start the streaming plane: named shard actors, one consumer group of ingest actors, and
-the item consumer that turns `promptrec.items` into catalog versions."""
+"""Start the streaming plane: named shard actors, one consumer group of ingest actors, the
+item consumer that turns `promptrec.items` into catalog versions, and the live metrics
+(impressions and events -> live quality, the canary's verdicts)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from services.config import Settings
 from services.naming import shard_actor
 from streaming.consumer import IngestConsumer
 from streaming.items import ItemConsumer
+from streaming.live_metrics import start_live_metrics
 from streaming.shard import UserStateShard
 
 
@@ -21,6 +23,7 @@ class StreamingPlane:
     shards: list
     consumers: list
     item_consumer: object = None  # None: the catalog is fixed (no catalog registry)
+    live_metrics: object = None  # None: not started (benchmarks of ingest alone)
 
     def stats(self) -> dict:
         shard_stats = ray.get([s.stats.remote() for s in self.shards])
@@ -55,7 +58,7 @@ class StreamingPlane:
         raise TimeoutError(f"consumer group not settled after {timeout_s:g} s: {assigned}")
 
     def stop(self) -> None:
-        consumers = self.consumers + ([self.item_consumer] if self.item_consumer else [])
+        consumers = self.consumers + [a for a in (self.item_consumer, self.live_metrics) if a]
         ray.get([c.stop.remote() for c in consumers])
         for actor in consumers + self.shards:
             ray.kill(actor)
@@ -63,12 +66,13 @@ class StreamingPlane:
 
 def start_streaming(settings: Settings, bootstrap: str, item_ids: list[str],
                     item_vectors: np.ndarray | None = None, paused: bool = False,
-                    backbone_path: str = "") -> StreamingPlane:
+                    backbone_path: str = "", live_metrics: bool = False) -> StreamingPlane:
     """Shards restore their latest snapshot under data_dir/snapshots, if any.
 
     `paused`: the consumers join their group but fetch nothing until `resume()` (the
     ingest benchmark times a settled group, not its join). `backbone_path`: where a
     catalog registry runs, start the item consumer, which embeds with that backbone.
+    `live_metrics`: start the live-metrics actor (it needs the prompt registry).
 
     Both kinds of actor restart after a crash (max_restarts=-1); a shard call in flight
     is retried on the restarted shard, which then asks for a rewind to its snapshot.
@@ -94,7 +98,9 @@ def start_streaming(settings: Settings, bootstrap: str, item_ids: list[str],
             num_cpus=0.25, max_concurrency=4, max_restarts=-1, max_task_retries=-1).remote(
             settings, bootstrap, backbone_path)
         ray.get(item_consumer.stats.remote())
-    plane = StreamingPlane(shards=shards, consumers=consumers, item_consumer=item_consumer)
+    plane = StreamingPlane(shards=shards, consumers=consumers, item_consumer=item_consumer,
+                           live_metrics=start_live_metrics(settings, bootstrap)
+                           if live_metrics else None)
     if paused:
         plane.pause()
     return plane

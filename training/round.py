@@ -180,7 +180,9 @@ class RoundRunner:
         meta = {"round": result.round, "loss": result.loss, "val_ndcg10": cand["ndcg10"],
                 "val_hr10": cand["hr10"], "parent": serving.get("version"),
                 "train_examples": result.train_examples}
-        result.version = ray.get(self.registry.publish.remote(candidate, meta))
+        # With a canary share the registry serves it to that share first (services.canary).
+        result.version = ray.get(self.registry.publish.remote(
+            candidate, meta, self.settings.live.canary_share))
         result.outcome = "published"
         result.reason = (f"held-out NDCG@10 {cand['ndcg10']:.4f} vs serving "
                          f"{base['ndcg10']:.4f} on {len(val)} users")

@@ -76,7 +76,8 @@ class Stack:
             self.bootstrap = self.broker.bootstrap
         ensure_topics(self.bootstrap, {s.streaming.topic_clicks: s.streaming.partitions,
                                        s.streaming.topic_dlq: 1, s.items.topic_items: 1,
-                                       s.items.topic_items_dlq: 1})
+                                       s.items.topic_items_dlq: 1,
+                                       s.live.topic_impressions: s.streaming.partitions})
         self._step(f"kafka ready ({self.bootstrap})", t)
 
         t = time.monotonic()
@@ -100,7 +101,7 @@ class Stack:
                 weights.to_bytes(), {"source": "initial", "text": s.model.prompt_init_text}))
         self.streaming = start_streaming(s, self.bootstrap, list(self.catalog.index),
                                          self.catalog.vectors.numpy(),
-                                         backbone_path=str(backbone))
+                                         backbone_path=str(backbone), live_metrics=True)
         self.catalogs = CatalogFollower(s.infra.namespace)
         self._step("registry, shards, consumers", t)
 
@@ -110,7 +111,9 @@ class Stack:
 
             serve.start(http_options={"host": s.serving.http_host, "port": s.serving.http_port},
                         logging_config={"log_level": "WARNING", "enable_access_log": False})
-            serve.run(build_app(s), name=SERVE_APP, route_prefix="/", blocking=False)
+            # The replicas write impressions to the broker this stack uses.
+            serve.run(build_app(s.replace(kafka_bootstrap=self.bootstrap)), name=SERVE_APP,
+                      route_prefix="/", blocking=False)
             self.wait_healthy()
             self._step(f"serve ready ({s.serving.num_replicas} replicas)", t)
         else:
@@ -130,7 +133,7 @@ class Stack:
 
         from serving.app import build_app
 
-        variant = self.settings.replace(**changes)
+        variant = self.settings.replace(kafka_bootstrap=self.bootstrap, **changes)
         t = time.monotonic()
         serve.run(build_app(variant), name=name, route_prefix=route_prefix, blocking=False)
         self.wait_healthy(prefix=route_prefix)

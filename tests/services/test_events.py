@@ -57,3 +57,14 @@ def test_bad_input_is_rejected_with_reason(key, value, reason):
 
 def test_item_check_is_optional():
     assert decode_event(b"u1", _record(item_id="new"), None, now=NOW).item_id == "new"
+
+
+def test_an_event_may_quote_the_request_it_answers():
+    body = {"event_id": "e1", "user_id": "u1", "item_id": "i1", "ts": 1.0, "type": "click"}
+    good = json.dumps({**body, "request_id": "0f3a"}).encode()
+    assert decode_event(b"u1", good).item_id == "i1"
+    for request_id, reason in ((7, "wrong_type"), ("", "bad_id"), ("x" * 129, "bad_id"),
+                               ("a\nb", "bad_id")):
+        with pytest.raises(InvalidEvent) as bad:
+            decode_event(b"u1", json.dumps({**body, "request_id": request_id}).encode())
+        assert bad.value.reason == reason

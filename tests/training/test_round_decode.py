@@ -51,7 +51,7 @@ def test_a_round_decodes_its_candidate_once_and_the_serving_version_once(monkeyp
     published = []
     monkeypatch.setattr(training.round, "ray", SimpleNamespace(get=lambda value: value))
     registry = SimpleNamespace(publish=SimpleNamespace(
-        remote=lambda blob, meta: published.append(blob) or len(published) + 1))
+        remote=lambda blob, meta, canary_share=0.0: published.append(blob) or len(published) + 1))
 
     torch.manual_seed(0)
     encoder = BertModel(BertConfig(hidden_size=H, num_hidden_layers=1, num_attention_heads=2,

@@ -1,0 +1,69 @@
+"""Live-metrics attribution and the canary trial, on the actor's state (no Kafka)."""
+
+import json
+import time
+
+from services.config_sources import load_settings
+from streaming.live_metrics import LiveMetrics, Tally, read_impression
+
+
+def _metrics(**changes) -> LiveMetrics:
+    live = LiveMetrics.__new__(LiveMetrics)  # the state without the Kafka thread
+    live._init_state(load_settings(env={}).replace(**changes), "127.0.0.1:9")
+    return live
+
+
+def _impression(live, request_id, user, items, version=1, arm="serving", ts=None):
+    live._impression(json.dumps({"request_id": request_id, "user_id": user, "items": items,
+                                 "prompt_version": version, "arm": arm,
+                                 "ts": time.time() if ts is None else ts}).encode())
+
+
+def _event(live, user, item, request_id=None, ts=None):
+    body = {"event_id": f"e-{time.time_ns()}", "user_id": user, "item_id": item,
+            "ts": time.time() if ts is None else ts, "type": "click"}
+    if request_id:
+        body["request_id"] = request_id
+    return live._attribute(user.encode(), json.dumps(body).encode())
+
+
+def test_events_are_credited_to_the_quoted_or_the_latest_impression():
+    live = _metrics(live_k=3)
+    _impression(live, "r1", "ann", ["a", "b", "c", "d"], version=1)
+    _impression(live, "r2", "ann", ["x", "y", "z"], version=2)
+    assert _event(live, "ann", "b", request_id="r1") == (1, "serving")  # position 1
+    assert _event(live, "ann", "y") == (2, "serving")  # latest impression, position 1
+    assert _event(live, "ann", "d", request_id="r1") == (1, "serving")  # beyond live_k
+    v1, v2 = (live.tallies[(v, "serving")].summary() for v in (1, 2))
+    assert (v1["events"], v1["hits"], v2["hits"]) == (2, 1, 1)
+    assert v2["ndcg"] == round(1 / 1.584962500721156, 4)
+
+
+def test_events_with_nothing_to_credit_are_counted_not_guessed():
+    live = _metrics(attribution_window_s=60)
+    _impression(live, "r1", "ann", ["a"], ts=time.time() - 600)
+    assert _event(live, "ann", "a") is None  # too old for the window
+    assert _event(live, "bob", "a") is None  # never served
+    assert _event(live, "bob", "a", request_id="r1") is None  # someone else's request
+    assert live._attribute(b"bob", b"{not json") is None
+    live._impression(b'{"request_id": 1}')
+    assert live.counts == {"impressions": 1, "events": 3, "attributed": 0,
+                           "unattributed": 3, "invalid": 2}
+    assert read_impression(b"[]") is None and read_impression(b'{"items": 3}') is None
+
+
+def test_the_canary_trial_counts_only_its_versions_since_it_started():
+    live = _metrics()
+    started = time.time()
+    live.trial = {"canary": 3, "serving": 2, "since": started,
+                  "arms": {"canary": Tally(),
+                           "serving": Tally()}}
+    _impression(live, "old", "ann", ["a"], version=2, ts=started - 5)
+    _impression(live, "c1", "bob", ["a"], version=3, arm="canary")
+    _impression(live, "s1", "cid", ["a"], version=2)
+    _impression(live, "s0", "dan", ["a"], version=1)  # an older version, still cached
+    for user, item in (("ann", "a"), ("bob", "a"), ("cid", "b"), ("dan", "a")):
+        _event(live, user, item)
+    arms = live.trial["arms"]
+    assert (arms["canary"].events, arms["canary"].hits) == (1, 1)
+    assert (arms["serving"].events, arms["serving"].hits) == (1, 0)
