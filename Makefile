@@ -6,7 +6,7 @@ STAMP := $(VENV)/.promptrec-installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-quick lint clean prometheus bench-ingest bench-serve bench-catalog bench-rounds \
+.PHONY: setup demo test test-quick lint clean prometheus bench-ingest bench-serve bench-catalog bench-canary bench-rounds \
 	eval-prequential docs
 
 setup: $(STAMP)
@@ -49,6 +49,9 @@ bench-ingest: setup  # writes bench/results/ingest.json (~3 min: both Kafka clie
 
 bench-catalog: setup  # writes bench/results/catalog.json (~20 min: ML-1M and 100,000 items)
 	$(PY) -m bench.catalog $(ARGS)
+
+bench-canary: setup  # writes bench/results/canary.json (~15 min: 30 canary publishes)
+	$(PY) -m bench.canary $(ARGS)
 
 bench-rounds: setup  # writes bench/results/rounds.json (~5 min)
 	$(PY) -m bench.rounds $(ARGS)

@@ -193,6 +193,12 @@ class LiveMetrics:
 
     def _attribute(self, key: bytes | None, value: bytes | None) -> tuple[int, str] | None:
         """Credit one click event -> the (version, arm) it counted for, if any."""
+        if key is not None and value is not None and b'"request_id"' not in value and \
+                key.decode("utf-8", "replace") not in self._latest:
+            # Never served and quoting nothing (a replay, a bulk import): skip the parse.
+            self.counts["events"] += 1
+            self.counts["unattributed"] += 1
+            return None
         try:
             event = decode_event(key, value)
         except InvalidEvent:

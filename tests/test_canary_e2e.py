@@ -1,41 +1,23 @@
 """The canary on the real stack: a bad version is rolled back and a good one promoted by
-what simulated users do, with no manual call.
-
-The population clicks according to a ground truth the versions never see: each
-simulated user likes 20 ML-100K items drawn by their popularity in the ratings, clicks
-the first liked item of its top-10 when there is one and a liked item found elsewhere
-when there is none (a miss). The serving version ranks by popularity (its item bias is
-the log of the rating counts), so it often serves a liked item. The bad version is the
-same with the item biases shuffled among items: finite weights of the right shapes, so
-it passes every check a publish makes, and it serves liked items rarely.
-"""
+what simulated users do (bench/canary_sim.py: a held-out ground truth; the bad version
+has its item biases shuffled, so it passes every check a publish makes), with no manual
+call."""
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import time
-import uuid
-from concurrent.futures import ThreadPoolExecutor
-
 import httpx
-import numpy as np
 import pytest
 import ray
-import torch
 from kafka import KafkaProducer
 
+from bench.canary_sim import equivalent, population, simulate_until, versions
 from services.config_sources import load_settings
-from services.data import load_interactions
-from services.decoded import decode_version
 from services.embedded import free_port
 from services.health import wait_until
 from services.launch.stack import Stack
 from tests.conftest import TEST_CACHE
 
 pytestmark = pytest.mark.slow
-USERS = 400
-LIKED = 20
 
 
 @pytest.fixture(scope="module")
@@ -56,65 +38,6 @@ def canary_stack(tmp_path_factory):
         stack.stop()
 
 
-def _versions(stack) -> tuple:
-    """(popularity-ranked weights, the bad one: its item biases shuffled) as blobs."""
-    serving = ray.get(stack.registry.serving.remote())
-    base = decode_version(serving["version"], serving["blob"])
-    counts = dict(zip(*np.unique(load_interactions("ml-100k").item_ids, return_counts=True),
-                      strict=True))
-    bias = torch.tensor([10 * np.log1p(counts.get(i, 0)) for i in base.item_ids],
-                        dtype=torch.float32)
-    good = dataclasses.replace(base, item_bias=bias)
-    shuffled = bias[torch.randperm(len(bias), generator=torch.Generator().manual_seed(0))]
-    return good, dataclasses.replace(good, item_bias=shuffled)
-
-
-def _population(stack, seed: int) -> dict[str, set[str]]:
-    ids = np.array(stack.catalog.item_ids)
-    counts = dict(zip(*np.unique(load_interactions("ml-100k").item_ids, return_counts=True),
-                      strict=True))
-    p = np.array([counts.get(i, 0) for i in ids], dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    return {f"sim-{seed}-{u}": set(rng.choice(ids, LIKED, replace=False, p=p / p.sum()))
-            for u in range(USERS)}
-
-
-def _visit(stack, producer, http: httpx.Client, user: str, liked: set[str], rng) -> str:
-    """One request and the click that follows it -> the arm that answered."""
-    body = http.get("/recommend", params={"user_id": user, "k": 10}).json()
-    served = [entry["item_id"] for entry in body["items"]]
-    hit = next((i for i in served if i in liked), None)
-    item = hit or sorted(liked)[rng.integers(len(liked))]
-    event = {"event_id": uuid.uuid4().hex, "user_id": user, "item_id": item,
-             "ts": time.time(), "type": "click"}
-    if rng.random() < 0.5:  # half quote the request, half are attributed by user and time
-        event["request_id"] = body["request_id"]
-    producer.send(stack.settings.streaming.topic_clicks, key=user.encode(),
-                  value=json.dumps(event).encode())
-    return body["arm"]
-
-
-def _simulate_until(stack, producer, population, done, timeout_s: float) -> dict[str, int]:
-    """Users visit in turn, 4 at a time, until `done()` -> answers per arm."""
-    arms = {"serving": 0, "canary": 0}
-    users = list(population.items())
-    deadline = time.monotonic() + timeout_s
-    with httpx.Client(base_url=stack.base_url, timeout=30) as http, \
-            ThreadPoolExecutor(4) as pool:
-        turn = 0
-        while not done():
-            assert time.monotonic() < deadline, f"no verdict in {timeout_s:g} s: {arms}, " \
-                f"{_live(stack)}"
-            batch = users[turn % len(users):][:16]
-            turn += 16
-            rngs = [np.random.default_rng(turn + i) for i in range(len(batch))]
-            for arm in pool.map(lambda a: _visit(stack, producer, http, *a[0], a[1]),
-                                zip(batch, rngs, strict=True)):
-                arms[arm] += 1
-            producer.flush()
-    return arms
-
-
 def _live(stack) -> dict:
     return httpx.get(f"{stack.base_url}/version", timeout=30).json()["live"]
 
@@ -125,7 +48,7 @@ def _routing(stack) -> dict:
 
 def test_a_bad_version_is_rolled_back_and_a_good_one_promoted(canary_stack):
     stack, producer = canary_stack
-    good, bad = _versions(stack)
+    good, bad = versions(stack)
     incumbent = ray.get(stack.registry.publish.remote(good.to_bytes(), {"source": "test"}))
     stack.wait_all_replicas(incumbent)
 
@@ -133,9 +56,10 @@ def test_a_bad_version_is_rolled_back_and_a_good_one_promoted(canary_stack):
     bad_version = ray.get(stack.registry.publish.remote(bad.to_bytes(), {"source": "test"},
                                                         stack.settings.live.canary_share))
     wait_until(lambda: _routing(stack)["canary"] == bad_version, 30, "bad canary running")
-    population = _population(stack, seed=1)
-    arms = _simulate_until(stack, producer, population,
-                           lambda: _routing(stack)["canary"] != bad_version, 600)
+    users = population(stack.catalog.item_ids, seed=1)
+    arms = simulate_until(stack, producer, users,
+                          lambda: _routing(stack)["canary"] != bad_version, 600,
+                          lambda: _live(stack))
     routing = _routing(stack)
     assert routing["serving"] == incumbent, routing  # never promoted
     outcome = routing["canary_outcomes"][-1]
@@ -152,16 +76,16 @@ def test_a_bad_version_is_rolled_back_and_a_good_one_promoted(canary_stack):
     wait_until(lambda: httpx.get(f"{stack.base_url}/version", timeout=30).json()["canary"]
                ["prompt_version"] == 0, 30, "replica drops the canary")
     arms_after = {httpx.get(f"{stack.base_url}/recommend", params={"user_id": u, "k": 5},
-                            timeout=30).json()["arm"] for u in list(population)[:40]}
+                            timeout=30).json()["arm"] for u in list(users)[:40]}
     assert arms_after == {"serving"}
 
     # An equivalent version (the soft prompt barely moved) proves itself and is promoted.
-    same = dataclasses.replace(good, soft_prompt=good.soft_prompt + 1e-4)
+    same = equivalent(good, seed=1)
     good_version = ray.get(stack.registry.publish.remote(same.to_bytes(), {"source": "test"},
                                                          stack.settings.live.canary_share))
     wait_until(lambda: _routing(stack)["canary"] == good_version, 30, "good canary running")
-    _simulate_until(stack, producer, _population(stack, seed=2),
-                    lambda: _routing(stack)["canary"] != good_version, 600)
+    simulate_until(stack, producer, population(stack.catalog.item_ids, seed=2),
+                   lambda: _routing(stack)["canary"] != good_version, 600, lambda: _live(stack))
     routing = _routing(stack)
     assert routing["serving"] == good_version, routing
     assert routing["canary_outcomes"][-1]["outcome"] == "promote"

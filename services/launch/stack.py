@@ -133,7 +133,7 @@ class Stack:
 
         from serving.app import build_app
 
-        variant = self.settings.replace(kafka_bootstrap=self.bootstrap, **changes)
+        variant = self.settings.replace(**{"kafka_bootstrap": self.bootstrap, **changes})
         t = time.monotonic()
         serve.run(build_app(variant), name=name, route_prefix=route_prefix, blocking=False)
         self.wait_healthy(prefix=route_prefix)

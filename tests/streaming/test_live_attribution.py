@@ -45,7 +45,7 @@ def test_events_with_nothing_to_credit_are_counted_not_guessed():
     assert _event(live, "ann", "a") is None  # too old for the window
     assert _event(live, "bob", "a") is None  # never served
     assert _event(live, "bob", "a", request_id="r1") is None  # someone else's request
-    assert live._attribute(b"bob", b"{not json") is None
+    assert live._attribute(b"ann", b"{not json") is None  # served, so read: invalid
     live._impression(b'{"request_id": 1}')
     assert live.counts == {"impressions": 1, "events": 3, "attributed": 0,
                            "unattributed": 3, "invalid": 2}
