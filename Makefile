@@ -50,7 +50,7 @@ bench-ingest: setup  # writes bench/results/ingest.json (~3 min: both Kafka clie
 bench-catalog: setup  # writes bench/results/catalog.json (~20 min: ML-1M and 100,000 items)
 	$(PY) -m bench.catalog $(ARGS)
 
-bench-canary: setup  # writes bench/results/canary.json (~15 min: 30 canary publishes)
+bench-canary: setup  # writes bench/results/canary.json (~7 min: 30 canary publishes)
 	$(PY) -m bench.canary $(ARGS)
 
 bench-rounds: setup  # writes bench/results/rounds.json (~5 min)
