@@ -133,6 +133,8 @@ class PromptRegistry:
             log.info("published prompt version %d (%d bytes) as the canary for %.0f%% of "
                      "users", version, len(blob), 100 * canary_share)
         else:
+            if self._canary:  # published for everyone: a running canary is moot
+                self._end_canary("superseded", f"version {version} was published to all")
             self._set_serving(version)
             log.info("published prompt version %d (%d bytes)", version, len(blob))
         return version

@@ -103,3 +103,15 @@ def test_a_canary_serves_beside_the_serving_version_until_a_verdict(tmp_path):
         assert (routing["serving"], routing["canary"]) == (2, 0)
         assert routing["canary_outcomes"][-1]["outcome"] == "rollback"
     asyncio.run(restarted())
+
+
+def test_a_publish_to_everyone_ends_a_running_canary_as_superseded(tmp_path):
+    async def scenario():
+        reg = PromptRegistry(str(tmp_path), hidden_size=8)
+        await reg.publish(_blob(1.0))
+        await reg.publish(_blob(2.0), canary_share=0.5)
+        assert await reg.publish(_blob(3.0)) == 3
+        routing = await reg.routing()
+        assert (routing["serving"], routing["canary"]) == (3, 0)
+        assert routing["canary_outcomes"][-1]["outcome"] == "superseded"
+    asyncio.run(scenario())
