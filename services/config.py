@@ -139,8 +139,12 @@ class ModelConfig:
                         "in:last,mean")
     user_layers: int = _opt(2, "backbone layers the user side runs (its first k; 0 = all); "
                             "item text vectors always come from the whole backbone", ">=0")
+    lora_rank: int = _opt(0, "rank of low-rank adapters (LoRA) on the user side's attention "
+                          "projections, the pretrained weights kept (0: none)", ">=0")
 
     def check(self) -> None:
+        if self.lora_rank and not self.user_layers:
+            raise ConfigError("lora_rank", "needs user_layers >= 1 (the layers it adapts)")
         if self.backbone_path and not (Path(self.backbone_path) / "config.json").is_file():
             raise ConfigError("backbone_path", f"{self.backbone_path} has no config.json")
 
@@ -158,6 +162,7 @@ class TrainingSettings:
                                 "uses learning_rate)", ">0")
     item_bias_lr: float = _opt(0.0, "Adam learning rate of the item bias (0: learning_rate)",
                                ">=0")
+    lora_lr: float = _opt(0.001, "Adam learning rate of the LoRA adapters (lora_rank)", ">0")
     bf16: bool = _opt(False, "training forward passes under bfloat16 autocast (CPUs with "
                       "avx512_bf16/AMX, GPUs: ~2x faster); weights and Adam stay float32")
     train_rows: str = _opt("targets", "'users': one row per user, its last history_len + 1 "

@@ -13,7 +13,8 @@ The version's `PromptStructure` (services/weights.py) decides which weights the 
 has, as nanoGPT's config decides its blocks: `item_bias` and `item_tokens` add per-item
 weights, `causal` reads the history with causal attention (one pass trains a next-item
 prediction at every position, as SASRec does) and adds the personal prompt after the
-backbone through a trained gate. Everything but those weights is frozen.
+backbone through a trained gate, and `lora_rank` adapts the user side's attention
+(services/lora.py). Everything but those weights is frozen.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from services.backbone import mean_pool
+from services.lora import adapted_layers, get_adapters, set_adapters
 from services.weights import BadPromptWeights, PromptStructure, PromptWeights
 
 
@@ -38,8 +40,8 @@ def _param(tensor: torch.Tensor | None) -> nn.Parameter | None:
 
 class PromptRecModel(nn.Module):
     """Frozen encoder + one version's trainable weights (soft prompt, temperature and,
-    as its structure says, item bias, item tokens, personal gate); encodes users and
-    scores items."""
+    as its structure says, item bias, item tokens, personal gate, LoRA adapters); encodes
+    users and scores items."""
 
     def __init__(self, encoder: nn.Module, weights: PromptWeights):
         super().__init__()
@@ -50,6 +52,13 @@ class PromptRecModel(nn.Module):
         self.item_bias = _param(weights.item_bias)  # [N] or None
         self.item_delta = _param(weights.item_delta)  # [N, H] or None
         self.personal_gate = _param(weights.personal_gate)  # [] or None (causal only)
+        # With LoRA the user side runs its own adapted copies of the first layers, so the
+        # shared encoder (and every item text vector) stays the pretrained one.
+        self.adapted = None
+        if self.structure.lora_rank:
+            layers = encoder.encoder.layer[: self.structure.user_layers]
+            self.adapted = adapted_layers(layers, self.structure.lora_rank)
+            set_adapters(self.adapted, weights.lora_a, weights.lora_b)
         self.dropout = 0.0  # on the history's item vectors in train mode (training sets it)
 
     @property
@@ -61,7 +70,7 @@ class PromptRecModel(nn.Module):
         dtype-min = may not) -> hidden [B, T, H] after the backbone's embedding layer and
         its first `user_layers` layers (all when 0). Item text vectors come from the whole
         backbone elsewhere; only the user side is shortened."""
-        layers = self.encoder.encoder.layer
+        layers = self.encoder.encoder.layer if self.adapted is None else self.adapted
         if self.structure.user_layers:
             layers = layers[: self.structure.user_layers]
         hidden = self.encoder.embeddings(inputs_embeds=inputs)
@@ -198,10 +207,12 @@ class PromptRecModel(nn.Module):
         def copy(param: nn.Parameter | None) -> torch.Tensor | None:
             return None if param is None else param.detach().cpu().clone()
 
+        lora_a, lora_b = get_adapters(self.adapted) if self.adapted is not None else (None, None)
         return PromptWeights(self.structure, soft_prompt=copy(self.soft_prompt),
                              logit_scale=copy(self.logit_scale),
                              item_bias=copy(self.item_bias), item_delta=copy(self.item_delta),
-                             personal_gate=copy(self.personal_gate))
+                             personal_gate=copy(self.personal_gate), lora_a=lora_a,
+                             lora_b=lora_b)
 
     def load_weights(self, weights: PromptWeights) -> None:
         """Copy in a version of this model's structure; another structure is refused (build
@@ -209,8 +220,11 @@ class PromptRecModel(nn.Module):
         if diff := weights.structure.differences(self.structure):
             raise BadPromptWeights(f"weights of another structure than the model's "
                                    f"({', '.join(diff)}: weights vs model)")
+        tensors = weights.tensors()
+        if self.adapted is not None:
+            set_adapters(self.adapted, tensors.pop("lora_a"), tensors.pop("lora_b"))
         with torch.no_grad():
-            for name, tensor in weights.tensors().items():
+            for name, tensor in tensors.items():
                 getattr(self, name).copy_(tensor)
 
     def trainable_parameters(self) -> int:

@@ -11,6 +11,8 @@ Tensors (float32), H = backbone hidden size, N = catalog size:
     item_bias      [N]     structure.item_bias: one float per catalog item (zeros at first)
     item_delta     [N, H]  structure.item_tokens: a learned offset per item (zeros at first)
     personal_gate  []      structure.causal: weight of the personal prompt (0 at first)
+    lora_a         [L, M, r, H]  structure.lora_rank: low-rank adapters of the user side's
+    lora_b         [L, M, H, r]  L = user_layers layers, M projections (services/lora.py)
     item_ids       [B]     uint8, with per-item weights: the JSON list of the N item ids
                            their rows belong to (rows are keyed by item id, not position)
 
@@ -18,7 +20,7 @@ On the wire a version is one safetensors blob whose metadata records the structu
 one key, METADATA_KEY, as a JSON string (metadata values are strings):
     {"causal": true, "format": "promptrec.prompt/1", "hidden_size": 384,
      "item_bias": true, "item_tokens": true, "num_items": 1682, "prompt_len": 16,
-     "readout": "last", "user_layers": 2}
+     "lora_rank": 0, "readout": "last", "user_layers": 2}
 `decode_weights` checks the blob against its metadata and against what the caller
 expects; `decode_version` (services/decoded.py) does that once per process per version.
 A version serves any later catalog: `aligned_to` maps its rows onto the catalog's by item
@@ -38,14 +40,18 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from services.config import ModelConfig
+from services.lora import TARGETS as LORA_TARGETS
+from services.lora import initial_adapters
 
 FORMAT = "promptrec.prompt/1"
 # The ModelConfig fields that decide which tensors a version has and their shapes.
-CONFIG_FIELDS = ("prompt_len", "item_bias", "item_tokens", "causal", "readout", "user_layers")
+CONFIG_FIELDS = ("prompt_len", "item_bias", "item_tokens", "causal", "readout", "user_layers",
+                 "lora_rank")
 # Fields added after the first blobs: a blob without them was trained with these values.
-LEGACY_DEFAULTS = {"readout": "mean", "user_layers": 0}
+LEGACY_DEFAULTS = {"readout": "mean", "user_layers": 0, "lora_rank": 0}
 METADATA_KEY = "promptrec"
-TENSOR_NAMES = ("soft_prompt", "logit_scale", "item_bias", "item_delta", "personal_gate")
+TENSOR_NAMES = ("soft_prompt", "logit_scale", "item_bias", "item_delta", "personal_gate",
+                "lora_a", "lora_b")
 ITEM_IDS = "item_ids"
 
 
@@ -68,8 +74,11 @@ class PromptStructure:
     causal: bool = False
     readout: str = "mean"  # "last": the hidden state at the user's last item (causal only)
     user_layers: int = 0  # the backbone's first k layers read the user; 0 = all
+    lora_rank: int = 0  # adapters of that rank on the user side's layers; 0 = none
 
     def __post_init__(self) -> None:
+        if self.lora_rank < 0 or (self.lora_rank and self.user_layers <= 0):
+            raise ValueError("lora_rank needs user_layers >= 1 (the adapted layers)")
         if not self.has_item_weights:
             object.__setattr__(self, "num_items", 0)  # frozen; see the class docstring
         elif self.num_items <= 0:
@@ -80,7 +89,7 @@ class PromptStructure:
         return cls(prompt_len=config.prompt_len, hidden_size=hidden_size, num_items=num_items,
                    item_bias=config.item_bias, item_tokens=config.item_tokens,
                    causal=config.causal, readout=config.readout if config.causal else "mean",
-                   user_layers=config.user_layers)
+                   user_layers=config.user_layers, lora_rank=config.lora_rank)
 
     @property
     def has_item_weights(self) -> bool:
@@ -95,6 +104,10 @@ class PromptStructure:
             shapes["item_delta"] = (self.num_items, self.hidden_size)
         if self.causal:
             shapes["personal_gate"] = ()
+        if self.lora_rank:
+            adapted = (self.user_layers, len(LORA_TARGETS))
+            shapes["lora_a"] = (*adapted, self.lora_rank, self.hidden_size)
+            shapes["lora_b"] = (*adapted, self.hidden_size, self.lora_rank)
         return shapes
 
     def differences(self, other: PromptStructure, names: tuple[str, ...] | None = None
@@ -143,6 +156,8 @@ class PromptWeights:
     item_bias: torch.Tensor | None = None
     item_delta: torch.Tensor | None = None
     personal_gate: torch.Tensor | None = None
+    lora_a: torch.Tensor | None = None
+    lora_b: torch.Tensor | None = None
     item_ids: tuple[str, ...] | None = None  # the rows' items (None: the catalog's order)
 
     @classmethod
@@ -255,13 +270,17 @@ def initial_weights(tokenizer, encoder: nn.Module, config: ModelConfig,
                     num_items: int = 0, item_ids: list[str] | None = None) -> PromptWeights:
     """A first version of the structure `config` gives: the soft prompt from the task
     text, temperature 20, zero item weights (rows for `item_ids`, or `num_items`
-    positional ones), the personal gate `INITIAL_PERSONAL_GATE`."""
+    positional ones), the personal gate `INITIAL_PERSONAL_GATE`, adapters that change
+    nothing yet (`services.lora.initial_adapters`)."""
     prompt = init_soft_prompt(tokenizer, encoder, config)  # [P, H]
     num_items = len(item_ids) if item_ids is not None else num_items
     s = PromptStructure.of(config, prompt.shape[1], num_items)
+    lora_a, lora_b = initial_adapters(s.user_layers, s.lora_rank, s.hidden_size) \
+        if s.lora_rank else (None, None)
     return PromptWeights(
         s, soft_prompt=prompt, logit_scale=torch.tensor(math.log(20.0)),
         item_bias=torch.zeros(s.num_items) if s.item_bias else None,
         item_delta=torch.zeros(s.num_items, s.hidden_size) if s.item_tokens else None,
         personal_gate=torch.tensor(INITIAL_PERSONAL_GATE) if s.causal else None,
+        lora_a=lora_a, lora_b=lora_b,
         item_ids=tuple(item_ids) if item_ids is not None and s.has_item_weights else None)

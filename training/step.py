@@ -51,17 +51,22 @@ def replay_personal(history: np.ndarray, weights: np.ndarray | None,
 def make_optimizer(model: nn.Module, training: TrainingSettings) -> torch.optim.Optimizer:
     """Adam over the trainable weights: `learning_rate` for the soft prompt, temperature
     and gate; item tokens take `item_token_lr` (each moves mostly when its item appears,
-    and its entries are ~1/sqrt(H) in size) and the item bias `item_bias_lr` when set (a
-    bias spans a few nats of popularity; at a prompt's safe rate a round barely moves it)."""
+    and its entries are ~1/sqrt(H) in size), the item bias `item_bias_lr` when set (a
+    bias spans a few nats of popularity; at a prompt's safe rate a round barely moves it)
+    and LoRA adapters `lora_lr`."""
     own = [(param, lr) for param, lr in ((getattr(model, "item_delta", None),
                                           training.item_token_lr),
                                          (getattr(model, "item_bias", None),
                                           training.item_bias_lr))
            if param is not None and lr]  # an item_bias_lr of 0 shares learning_rate
-    owned = {id(param) for param, _ in own}
+    adapters = [param for name, param in model.named_parameters()
+                if param.requires_grad and name.rpartition(".")[2] in ("lora_a", "lora_b")]
+    owned = {id(param) for param in [*adapters, *(param for param, _ in own)]}
     groups: list[dict] = [{"params": [p for p in model.parameters()
                                       if p.requires_grad and id(p) not in owned]}]
     groups += [{"params": [param], "lr": lr} for param, lr in own]
+    if adapters:
+        groups.append({"params": adapters, "lr": training.lora_lr})
     return torch.optim.Adam(groups, lr=training.learning_rate)
 
 
