@@ -15,6 +15,7 @@ import dataclasses
 import json
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -79,9 +80,9 @@ def visit(topic: str, producer, http: httpx.Client, user: str, liked: set[str], 
 
 
 def simulate_until(stack, producer, users: dict[str, set[str]], done: Callable[[], bool],
-                   timeout_s: float, why: Callable[[], object] = lambda: "") -> dict[str, int]:
+                   timeout_s: float, why: Callable[[], object] = lambda: "") -> Counter[str]:
     """Users visit in turn, 4 at a time, until `done()` -> answers per arm."""
-    arms = {"serving": 0, "canary": 0}
+    arms: Counter[str] = Counter()  # serving / canary, or an experiment's arm names
     order = list(users.items())
     deadline = time.monotonic() + timeout_s
     topic = stack.settings.streaming.topic_clicks

@@ -10,13 +10,17 @@ Ray actor. Layout on disk::
 older one after a rollback. With a canary share, a newly published version is first the
 *canary*: it serves that share of users (services.canary) beside the serving version
 until the live-metrics judge promotes it (it becomes serving) or rolls it back; a newer
-publish supersedes a running canary. Replicas call `wait_for_routing(known, timeout)`,
-which returns as soon as (serving, canary) differs from `known` (a push, not a poll loop).
+publish supersedes a running canary. An *experiment* (services.experiments) splits
+every user between kept versions or a popularity arm until it is stopped; while it runs
+no canary starts (a publish serves, after the experiment, everyone). Replicas call
+`wait_for_routing(known, timeout)`, which returns as soon as (serving, canary,
+experiment) differs from `known` (a push, not a poll loop).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import logging
@@ -26,12 +30,17 @@ from pathlib import Path
 from typing import Any
 
 from services.decoded import decode_version
+from services.experiments import Experiment, ExperimentRunning, parse_arms
 from services.weights import BadPromptWeights, decode_weights
 
 log = logging.getLogger(__name__)
 
 
 class UnknownVersion(KeyError):
+    pass
+
+
+class UnknownExperiment(KeyError):
     pass
 
 
@@ -47,6 +56,8 @@ class PromptRegistry:
         self._canary_share = 0.0
         self._canary_since = 0.0
         self.canary_outcomes: list[dict[str, Any]] = []  # this process's, newest last
+        self._experiments: dict[str, Experiment] = {}
+        self._running = ""  # the running experiment's id ("": none)
         self._changed = asyncio.Event()
         self._load_index()
 
@@ -72,6 +83,15 @@ class PromptRegistry:
         if canary in self._versions and canary != self._serving:
             self._canary, self._canary_share = canary, data.get("canary_share", 0.0)
             self._canary_since = data.get("canary_since", time.time())
+        for entry in data.get("experiments", []):
+            experiment = Experiment.from_dict(entry)
+            if experiment.running and not all(a.popularity or a.version in self._versions
+                                              for a in experiment.arms):
+                experiment = dataclasses.replace(experiment, stopped=time.time(),
+                                                 reason="a version of it was refused on load")
+            self._experiments[experiment.id] = experiment
+            if experiment.running:
+                self._running = experiment.id
 
     def _write_index(self) -> None:
         index = self.root / "index.json"
@@ -79,6 +99,8 @@ class PromptRegistry:
         tmp.write_text(json.dumps({"serving": self._serving, "canary": self._canary,
                                    "canary_share": self._canary_share,
                                    "canary_since": self._canary_since,
+                                   "experiments": [e.to_dict()
+                                                   for e in self._experiments.values()],
                                    "versions": [self._versions[v] for v in sorted(self._versions)]},
                                   indent=1))
         tmp.replace(index)
@@ -124,6 +146,10 @@ class PromptRegistry:
         self._versions[version] = {"version": version, "sha256": hashlib.sha256(blob).hexdigest(),
                                    "bytes": len(blob), "created": time.time(),
                                    "meta": dict(meta or {})}
+        if self._running and canary_share > 0:
+            log.info("experiment %s runs: version %d is published without a canary",
+                     self._running, version)
+            canary_share = 0.0
         if canary_share > 0 and self._serving:
             if self._canary:
                 self._end_canary("superseded", f"version {version} was published")
@@ -160,7 +186,54 @@ class PromptRegistry:
         return {"serving": self._serving, "canary": self._canary,
                 "canary_share": self._canary_share if self._canary else 0.0,
                 "canary_since": self._canary_since if self._canary else None,
-                "canary_outcomes": list(self.canary_outcomes[-10:])}
+                "canary_outcomes": list(self.canary_outcomes[-10:]),
+                "experiment": self._experiments[self._running].to_dict()
+                if self._running else None}
+
+    async def start_experiment(self, arms: Any) -> dict[str, Any]:
+        """Split every user between the `arms` (services.experiments.parse_arms) until
+        `stop_experiment`; a running canary ends (superseded). BadExperiment on bad arms
+        or while another experiment runs."""
+        if self._running:
+            raise ExperimentRunning(f"experiment {self._running} is running; stop it first")
+        parsed = parse_arms(arms, set(self._versions))
+        for arm in parsed:
+            if not arm.popularity:
+                self._read_checked(self._versions[arm.version])
+        if self._canary:
+            self._end_canary("superseded", "an experiment started")
+            self._canary = 0
+        experiment = Experiment(f"exp{len(self._experiments) + 1}", parsed, time.time())
+        self._experiments[experiment.id] = experiment
+        self._running = experiment.id
+        self._routing_changed()
+        log.info("experiment %s started: %s", experiment.id,
+                 ", ".join(f"{a.name} {a.to_dict()['version']} {a.share:.0%}" for a in parsed))
+        return experiment.to_dict()
+
+    async def stop_experiment(self, experiment_id: str, reason: str = "stopped") -> dict:
+        """End an experiment: everyone is served by the serving version again. Stopping
+        one that has stopped returns it unchanged."""
+        experiment = self._experiment(experiment_id)
+        if experiment.running:
+            experiment = dataclasses.replace(experiment, stopped=time.time(), reason=reason)
+            self._experiments[experiment_id] = experiment
+            self._running = ""
+            self._routing_changed()
+            log.info("experiment %s stopped: %s", experiment_id, reason)
+        return experiment.to_dict()
+
+    async def experiment(self, experiment_id: str) -> dict[str, Any]:
+        return self._experiment(experiment_id).to_dict()
+
+    async def experiments(self) -> list[dict[str, Any]]:
+        return [e.to_dict() for e in self._experiments.values()]
+
+    def _experiment(self, experiment_id: str) -> Experiment:
+        if experiment_id not in self._experiments:
+            raise UnknownExperiment(f"no experiment {experiment_id[:40]!r}; known: "
+                                    f"{sorted(self._experiments)[-20:]}")
+        return self._experiments[experiment_id]
 
     async def rollback(self, version: int) -> dict[str, Any]:
         """An operator's call: `version` serves everyone; a running canary stops."""
@@ -193,10 +266,12 @@ class PromptRegistry:
     async def versions(self) -> list[dict[str, Any]]:
         return [self._versions[v] for v in sorted(self._versions)]
 
-    async def wait_for_routing(self, known: list[int], timeout_s: float) -> dict[str, Any]:
-        """Long-poll: once (serving, canary) differs from `known`, the serving entry and
-        the canary's (with blobs; {} for none) and the canary share; {} after `timeout_s`."""
-        if [self._serving, self._canary] == list(known):
+    async def wait_for_routing(self, known: list, timeout_s: float) -> dict[str, Any]:
+        """Long-poll: once [serving, canary, experiment id] differs from `known`, the
+        serving entry and the canary's (with blobs; {} for none), the canary share and
+        the running experiment (None) with an entry per version arm under "entries";
+        {} after `timeout_s`."""
+        if [self._serving, self._canary, self._running] == list(known):
             event = self._changed
             try:
                 await asyncio.wait_for(event.wait(), timeout_s)
@@ -207,8 +282,16 @@ class PromptRegistry:
             entry = self._versions[self._canary]
             canary = {**entry, "blob": self._read_checked(entry),
                       "serving_since": self._canary_since}
+        experiment = None
+        if self._running:
+            experiment = self._experiments[self._running].to_dict()
+            experiment["entries"] = {a.version: {**self._versions[a.version], "blob":
+                                                 self._read_checked(self._versions[a.version])}
+                                     for a in self._experiments[self._running].arms
+                                     if not a.popularity}
         return {"serving": await self.serving(), "canary": canary,
-                "canary_share": self._canary_share if self._canary else 0.0}
+                "canary_share": self._canary_share if self._canary else 0.0,
+                "experiment": experiment}
 
 
 def start_registry(settings, hidden_size: int):

@@ -21,7 +21,9 @@ from services import metrics
 
 log = logging.getLogger("ray.serve")
 
-ROUTES = {"/recommend", "/similar", "/healthz", "/version", "/admin/rollback"}
+ROUTES = {"/recommend", "/similar", "/healthz", "/version", "/admin/rollback",
+          "/admin/experiments"}
+EXPERIMENT_ROUTE = "/admin/experiments/{id}"  # one label for every experiment id
 
 app = FastAPI(title="promptrec", description="Recommendations from a hot-swapped soft prompt.")
 
@@ -61,7 +63,8 @@ class ObserveMiddleware:
             return await self.app(scope, receive, send)
         started = time.perf_counter()
         path = scope["path"].removeprefix(scope.get("root_path", "").rstrip("/")) or "/"
-        route = path if path in ROUTES else "other"
+        route = path if path in ROUTES else \
+            EXPERIMENT_ROUTE if path.startswith("/admin/experiments/") else "other"
         status = 0
 
         async def send_observed(message):

@@ -12,10 +12,13 @@ once and puts together the pieces, each in a module of its own:
     serving.impressions  every answer written to Kafka, off the request path
 
 Routes: GET /recommend?user_id=&k=&explain=&exclude=&category=, GET /similar,
-GET /healthz, GET /version, POST /admin/rollback. Every answer names the prompt version
-and the catalog version it came from, its arm (serving, or canary while one runs) and a
-request_id that events may quote. Overload (more than max_ongoing_requests per replica plus
-max_queued_requests waiting) is answered by Ray Serve's proxy with 503 + Retry-After.
+GET /healthz, GET /version, POST /admin/rollback, POST /admin/experiments, GET
+/admin/experiments[/{id}], POST /admin/experiments/{id}/stop. Every answer names the
+prompt version and the catalog version it came from, its arm (serving, canary while one
+runs, an experiment's arm while one runs) and a request_id that events may quote.
+Overload (more than max_ongoing_requests per replica plus max_queued_requests waiting)
+is answered by Ray Serve's proxy with 503 + Retry-After. The admin routes are in
+serving.admin.
 Batch size, batch wait, cache size and explained items are runtime knobs: Serve's
 `user_config`, applied by `reconfigure` without restarting the replica.
 """
@@ -40,12 +43,13 @@ from services.config import Settings
 from services.config_sources import load_settings
 from services.health import process_rss_mb, wait_until
 from services.naming import LIVE_METRICS_ACTOR, REGISTRY_ACTOR, shard_actor, shard_for_user
-from serving.api import ApiError, app, check_admin_token, retry_later
+from serving.admin import AdminRoutes
+from serving.api import ApiError, app, retry_later
 from serving.batching import EncodeBatcher
 from serving.cache import UserVectorCache
 from serving.impressions import ImpressionLog
-from serving.query import parse_recommend_query, parse_similar_query, read_rollback_version
-from serving.ranking import explain, rank, similar
+from serving.query import parse_recommend_query, parse_similar_query
+from serving.ranking import explain, rank, rank_scores, similar
 from serving.swap import ActivePrompt, PromptSwap
 
 # The settings `reconfigure` applies to a running replica (Serve's user_config).
@@ -54,7 +58,7 @@ RUNTIME_KNOBS = ("batch_max_size", "batch_wait_ms", "user_cache_size", "explain_
 
 @serve.deployment
 @serve.ingress(app)
-class Recommender:
+class Recommender(AdminRoutes):
     async def __init__(self, settings: Settings):
         self.settings = settings.validate()  # a replica re-checks what it was handed
         torch.set_num_threads(1)  # replicas share cores; one thread each scales better
@@ -120,7 +124,8 @@ class Recommender:
     async def recommend(self, request: Request) -> JSONResponse:
         query = parse_recommend_query(request.query_params.multi_items())
         # Read once: this request is served wholly by it.
-        active, arm = self.prompts.active_for(query.user_id)
+        route = self.prompts.active_for(query.user_id)
+        active, arm = route.active, route.arm
         if active is None:
             raise retry_later("no prompt version published yet", 1)
         state = await self._user_state(query.user_id)
@@ -129,11 +134,17 @@ class Recommender:
         history = catalog.indices(state["history"]) if state else []
         use_personal = state and self.settings.serving.personal_prompts
         personal = state.get("personal") if use_personal else None
-        user, hit = await self._user_vector(query.user_id, state_version, history, personal,
-                                            active)
         masked = history + catalog.unavailable + catalog.indices(list(query.exclude))
         allowed = catalog.in_categories(query.categories) if query.categories else None
-        indices, values = rank(active.model, user, active.items, query.k, masked, allowed)
+        if route.popularity:  # an experiment's popularity arm: no user vector
+            hit = False
+            indices, values = rank_scores(self.prompts.popularity.scores(catalog), query.k,
+                                          masked, allowed)
+        else:
+            user, hit = await self._user_vector(query.user_id, state_version, history,
+                                                personal, active)
+            indices, values = rank(active.model, user, active.items, query.k, masked, allowed)
+        version = 0 if route.popularity else active.version
         items = catalog.items
         ranked = [{"item_id": items[i].item_id, "title": items[i].title,
                    "score": round(float(v), 4)}
@@ -148,15 +159,16 @@ class Recommender:
         if self.impressions is not None:
             self.impressions.write({"request_id": request_id, "user_id": query.user_id,
                                     "items": [entry["item_id"] for entry in ranked],
-                                    "prompt_version": active.version, "arm": arm,
-                                    "ts": time.time()})
+                                    "prompt_version": version, "arm": arm,
+                                    "experiment": route.experiment, "ts": time.time()})
         # Already JSON types: skip FastAPI's recursive jsonable_encoder on every request.
         return JSONResponse({
             "user_id": query.user_id,
             "items": ranked,
             "request_id": request_id,
-            "prompt_version": active.version,
+            "prompt_version": version,
             "arm": arm,
+            **({"experiment": route.experiment} if route.experiment else {}),
             "catalog_version": active.catalog_version,
             "state_version": state_version,
             "cold_start": not history,
@@ -210,28 +222,18 @@ class Recommender:
                 "encoded": dict(self.batcher.counts),
                 "canary": {"prompt_version": self.prompts.canary_slot.version,
                            "share": self.prompts.canary_share},
+                "experiment": self.prompts.experiment.id if self.prompts.experiment else None,
                 "impressions": dict(self.impressions.counts) if self.impressions else None,
                 "live": await self._live_metrics()}
 
-    async def _live_metrics(self) -> dict | None:
-        """The live-metrics actor's report (per version and arm, the canary's verdicts);
-        None when it does not run or does not answer within a second."""
+    async def _live_metrics(self, method: str = "report", *args) -> dict | None:
+        """The live-metrics actor's `method` (default its report: per version and arm,
+        the canary's verdicts); None when it does not run or answer within a second."""
         try:
             actor = ray.get_actor(LIVE_METRICS_ACTOR, namespace=self.settings.infra.namespace)
-            return await asyncio.wait_for(actor.report.remote(), 1.0)
+            return await asyncio.wait_for(getattr(actor, method).remote(*args), 1.0)
         except (ValueError, TimeoutError, ray.exceptions.RayError):
             return None
-
-    @app.post("/admin/rollback")
-    async def rollback(self, request: Request) -> dict:
-        check_admin_token(request, self.settings.serving.admin_token)
-        version = await read_rollback_version(request)
-        try:
-            entry = await self.prompts.registry.rollback.remote(version)
-        except Exception as err:  # noqa: BLE001 - UnknownVersion arrives wrapped by Ray
-            raise ApiError(404, str(err).splitlines()[-1][:300]) from None
-        return {"prompt_version": entry["version"], "status": "rolled back"}
-
 
 def build_app(settings: Settings, name: str = "Recommender"):
     """The Serve application for `serve.run` (and `serve deploy` through `app_builder`).

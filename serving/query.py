@@ -20,7 +20,9 @@ RECOMMEND_PARAMS = ("user_id", "k", "explain", "exclude", "category")
 SIMILAR_PARAMS = ("item_id", "k")
 _K_PATTERN = re.compile(r"[0-9]{1,4}")  # ASCII digits only: int() also takes "1_0", " 5", "٣"
 _TRUE, _FALSE = ("true", "1"), ("false", "0")
-_ROLLBACK_BODY = "body must be JSON: {\"version\": <int>}"
+_ROLLBACK_BODY = '{"version": <int>}'
+_EXPERIMENT_BODY = ('{"arms": [{"name": "a", "version": <int>, "share": 0.5}, '
+                    '{"name": "b", "version": "popularity", "share": 0.5}]}')
 
 
 def parse_user_id(user_id: str | None) -> str:
@@ -117,14 +119,28 @@ def parse_similar_query(params: list[tuple[str, str]]) -> SimilarQuery:
     return SimilarQuery(item_id, parse_k(given.get("k")))
 
 
+async def read_json_body(request: Request, expected: str) -> object:
+    """A request's JSON body, or a 400 saying what was `expected` (bad JSON, bad UTF-8 and
+    nesting too deep for the parser alike)."""
+    try:
+        return await request.json()
+    except (ValueError, RecursionError):
+        raise ApiError(400, f"body must be JSON: {expected}") from None
+
+
 async def read_rollback_version(request: Request) -> int:
     """POST /admin/rollback's body -> the version asked for. A bool is refused although
     Python counts it as an int: `true` is not version 1."""
-    try:
-        body = await request.json()
-    except ValueError:
-        raise ApiError(400, _ROLLBACK_BODY) from None
+    body = await read_json_body(request, _ROLLBACK_BODY)
     version = body.get("version") if isinstance(body, dict) else None
     if not isinstance(version, int) or isinstance(version, bool):
-        raise ApiError(400, _ROLLBACK_BODY)
+        raise ApiError(400, f"body must be JSON: {_ROLLBACK_BODY}")
     return version
+
+
+async def read_experiment_arms(request: Request) -> object:
+    """POST /admin/experiments' body -> its `arms` (checked by services.experiments)."""
+    body = await read_json_body(request, _EXPERIMENT_BODY)
+    if not isinstance(body, dict) or set(body) != {"arms"}:
+        raise ApiError(400, f"body must be JSON: {_EXPERIMENT_BODY}")
+    return body["arms"]

@@ -48,6 +48,12 @@ def rank(model: PromptRecModel, user: torch.Tensor, item_vectors: torch.Tensor, 
         return _top(scores, k, seen, allowed)
 
 
+def rank_scores(scores: torch.Tensor, k: int, seen: list[int],
+                allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """scores [N] (a fresh tensor, masked in place) -> the top k as `rank` gives them."""
+    return _top(scores, k, seen, allowed)
+
+
 def similar(item_vectors: torch.Tensor, item: int, k: int, masked: list[int]
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """The k items nearest `item` by cosine similarity of the version's item vectors

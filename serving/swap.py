@@ -7,8 +7,11 @@ replaces one reference (atomic under the GIL), when the prompt registry's routin
 changes (publish, canary, promotion, rollback) and when the catalog changes. A request
 reads `active_for(user)` once at its start and passes that down (cache key, encoder,
 scorer, item names), so it is served wholly by one prompt version and one catalog
-version, and names both and its arm. Two watcher threads long-poll: the prompt registry
-here, the catalog registry in `services.catalog_registry.CatalogFollower`.
+version, and names both and its arm. While an experiment runs (services.experiments)
+every user is routed to one of its arms instead: a version's slot of its own, or the
+popularity arm (the serving version's catalog, ranked by live click counts,
+serving.popularity). Two watcher threads long-poll: the prompt registry here, the
+catalog registry in `services.catalog_registry.CatalogFollower`.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import logging
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass, field
 
 import ray
 
@@ -25,7 +29,9 @@ from services.canary import CANARY_ARM, SERVING_ARM, arm_of
 from services.catalog import Catalog
 from services.catalog_registry import CatalogChange, CatalogFollower
 from services.decoded import decode_version
+from services.experiments import Arm, Experiment, arm_for
 from services.naming import REGISTRY_ACTOR
+from serving.popularity import LivePopularity
 from serving.slot import ActivePrompt, PromptSlot
 
 log = logging.getLogger("ray.serve")
@@ -34,7 +40,28 @@ LONG_POLL_S = 30.0  # one registry long-poll; a change answers it at once
 RETRY_S = 1.0  # pause after a failed long-poll or a refused version
 ITEM_LIVE_KEPT = 5000  # recent record-to-live latencies a replica reports on /version
 
-__all__ = ["ActivePrompt", "PromptSwap"]
+__all__ = ["ActivePrompt", "PromptSwap", "Route"]
+
+
+@dataclass(frozen=True)
+class Route:
+    """Who answers one request: `active` (for a popularity arm the serving version, whose
+    catalog it ranks), the arm's name, its experiment ("" outside one), and whether the
+    popularity arm ranks."""
+
+    active: ActivePrompt | None
+    arm: str
+    experiment: str = ""
+    popularity: bool = False
+
+
+@dataclass(frozen=True)
+class ExperimentSlots:
+    """A running experiment as a replica holds it: its arms and a slot per version arm."""
+
+    id: str
+    arms: tuple[Arm, ...]
+    slots: dict[int, PromptSlot] = field(default_factory=dict)
 
 
 class PromptSwap:
@@ -51,6 +78,8 @@ class PromptSwap:
         self.registry = ray.get_actor(REGISTRY_ACTOR, namespace=namespace)
         self.serving_slot, self.canary_slot = PromptSlot(encoder), PromptSlot(encoder)
         self.canary_share = 0.0
+        self.experiment: ExperimentSlots | None = None  # replaced whole, read once
+        self.popularity = LivePopularity(namespace)
         self._build_lock = threading.Lock()  # two watchers build; the later one wins whole
         self.item_live_ms: deque[float] = deque(maxlen=ITEM_LIVE_KEPT)
         self._stopping = threading.Event()
@@ -64,12 +93,19 @@ class PromptSwap:
     def catalog(self) -> Catalog:
         return self.catalogs.catalog
 
-    def active_for(self, user_id: str) -> tuple[ActivePrompt | None, str]:
-        """The version that serves this user, and its arm (sticky while a canary runs)."""
+    def active_for(self, user_id: str) -> Route:
+        """Who serves this user: an experiment's arm while one runs, else the canary or
+        serving arm (sticky by user id in both)."""
+        experiment = self.experiment
+        if experiment is not None:
+            arm = arm_for(experiment.id, user_id, experiment.arms)
+            if arm.popularity:
+                return Route(self.serving_slot.active, arm.name, experiment.id, True)
+            return Route(experiment.slots[arm.version].active, arm.name, experiment.id)
         canary, share = self.canary_slot.active, self.canary_share
         if canary is not None and share > 0 and arm_of(user_id, share) == CANARY_ARM:
-            return canary, CANARY_ARM
-        return self.serving_slot.active, SERVING_ARM
+            return Route(canary, CANARY_ARM)
+        return Route(self.serving_slot.active, SERVING_ARM)
 
     async def start(self, pin_version: int = 0) -> None:
         """Load the serving version (or `pin_version`) and, unless pinned, watch for more."""
@@ -79,7 +115,7 @@ class PromptSwap:
             # deleted item).
             self.swap(await self.registry.get.remote(pin_version), initial=True)
             return
-        routing = await self.registry.wait_for_routing.remote([-1, -1], 0)
+        routing = await self.registry.wait_for_routing.remote([-1, -1, None], 0)
         self.route(routing, initial=True)
         # The watcher has a thread of its own, so a swap never waits for the event loop,
         # which a batch of encodes keeps busy for tens of milliseconds at a time.
@@ -88,6 +124,7 @@ class PromptSwap:
     def stop(self) -> None:
         self._stopping.set()
         self.catalogs.stop()
+        self.popularity.stop()
 
     def route(self, routing: dict, initial: bool = False) -> None:
         """The registry's routing (serving entry, canary entry or {}, canary share)."""
@@ -110,6 +147,31 @@ class PromptSwap:
                          self.canary_slot.version)
                 self.canary_slot.clear()
         self.canary_share = routing.get("canary_share", 0.0) if canary else 0.0
+        self._follow_experiment(routing.get("experiment"))
+
+    def _follow_experiment(self, running: dict | None) -> None:
+        """Build a new experiment's version slots, then route by it (one reference); an
+        experiment that stopped hands everyone back to the serving arm."""
+        if running is None:
+            if self.experiment is not None:
+                log.info("replica %s ends experiment %s", self.replica, self.experiment.id)
+            self.experiment = None
+            self.popularity.follow(False)
+            return
+        if self.experiment is not None and self.experiment.id == running["id"]:
+            return
+        experiment = Experiment.from_dict(running)
+        decoded = {int(version): (entry, decode_version(entry["version"], entry["blob"],
+                                                        self.catalog.vectors.shape[1]))
+                   for version, entry in running["entries"].items()}
+        self.popularity.follow(any(arm.popularity for arm in experiment.arms))
+        with self._build_lock:  # on the catalog a catalog change cannot overtake
+            slots = {version: PromptSlot(self.encoder) for version in decoded}
+            for version, (entry, weights) in decoded.items():
+                slots[version].load(entry, weights, self.catalog, time.perf_counter(), None)
+            self.experiment = ExperimentSlots(experiment.id, experiment.arms, slots)
+        log.info("replica %s routes experiment %s (%s)", self.replica, experiment.id,
+                 ", ".join(arm.name for arm in experiment.arms))
 
     def swap(self, entry: dict, initial: bool = False, slot: PromptSlot | None = None) -> None:
         """Build the new prompt version beside the old one, then replace one reference;
@@ -137,7 +199,8 @@ class PromptSwap:
         """On the catalog watcher's thread: the active versions on the new catalog. Read
         here, under the lock, so neither watcher can make an older catalog active."""
         with self._build_lock:
-            for slot in (self.serving_slot, self.canary_slot):
+            extra = self.experiment.slots.values() if self.experiment is not None else ()
+            for slot in (self.serving_slot, self.canary_slot, *extra):
                 slot.build(self.catalog, time.perf_counter())
         now_ms = time.time() * 1000
         if change is not None:
@@ -158,7 +221,8 @@ class PromptSwap:
     def _watch(self) -> None:
         """Long-poll the registry (blocking, on the watcher thread) and route on a change."""
         while not self._stopping.is_set():
-            known = [self.serving_slot.version, self.canary_slot.version]
+            known = [self.serving_slot.version, self.canary_slot.version,
+                     self.experiment.id if self.experiment is not None else ""]
             try:
                 routing = ray.get(self.registry.wait_for_routing.remote(known, LONG_POLL_S))
             except Exception:  # noqa: BLE001 - registry restarting: retry, keep serving

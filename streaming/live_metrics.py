@@ -18,23 +18,25 @@ happens while it runs; a restart starts the counts again):
    since it started are counted apart and judged by `services.canary.judge` after each
    batch; a verdict is applied through `PromptRegistry.end_canary` and counted in
    `promptrec_canary_total{outcome}`.
+4. **experiments**: events on an experiment's impressions are also counted per
+   (experiment, arm) for `GET /admin/experiments/{id}`; and every click counts for its
+   item in the popularity arm's counts (`popular`), which start from the event log.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import threading
 import time
-from collections import OrderedDict, deque
-from dataclasses import dataclass
+from collections import Counter, OrderedDict, deque
 
 from services import metrics
 from services.canary import ArmCounts, CanaryRule, judge
 from services.config import Settings
 from services.events import InvalidEvent, decode_event
 from services.naming import REGISTRY_ACTOR
+from streaming.live_tally import Impression, Tally, read_impression
 
 log = logging.getLogger(__name__)
 
@@ -43,46 +45,6 @@ USERS_KEPT = 200_000  # latest impression per user, least recently served droppe
 REQUESTS_KEPT = 200_000  # impressions findable by request_id
 JUDGE_EVERY_S = 0.5
 CLOCK_SLACK_S = 1.0  # an event may carry a time this much before its impression's
-
-
-@dataclass(frozen=True)
-class Impression:
-    request_id: str
-    user_id: str
-    items: tuple[str, ...]
-    version: int
-    arm: str
-    ts: float
-
-
-def read_impression(value: bytes) -> Impression | None:
-    """A record of the impressions topic, or None if it is not one (counted, skipped)."""
-    try:
-        body = json.loads(value)
-        return Impression(str(body["request_id"]), str(body["user_id"]),
-                          tuple(str(i) for i in body["items"]), int(body["prompt_version"]),
-                          str(body["arm"]), float(body["ts"]))
-    except (ValueError, TypeError, KeyError, RecursionError):
-        return None
-
-
-class Tally:
-    """Attributed events of one (version, arm): count, hits, NDCG sum."""
-
-    def __init__(self):
-        self.events = self.hits = 0
-        self.ndcg = 0.0
-
-    def add(self, position: int | None) -> None:
-        self.events += 1
-        if position is not None:
-            self.hits += 1
-            self.ndcg += 1 / math.log2(position + 2)
-
-    def summary(self) -> dict:
-        n = self.events
-        return {"events": n, "hits": self.hits, "hr": round(self.hits / n, 4) if n else None,
-                "ndcg": round(self.ndcg / n, 4) if n else None}
 
 
 class LiveMetrics:
@@ -101,6 +63,8 @@ class LiveMetrics:
         self._by_request: OrderedDict[str, Impression] = OrderedDict()
         self._pending: deque[tuple[float, bytes | None, bytes]] = deque()
         self.tallies: dict[tuple[int, str], Tally] = {}
+        self.experiment_tallies: dict[tuple[str, str], Tally] = {}
+        self.item_clicks: Counter[str] = Counter()
         self.counts = {"impressions": 0, "events": 0, "attributed": 0, "unattributed": 0,
                        "invalid": 0}
         self.trial: dict | None = None  # the running canary and its two arms' counts
@@ -124,6 +88,28 @@ class LiveMetrics:
                     **{arm: t.summary() for arm, t in self.trial["arms"].items()}},
                 "verdicts": self.verdicts[-10:], "error": self.error}
 
+    def popular(self, limit: int) -> list[tuple[str, int]]:
+        """The `limit` most clicked items (the event log at start, then live) and counts."""
+        return self.item_clicks.most_common(limit)
+
+    def experiment_arms(self, experiment_id: str) -> dict[str, dict]:
+        """Per arm of one experiment: events, hits, ndcg sum and sum of squares."""
+        return {arm: vars(t).copy() for (exp, arm), t in self.experiment_tallies.items()
+                if exp == experiment_id}
+
+    def _count_logged_clicks(self) -> None:
+        import pyarrow.compute as pc
+
+        from services.eventlog import read_event_log
+
+        try:
+            column = read_event_log(str(self.settings.infra.root / "eventlog"))["item_id"]
+            counts = pc.value_counts(column).to_pylist()
+        except Exception as err:  # noqa: BLE001 - a bad log must not stop live metrics
+            log.warning("event log not counted for popularity: %s", err)
+            return
+        self.item_clicks.update({c["values"]: c["counts"] for c in counts})
+
     def stop(self) -> dict:
         self._stop.set()
         self._thread.join(timeout=10)
@@ -136,6 +122,7 @@ class LiveMetrics:
 
         live, streaming = self.settings.live, self.settings.streaming
         registry = ray.get_actor(REGISTRY_ACTOR, namespace=self.settings.infra.namespace)
+        self._count_logged_clicks()
         consumer = KafkaConsumer(
             live.topic_impressions, streaming.topic_clicks, bootstrap_servers=self.bootstrap,
             group_id=f"promptrec-live-{time.time_ns()}", enable_auto_commit=False,
@@ -195,9 +182,10 @@ class LiveMetrics:
         """Credit one click event -> the (version, arm) it counted for, if any."""
         if key is not None and value is not None and b'"request_id"' not in value and \
                 key.decode("utf-8", "replace") not in self._latest:
-            # Never served and quoting nothing (a replay, a bulk import): skip the parse.
+            # Never served and quoting nothing (a replay, a bulk import): no validation.
             self.counts["events"] += 1
             self.counts["unattributed"] += 1
+            self._count_click(value)
             return None
         try:
             event = decode_event(key, value)
@@ -205,6 +193,7 @@ class LiveMetrics:
             self.counts["invalid"] += 1  # the ingest consumers dead-letter it
             return None
         self.counts["events"] += 1
+        self.item_clicks[event.item_id] += 1
         request_id = json.loads(value).get("request_id")
         impression = self._by_request.get(request_id) if request_id else \
             self._latest.get(event.user_id)
@@ -218,6 +207,9 @@ class LiveMetrics:
         position = top.index(event.item_id) if event.item_id in top else None
         cell = (impression.version, impression.arm)
         self.tallies.setdefault(cell, Tally()).add(position)
+        if impression.experiment:
+            self.experiment_tallies.setdefault((impression.experiment, impression.arm),
+                                               Tally()).add(position)
         metrics.live_events().inc(1, tags={"version": str(impression.version),
                                            "arm": impression.arm,
                                            "result": "hit" if position is not None else "miss"})
@@ -227,6 +219,14 @@ class LiveMetrics:
             if impression.version == expected and impression.arm in trial["arms"]:
                 trial["arms"][impression.arm].add(position)
         return cell
+
+    def _count_click(self, value: bytes) -> None:
+        try:
+            item = json.loads(value).get("item_id")
+        except (ValueError, AttributeError, RecursionError):
+            return  # not an event: the ingest consumers dead-letter it
+        if isinstance(item, str):
+            self.item_clicks[item] += 1
 
     def _follow_canary(self, routing: dict, registry) -> None:
         import ray

@@ -54,9 +54,9 @@ def test_wait_for_routing_is_a_push(tmp_path):
     async def scenario():
         reg = PromptRegistry(str(tmp_path))
         await reg.publish(_blob(1.0))
-        assert await reg.wait_for_routing([1, 0], timeout_s=0.05) == {}
-        assert (await reg.wait_for_routing([0, 0], timeout_s=0.05))["serving"]["version"] == 1
-        waiter = asyncio.create_task(reg.wait_for_routing([1, 0], timeout_s=10))
+        assert await reg.wait_for_routing([1, 0, ""], timeout_s=0.05) == {}
+        assert (await reg.wait_for_routing([0, 0, ""], timeout_s=0.05))["serving"]["version"] == 1
+        waiter = asyncio.create_task(reg.wait_for_routing([1, 0, ""], timeout_s=10))
         await asyncio.sleep(0.05)
         assert not waiter.done()
         loop = asyncio.get_running_loop()
@@ -75,7 +75,7 @@ def test_a_canary_serves_beside_the_serving_version_until_a_verdict(tmp_path):
         assert await reg.publish(_blob(1.0), canary_share=0.5) == 1
         assert (await reg.routing())["canary"] == 0
         assert await reg.publish(_blob(2.0), canary_share=0.5) == 2
-        routing = await reg.wait_for_routing([1, 0], timeout_s=0.05)
+        routing = await reg.wait_for_routing([1, 0, ""], timeout_s=0.05)
         assert routing["serving"]["version"] == 1 and routing["canary"]["version"] == 2
         assert routing["canary_share"] == 0.5 and routing["canary"]["blob"] == _blob(2.0)
         # A newer publish supersedes the running canary.

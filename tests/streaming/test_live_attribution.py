@@ -67,3 +67,25 @@ def test_the_canary_trial_counts_only_its_versions_since_it_started():
     arms = live.trial["arms"]
     assert (arms["canary"].events, arms["canary"].hits) == (1, 1)
     assert (arms["serving"].events, arms["serving"].hits) == (1, 0)
+
+
+def test_experiment_arms_are_counted_apart_and_every_click_counts_for_popularity():
+    live = _metrics(live_k=3)
+    for request_id, user, arm, items in (("r1", "ann", "model", ["a", "b"]),
+                                         ("r2", "bob", "pop", ["c", "d"])):
+        live._impression(json.dumps({"request_id": request_id, "user_id": user,
+                                     "items": items, "prompt_version": 1 if arm == "model"
+                                     else 0, "arm": arm, "experiment": "exp1",
+                                     "ts": time.time()}).encode())
+    _impression(live, "r3", "cid", ["a"])  # outside the experiment
+    assert _event(live, "ann", "b", request_id="r1") == (1, "model")
+    assert _event(live, "bob", "x") == (0, "pop")
+    assert _event(live, "cid", "a") == (1, "serving")
+    assert _event(live, "dan", "a") is None  # never served: not attributed, still counted
+    arms = live.experiment_arms("exp1")
+    assert set(arms) == {"model", "pop"} and live.experiment_arms("exp2") == {}
+    assert (arms["model"]["events"], arms["model"]["hits"], arms["pop"]["hits"]) == (1, 1, 0)
+    assert arms["model"]["ndcg_sq"] == arms["model"]["ndcg"] ** 2
+    assert live.popular(1) == [("a", 2)]
+    live._attribute(b"eve", b"{not json")  # a bad record counts for nothing
+    assert dict(live.popular(10)) == {"a": 2, "b": 1, "x": 1}
