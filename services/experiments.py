@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, replace
 from statistics import NormalDist
 from typing import Any
 
@@ -158,3 +159,52 @@ def report(experiment: dict[str, Any], tallies: dict[str, dict] | None) -> dict[
                      "ndcg_ci": mean_interval(t.get("ndcg", 0.0), t.get("ndcg_sq", 0.0), n)})
     return {**experiment, "arms": arms, "confidence": CONFIDENCE,
             "live_metrics": tallies is not None}
+
+
+class UnknownExperiment(KeyError):
+    pass
+
+
+class ExperimentBook:
+    """The registry's experiments: every one kept, at most one running (`running`)."""
+
+    def __init__(self):
+        self.all: dict[str, Experiment] = {}
+        self.running: Experiment | None = None
+
+    def load(self, entries: list[dict[str, Any]], kept: set[int]) -> None:
+        """From the registry's index; a running one whose version was refused stops."""
+        for entry in entries:
+            experiment = Experiment.from_dict(entry)
+            if experiment.running and not all(a.popularity or a.version in kept
+                                              for a in experiment.arms):
+                experiment = replace(experiment, stopped=time.time(),
+                                     reason="a version of it was refused on load")
+            self.all[experiment.id] = experiment
+            self.running = experiment if experiment.running else self.running
+
+    def to_list(self) -> list[dict[str, Any]]:
+        return [e.to_dict() for e in self.all.values()]
+
+    def start(self, arms: Any, kept: set[int]) -> Experiment:
+        if self.running is not None:
+            raise ExperimentRunning(f"experiment {self.running.id} is running; stop it first")
+        experiment = Experiment(f"exp{len(self.all) + 1}", parse_arms(arms, kept), time.time())
+        self.all[experiment.id] = self.running = experiment
+        return experiment
+
+    def stop(self, experiment_id: str, reason: str) -> tuple[Experiment, bool]:
+        """-> (the experiment, whether it was running until now)."""
+        experiment = self.get(experiment_id)
+        if not experiment.running:
+            return experiment, False
+        self.all[experiment_id] = experiment = replace(experiment, stopped=time.time(),
+                                                       reason=reason)
+        self.running = None
+        return experiment, True
+
+    def get(self, experiment_id: str) -> Experiment:
+        if experiment_id not in self.all:
+            raise UnknownExperiment(f"no experiment {experiment_id[:40]!r}; known: "
+                                    f"{sorted(self.all)[-20:]}")
+        return self.all[experiment_id]

@@ -20,7 +20,6 @@ experiment) differs from `known` (a push, not a poll loop).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hashlib
 import json
 import logging
@@ -30,17 +29,13 @@ from pathlib import Path
 from typing import Any
 
 from services.decoded import decode_version
-from services.experiments import Experiment, ExperimentRunning, parse_arms
+from services.experiments import ExperimentBook, UnknownExperiment  # noqa: F401 (re-export)
 from services.weights import BadPromptWeights, decode_weights
 
 log = logging.getLogger(__name__)
 
 
 class UnknownVersion(KeyError):
-    pass
-
-
-class UnknownExperiment(KeyError):
     pass
 
 
@@ -56,8 +51,7 @@ class PromptRegistry:
         self._canary_share = 0.0
         self._canary_since = 0.0
         self.canary_outcomes: list[dict[str, Any]] = []  # this process's, newest last
-        self._experiments: dict[str, Experiment] = {}
-        self._running = ""  # the running experiment's id ("": none)
+        self.experiments_book = ExperimentBook()
         self._changed = asyncio.Event()
         self._load_index()
 
@@ -83,15 +77,7 @@ class PromptRegistry:
         if canary in self._versions and canary != self._serving:
             self._canary, self._canary_share = canary, data.get("canary_share", 0.0)
             self._canary_since = data.get("canary_since", time.time())
-        for entry in data.get("experiments", []):
-            experiment = Experiment.from_dict(entry)
-            if experiment.running and not all(a.popularity or a.version in self._versions
-                                              for a in experiment.arms):
-                experiment = dataclasses.replace(experiment, stopped=time.time(),
-                                                 reason="a version of it was refused on load")
-            self._experiments[experiment.id] = experiment
-            if experiment.running:
-                self._running = experiment.id
+        self.experiments_book.load(data.get("experiments", []), set(self._versions))
 
     def _write_index(self) -> None:
         index = self.root / "index.json"
@@ -99,8 +85,7 @@ class PromptRegistry:
         tmp.write_text(json.dumps({"serving": self._serving, "canary": self._canary,
                                    "canary_share": self._canary_share,
                                    "canary_since": self._canary_since,
-                                   "experiments": [e.to_dict()
-                                                   for e in self._experiments.values()],
+                                   "experiments": self.experiments_book.to_list(),
                                    "versions": [self._versions[v] for v in sorted(self._versions)]},
                                   indent=1))
         tmp.replace(index)
@@ -146,9 +131,8 @@ class PromptRegistry:
         self._versions[version] = {"version": version, "sha256": hashlib.sha256(blob).hexdigest(),
                                    "bytes": len(blob), "created": time.time(),
                                    "meta": dict(meta or {})}
-        if self._running and canary_share > 0:
-            log.info("experiment %s runs: version %d is published without a canary",
-                     self._running, version)
+        if self.experiments_book.running and canary_share > 0:
+            log.info("an experiment runs: version %d is published without a canary", version)
             canary_share = 0.0
         if canary_share > 0 and self._serving:
             if self._canary:
@@ -187,53 +171,38 @@ class PromptRegistry:
                 "canary_share": self._canary_share if self._canary else 0.0,
                 "canary_since": self._canary_since if self._canary else None,
                 "canary_outcomes": list(self.canary_outcomes[-10:]),
-                "experiment": self._experiments[self._running].to_dict()
-                if self._running else None}
+                "experiment": self._running_experiment()}
+
+    def _running_experiment(self) -> dict[str, Any] | None:
+        running = self.experiments_book.running
+        return running.to_dict() if running else None
 
     async def start_experiment(self, arms: Any) -> dict[str, Any]:
         """Split every user between the `arms` (services.experiments.parse_arms) until
         `stop_experiment`; a running canary ends (superseded). BadExperiment on bad arms
         or while another experiment runs."""
-        if self._running:
-            raise ExperimentRunning(f"experiment {self._running} is running; stop it first")
-        parsed = parse_arms(arms, set(self._versions))
-        for arm in parsed:
-            if not arm.popularity:
-                self._read_checked(self._versions[arm.version])
+        experiment = self.experiments_book.start(arms, set(self._versions))
         if self._canary:
             self._end_canary("superseded", "an experiment started")
             self._canary = 0
-        experiment = Experiment(f"exp{len(self._experiments) + 1}", parsed, time.time())
-        self._experiments[experiment.id] = experiment
-        self._running = experiment.id
         self._routing_changed()
-        log.info("experiment %s started: %s", experiment.id,
-                 ", ".join(f"{a.name} {a.to_dict()['version']} {a.share:.0%}" for a in parsed))
+        log.info("experiment %s started: %s", experiment.id, experiment.to_dict()["arms"])
         return experiment.to_dict()
 
     async def stop_experiment(self, experiment_id: str, reason: str = "stopped") -> dict:
         """End an experiment: everyone is served by the serving version again. Stopping
         one that has stopped returns it unchanged."""
-        experiment = self._experiment(experiment_id)
-        if experiment.running:
-            experiment = dataclasses.replace(experiment, stopped=time.time(), reason=reason)
-            self._experiments[experiment_id] = experiment
-            self._running = ""
+        experiment, was_running = self.experiments_book.stop(experiment_id, reason)
+        if was_running:
             self._routing_changed()
             log.info("experiment %s stopped: %s", experiment_id, reason)
         return experiment.to_dict()
 
     async def experiment(self, experiment_id: str) -> dict[str, Any]:
-        return self._experiment(experiment_id).to_dict()
+        return self.experiments_book.get(experiment_id).to_dict()
 
     async def experiments(self) -> list[dict[str, Any]]:
-        return [e.to_dict() for e in self._experiments.values()]
-
-    def _experiment(self, experiment_id: str) -> Experiment:
-        if experiment_id not in self._experiments:
-            raise UnknownExperiment(f"no experiment {experiment_id[:40]!r}; known: "
-                                    f"{sorted(self._experiments)[-20:]}")
-        return self._experiments[experiment_id]
+        return self.experiments_book.to_list()
 
     async def rollback(self, version: int) -> dict[str, Any]:
         """An operator's call: `version` serves everyone; a running canary stops."""
@@ -271,7 +240,8 @@ class PromptRegistry:
         serving entry and the canary's (with blobs; {} for none), the canary share and
         the running experiment (None) with an entry per version arm under "entries";
         {} after `timeout_s`."""
-        if [self._serving, self._canary, self._running] == list(known):
+        running = self.experiments_book.running
+        if [self._serving, self._canary, running.id if running else ""] == list(known):
             event = self._changed
             try:
                 await asyncio.wait_for(event.wait(), timeout_s)
@@ -282,13 +252,12 @@ class PromptRegistry:
             entry = self._versions[self._canary]
             canary = {**entry, "blob": self._read_checked(entry),
                       "serving_since": self._canary_since}
-        experiment = None
-        if self._running:
-            experiment = self._experiments[self._running].to_dict()
+        running = self.experiments_book.running  # read again: the wait may have ended it
+        experiment = running.to_dict() if running else None
+        if running:
             experiment["entries"] = {a.version: {**self._versions[a.version], "blob":
                                                  self._read_checked(self._versions[a.version])}
-                                     for a in self._experiments[self._running].arms
-                                     if not a.popularity}
+                                     for a in running.arms if not a.popularity}
         return {"serving": await self.serving(), "canary": canary,
                 "canary_share": self._canary_share if self._canary else 0.0,
                 "experiment": experiment}

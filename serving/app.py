@@ -11,14 +11,11 @@ once and puts together the pieces, each in a module of its own:
     serving.ranking   the tensor work: encode, rank, explain
     serving.impressions  every answer written to Kafka, off the request path
 
-Routes: GET /recommend?user_id=&k=&explain=&exclude=&category=, GET /similar,
-GET /healthz, GET /version, POST /admin/rollback, POST /admin/experiments, GET
-/admin/experiments[/{id}], POST /admin/experiments/{id}/stop. Every answer names the
-prompt version and the catalog version it came from, its arm (serving, canary while one
-runs, an experiment's arm while one runs) and a request_id that events may quote.
-Overload (more than max_ongoing_requests per replica plus max_queued_requests waiting)
-is answered by Ray Serve's proxy with 503 + Retry-After. The admin routes are in
-serving.admin.
+Routes (docs/api.md): GET /recommend, /similar, /healthz, /version; the admin routes
+(rollback, experiments; their work is in serving.admin). Every answer names the prompt
+version and catalog version it came from, its arm (serving, canary, or an experiment's)
+and a request_id that events may quote. Overload (beyond max_ongoing_requests per replica
+plus max_queued_requests) is answered by Ray Serve's proxy with 503 + Retry-After.
 Batch size, batch wait, cache size and explained items are runtime knobs: Serve's
 `user_config`, applied by `reconfigure` without restarting the replica.
 """
@@ -43,7 +40,7 @@ from services.config import Settings
 from services.config_sources import load_settings
 from services.health import process_rss_mb, wait_until
 from services.naming import LIVE_METRICS_ACTOR, REGISTRY_ACTOR, shard_actor, shard_for_user
-from serving.admin import AdminRoutes
+from serving import admin
 from serving.api import ApiError, app, retry_later
 from serving.batching import EncodeBatcher
 from serving.cache import UserVectorCache
@@ -58,12 +55,11 @@ RUNTIME_KNOBS = ("batch_max_size", "batch_wait_ms", "user_cache_size", "explain_
 
 @serve.deployment
 @serve.ingress(app)
-class Recommender(AdminRoutes):
+class Recommender:
     async def __init__(self, settings: Settings):
         self.settings = settings.validate()  # a replica re-checks what it was handed
         torch.set_num_threads(1)  # replicas share cores; one thread each scales better
-        backbone = resolve_backbone_path(self.settings.model.backbone_path)
-        _, encoder = load_backbone(backbone)
+        _, encoder = load_backbone(resolve_backbone_path(self.settings.model.backbone_path))
         infra = self.settings.infra
         self.replica = serve.get_replica_context().replica_id.unique_id
         self._shards: dict[int, object] = {}
@@ -88,11 +84,9 @@ class Recommender(AdminRoutes):
         self.batcher.configure(serving.batch_max_size, serving.batch_wait_ms)
 
     def __del__(self):
-        prompts = getattr(self, "prompts", None)
-        if prompts is not None:
-            prompts.stop()
-        if getattr(self, "impressions", None) is not None:
-            self.impressions.stop()
+        for part in (getattr(self, "prompts", None), getattr(self, "impressions", None)):
+            if part is not None:
+                part.stop()
 
     # --- user state -----------------------------------------------------
     async def _user_state(self, user_id: str) -> dict | None:
@@ -224,9 +218,9 @@ class Recommender(AdminRoutes):
                            "share": self.prompts.canary_share},
                 "experiment": self.prompts.experiment.id if self.prompts.experiment else None,
                 "impressions": dict(self.impressions.counts) if self.impressions else None,
-                "live": await self._live_metrics()}
+                "live": await self.live_metrics()}
 
-    async def _live_metrics(self, method: str = "report", *args) -> dict | None:
+    async def live_metrics(self, method: str = "report", *args) -> dict | None:
         """The live-metrics actor's `method` (default its report: per version and arm,
         the canary's verdicts); None when it does not run or answer within a second."""
         try:
@@ -234,6 +228,27 @@ class Recommender(AdminRoutes):
             return await asyncio.wait_for(getattr(actor, method).remote(*args), 1.0)
         except (ValueError, TimeoutError, ray.exceptions.RayError):
             return None
+
+    @app.post("/admin/rollback")
+    async def rollback(self, request: Request) -> dict:
+        return await admin.rollback(self, request)
+
+    @app.post("/admin/experiments")
+    async def start_experiment(self, request: Request) -> dict:
+        return await admin.start_experiment(self, request)
+
+    @app.get("/admin/experiments")
+    async def list_experiments(self, request: Request) -> dict:
+        return await admin.list_experiments(self, request)
+
+    @app.get("/admin/experiments/{experiment_id}")
+    async def experiment(self, experiment_id: str, request: Request) -> dict:
+        return await admin.experiment(self, request, experiment_id, stop=False)
+
+    @app.post("/admin/experiments/{experiment_id}/stop")
+    async def stop_experiment(self, experiment_id: str, request: Request) -> dict:
+        return await admin.experiment(self, request, experiment_id, stop=True)
+
 
 def build_app(settings: Settings, name: str = "Recommender"):
     """The Serve application for `serve.run` (and `serve deploy` through `app_builder`).

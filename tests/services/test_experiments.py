@@ -12,13 +12,14 @@ from services.experiments import (
     Arm,
     BadExperiment,
     ExperimentRunning,
+    UnknownExperiment,
     arm_for,
     mean_interval,
     parse_arms,
     report,
     wilson,
 )
-from services.registry import PromptRegistry, UnknownExperiment
+from services.registry import PromptRegistry
 from services.weights import PromptWeights
 
 KEPT = {1, 2, 3}
