@@ -154,9 +154,13 @@ class Evaluation:
 def run_windows(events: Sequence[ClickEvent], arms: Sequence[Arm],
                 learn: Callable[[Sequence[ClickEvent]], None], window: int,
                 sample: SampleRule, k: int = K, learn_first: bool = False,
-                on_window: Callable[[dict], None] | None = None) -> Evaluation:
+                on_window: Callable[[dict], None] | None = None,
+                on_answers: Callable[[str, list[ClickEvent], dict[str, Answer]], None]
+                | None = None) -> Evaluation:
     """The prequential loop: per window, test every arm on the sampled events, then
-    `learn(window events)` (the system, and every arm, takes them).
+    `learn(window events)` (the system, and every arm, takes them). `on_answers(arm,
+    sampled events, answers by user)` sees each arm's answers before the window is
+    learned (the canary drive quotes the online arm's request ids in the events).
 
     `learn_first=True` is the wrong order (learn, then test): it exists so a test can
     show that the leak check and the scores catch it. Never use it for a result.
@@ -181,6 +185,8 @@ def run_windows(events: Sequence[ClickEvent], arms: Sequence[Arm],
                 t = time.monotonic()
                 answers = arm.recommend(users, k)
                 evaluation.seconds[f"test:{arm.name}"] += time.monotonic() - t
+                if on_answers:
+                    on_answers(arm.name, targets, answers)
                 tally = Tally()
                 for event in targets:
                     scores = hit_ndcg(answers[event.user_id].items, event.item_id, k)
@@ -236,7 +242,8 @@ class ServiceArm:
                         response.raise_for_status()
                         body = response.json()
                         return user, Answer([i["item_id"] for i in body["items"]],
-                                            body["state_version"], body["prompt_version"])
+                                            body["state_version"], body["prompt_version"],
+                                            body.get("request_id", ""))
                 raise RuntimeError(f"{self.name}: no answer for {user!r} in {self.attempts} tries")
 
             return dict(await asyncio.gather(*(one(u) for u in users)))

@@ -26,6 +26,7 @@ class Answer:
     items: list[str]  # ranked item ids, best first
     state_version: int  # events of this user the arm had learned when it answered
     prompt_version: int | None = None
+    request_id: str = ""  # a Serve app's answer id (events may quote it: live metrics)
 
 
 class CountingArm:

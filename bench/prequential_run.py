@@ -89,6 +89,15 @@ def run_prequential(settings: Settings, out: Path, window: int = 1000,
         baseline = stack.streaming.stats()["handled"]
         state = {"produced": 0, "since_round": 0}
         rounds: list[dict] = []
+        # With a canary share each round's version is first a canary, judged by the live
+        # metrics on what the replay's users do next: sampled events quote the online
+        # arm's answer (its request_id), so each is credited to the answer it tested.
+        canary = settings.live.canary_share > 0
+        quotes: dict[str, str] = {}  # event_id -> request_id
+
+        def quote(arm: str, targets: list[ClickEvent], answers: dict) -> None:
+            if canary and arm == "online":
+                quotes.update((e.event_id, answers[e.user_id].request_id) for e in targets)
 
         def run_round() -> None:
             _wait_logged(settings, stack.streaming.stats()["totals"].get("ok", 0))
@@ -96,7 +105,8 @@ def run_prequential(settings: Settings, out: Path, window: int = 1000,
             live = {}  # route -> {replica: publish -> live ms}
             if done.version:
                 for prefix in follow_prefixes:
-                    live[prefix or "/"] = stack.wait_all_replicas(done.version, prefix=prefix)
+                    live[prefix or "/"] = stack.wait_all_replicas(done.version, prefix=prefix,
+                                                                  canary=canary)
             rounds.append({"after_events": state["produced"], "outcome": done.outcome,
                            "reason": done.reason, "version": done.version, "loss": done.loss,
                            "train_examples": done.train_examples,
@@ -107,7 +117,7 @@ def run_prequential(settings: Settings, out: Path, window: int = 1000,
                      state["produced"], done.outcome, done.reason, done.seconds)
 
         def learn(batch: Sequence[ClickEvent]) -> None:
-            send_events(producer, settings.streaming.topic_clicks, batch)
+            send_events(producer, settings.streaming.topic_clicks, batch, quotes)
             state["produced"] += len(batch)
             expected = baseline + state["produced"]
             handled = stack.wait_handled(expected, timeout_s=600)["handled"]
@@ -130,8 +140,10 @@ def run_prequential(settings: Settings, out: Path, window: int = 1000,
                          row["first_event"] + row["events"], len(events), scores or "-",
                          time.monotonic() - replay_started)
 
-        evaluation = run_windows(events, arm_objects, learn, window, sample, on_window=on_window)
+        evaluation = run_windows(events, arm_objects, learn, window, sample, on_window=on_window,
+                                 on_answers=quote)
         producer.close()
+        canary_record = _canary_record(stack, settings) if canary else None
         result = build_result(
             evaluation, dataset=dataset, events_replayed=len(events),
             events_in_dataset=len(load_interactions(source)) if max_events else len(events),
@@ -147,6 +159,7 @@ def run_prequential(settings: Settings, out: Path, window: int = 1000,
                       "window from state built on the events before it; then the window is "
                       "produced to Kafka and applied (and counted by the popularity arms); "
                       "rounds run between windows on the train_every_events trigger"),
+            canary=canary_record,
             wall_seconds=round(time.monotonic() - started, 1),
             **run_stamp(command))
     finally:
@@ -180,6 +193,20 @@ def _deploy_arms(stack, arms: Sequence[str], baselines: dict[str, CountingArm], 
         # What the arm's app says it runs (one replica's /version), for the record.
         apps[name] = {"route": prefix or "/", **_app_version(stack.base_url + prefix)}
     return objects, apps, follow
+
+
+def _canary_record(stack, settings: Settings) -> dict:
+    """What the canary decided over the replay: the registry's outcomes and the live
+    metrics' verdicts (each with the two arms' live figures)."""
+    import httpx
+    import ray
+
+    routing = ray.get(stack.registry.routing.remote())
+    live = httpx.get(f"{stack.base_url}/version", timeout=30).json().get("live") or {}
+    return {"share": settings.live.canary_share, "min_events": settings.live.canary_min_events,
+            "margin": settings.live.canary_margin, "serving_at_end": routing["serving"],
+            "outcomes": routing["canary_outcomes"], "verdicts": live.get("verdicts", []),
+            "live_counts": live.get("counts")}
 
 
 def _app_version(base_url: str) -> dict:

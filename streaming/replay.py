@@ -3,6 +3,7 @@ timestamp order; publish items (an item file) and deletes to the item topic."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 
 from services.data import Interactions, Item
@@ -19,10 +20,18 @@ def make_producer(bootstrap: str):
                          linger_ms=10, batch_size=256 * 1024, client_id="promptrec-replay")
 
 
-def send_events(producer, topic: str, events: Iterable[ClickEvent]) -> int:
+def send_events(producer, topic: str, events: Iterable[ClickEvent],
+                quotes: dict[str, str] | None = None) -> int:
+    """Produce `events` (key user_id) and flush. `quotes`: event_id -> the request_id an
+    event answers (the optional field the live metrics credit it by); used ones are
+    removed from it."""
     sent = 0
     for event in events:
-        producer.send(topic, key=event.user_id.encode(), value=event.to_json())
+        value = event.to_json()
+        if quotes and (request_id := quotes.pop(event.event_id, None)):
+            value = json.dumps({**event.to_dict(), "request_id": request_id},
+                               separators=(",", ":")).encode()
+        producer.send(topic, key=event.user_id.encode(), value=value)
         sent += 1
     producer.flush()
     return sent

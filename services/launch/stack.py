@@ -150,12 +150,13 @@ class Stack:
             return self.streaming.stats()
 
     def wait_all_replicas(self, version: int, timeout_s: float = 60, poll_s: float = 0.02,
-                          prefix: str = "") -> dict[str, float]:
-        """Poll /version until every replica serves `version`.
+                          prefix: str = "", canary: bool = False) -> dict[str, float]:
+        """Poll /version until every replica serves `version` (with `canary`: holds it as
+        its canary; it may be promoted meanwhile, which counts too).
 
         Returns {replica: ms from publish to that replica serving it}, as each replica
-        measured it (registry made it the serving version -> its swap done). `prefix` is
-        the route prefix of an app other than the main one.
+        measured it (registry made it the serving version -> its swap done; None for a
+        canary). `prefix` is the route prefix of an app other than the main one.
         """
         seen: dict[str, dict] = {}
 
@@ -165,7 +166,9 @@ class Stack:
                 body = response.json()
                 seen[body["replica"]] = body
             if len(seen) >= self.settings.serving.num_replicas and all(
-                    b["prompt_version"] == version for b in seen.values()):
+                    version in (b["prompt_version"],
+                                b["canary"]["prompt_version"] if canary else None)
+                    for b in seen.values()):
                 return {r: b["publish_to_live_ms"] for r, b in seen.items()}
             return None
 

@@ -70,3 +70,30 @@ def test_prequential_on_an_ml100k_slice(tmp_path):
             assert w["arms"]["static"]["prompt_versions"] == [1]
             online = w["arms"]["online"]["prompt_versions"]
             assert online == ([version] if w["first_event"] >= 1000 else [1]), w
+
+
+def test_the_prequential_replay_drives_the_canary(tmp_path):
+    """A round's version is first a canary; the replay's sampled events quote the answer
+    they tested, so the live metrics credit them, and the judge decides during the replay
+    (a margin of 1: any canary with enough events is promoted)."""
+    settings = load_settings(env={}, overrides={
+        "data_dir": str(tmp_path / "promptrec"), "http_port": free_port(),
+        "metrics_port": free_port(), "partitions": 2, "num_consumers": 1, "num_shards": 1,
+        "num_replicas": 1, "train_workers": 1, "train_steps": 2, "batch_size": 8,
+        "val_users": 20, "gate_margin": 1.0, "train_every_events": 1000, "log_flush_s": 0.2,
+        "namespace": "promptrec-prequential-canary", "cache_dir": str(TEST_CACHE),
+        "canary_share": 0.5, "canary_min_events": 30, "canary_margin": 1.0})
+    result = run_prequential(settings, tmp_path / "p.json", window=WINDOW, sample=SAMPLE,
+                             max_events=EVENTS, progress=False, command="pytest",
+                             arms=("popularity", "online"))
+    version = result["rounds"][0]["version"]
+    assert result["rounds"][0]["outcome"] == "published", result["rounds"]
+    record = result["canary"]
+    assert record["share"] == 0.5
+    outcome = next(o for o in record["outcomes"] if o["version"] == version)
+    assert outcome["outcome"] == "promote", record
+    verdict = next(v for v in record["verdicts"] if v["prompt_version"] == version)
+    assert min(verdict["canary"]["events"], verdict["serving"]["events"]) >= 30, verdict
+    assert record["serving_at_end"] == version
+    # Credited by the request id each sampled event quoted, not guessed by time.
+    assert record["live_counts"]["attributed"] >= 60, record
