@@ -260,3 +260,53 @@ def test_cache_hit_rate_and_batch_metrics_are_exported(stack):
     scraped = wait_until(exported, 60, "cache hits and misses and batch sizes exported", 1)
     by_status = {labels["status"] for labels, _ in scraped["promptrec_requests_total"]}
     assert {"200", "400"} <= by_status
+
+
+ROUTES = ["/recommend", "/similar", "/healthz", "/version", "/admin/rollback",
+          "/admin/experiments", "/admin/experiments/exp1", "/admin/experiments/exp1/stop",
+          "/admin/experiments/%00", "/", "/recommend/", "/admin"]
+
+
+def test_fuzzed_requests_never_get_a_5xx(stack):
+    """Any method, path, query string, headers and body (hypothesis, real HTTP): a 4xx
+    with a JSON reason or a 2xx, never a 5xx. Runs last: with the right token a fuzzed
+    body may start an experiment or roll back, which is stopped afterwards."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    text = st.text(max_size=20)
+    query = st.lists(st.tuples(st.sampled_from(["user_id", "k", "explain", "exclude",
+                                                "category", "item_id"]) | text,
+                               text | st.sampled_from(["hist-a", "1", "10", "true"])),
+                     max_size=5)
+    body = st.binary(max_size=200) | st.sampled_from([
+        b'{"version": 1}', b'{"version": true}', b'{"arms": []}', b"[" * 5000,
+        b'{"arms": [{"name": "a", "version": 1, "share": 0.5}, '
+        b'{"name": "b", "version": "popularity", "share": 0.5}]}'])
+    auth = st.sampled_from([{}, {"Authorization": f"Bearer {TOKEN}"},
+                            {"Authorization": "Bearer x"}, {"Authorization": "Basic x"}])
+    seen: Counter = Counter()
+
+    with httpx.Client(base_url=stack.base_url, timeout=60) as http:
+        @settings(max_examples=150, deadline=None, database=None,
+                  suppress_health_check=[HealthCheck.too_slow,
+                                         HealthCheck.function_scoped_fixture])
+        @given(st.sampled_from(["GET", "POST", "PUT", "DELETE"]), st.sampled_from(ROUTES),
+               query, auth, body)
+        def one(method, path, params, headers, content):
+            response = http.request(method, path, params=params, headers=headers,
+                                    content=content if method != "GET" else None)
+            seen[response.status_code // 100] += 1
+            assert response.status_code < 500, (method, path, params, content[:80],
+                                                response.text[:300])
+            if response.status_code >= 400:
+                assert response.json()["error"], response.text
+
+        try:
+            one()
+        finally:
+            registry = stack.registry
+            running = ray.get(registry.routing.remote())["experiment"]
+            if running:
+                ray.get(registry.stop_experiment.remote(running["id"], "fuzz test ended"))
+    assert seen[4] > 0 and seen[2] > 0, seen  # both kinds of answer were exercised
