@@ -36,9 +36,10 @@ from ray import serve
 from ray.serve.config import BackpressureConfig
 
 from services.backbone import load_backbone, resolve_backbone_path
+from services.canary import SERVING_ARM
 from services.config import Settings
 from services.config_sources import load_settings
-from services.health import process_rss_mb, wait_until
+from services.health import wait_until
 from services.naming import LIVE_METRICS_ACTOR, REGISTRY_ACTOR, shard_actor, shard_for_user
 from serving import admin
 from serving.api import ApiError, app, retry_later
@@ -47,7 +48,9 @@ from serving.cache import UserVectorCache
 from serving.impressions import ImpressionLog
 from serving.query import parse_recommend_query, parse_similar_query
 from serving.ranking import explain, rank, rank_scores, similar
+from serving.status import replica_status
 from serving.swap import ActivePrompt, PromptSwap
+from serving.warmup import SwapWarmer
 
 # The settings `reconfigure` applies to a running replica (Serve's user_config).
 RUNTIME_KNOBS = ("batch_max_size", "batch_wait_ms", "user_cache_size", "explain_items")
@@ -68,6 +71,8 @@ class Recommender:
         self.batcher = EncodeBatcher(serving.batch_max_size, serving.batch_wait_ms,
                                      serving.encode_thread)
         self.prompts = PromptSwap(encoder, infra.namespace, self.replica)
+        self.warmer = SwapWarmer(self.cache, self.batcher.executor, asyncio.get_running_loop())
+        self.prompts.on_serving_swap = self.warmer.swapped
         await self.prompts.start(self.settings.serving.pin_version)
         live = self.settings.live
         # Without a broker address (a Serve config that names none) nothing is written.
@@ -102,16 +107,22 @@ class Recommender:
                               self.settings.serving.retry_after_s) from None
 
     async def _user_vector(self, user_id: str, state_version: int, history: list[int],
-                           personal: np.ndarray | None,
-                           active: ActivePrompt) -> tuple[torch.Tensor, bool]:
-        """([H] user vector for this (state_version, prompt version), cache hit?)."""
+                           personal: np.ndarray | None, active: ActivePrompt,
+                           may_hold: bool) -> tuple[torch.Tensor, bool, ActivePrompt]:
+        """([H] user vector for this state_version, cache hit?, the version it is of):
+        `active`'s, or with `may_hold` (the serving arm) a version replaced moments ago
+        whose vector of this state is cached while `active` re-encodes (serving.warmup)."""
         key = (state_version, active.version)
         user = self.cache.get(user_id, key)
         if user is not None:
-            return user, True
+            return user, True, active
+        if may_hold and (held := self.warmer.answer(user_id, state_version)) is not None:
+            return held[1], True, held[0]
         user = await self.batcher.encode(active, history, personal)
-        self.cache.put(user_id, key, user)
-        return user, False
+        inputs = (tuple(history), None if personal is None
+                  else np.asarray(personal, np.float32).tobytes())
+        self.cache.put(user_id, key, user, inputs)
+        return user, False, active
 
     # --- routes -----------------------------------------------------------
     @app.get("/recommend")
@@ -135,8 +146,9 @@ class Recommender:
             indices, values = rank_scores(self.prompts.popularity.scores(catalog), query.k,
                                           masked, allowed)
         else:
-            user, hit = await self._user_vector(query.user_id, state_version, history,
-                                                personal, active)
+            user, hit, active = await self._user_vector(
+                query.user_id, state_version, history, personal, active,
+                may_hold=route.arm == SERVING_ARM)
             indices, values = rank(active.model, user, active.items, query.k, masked, allowed)
         version = 0 if route.popularity else active.version
         items = catalog.items
@@ -197,28 +209,7 @@ class Recommender:
 
     @app.get("/version")
     async def version(self) -> dict:
-        active = self.prompts.active
-        live = sorted(self.prompts.item_live_ms)
-        return {"prompt_version": active.version if active else 0,
-                "prompt_sha256": active.sha256 if active else None,
-                "catalog_version": active.catalog_version if active else 0,
-                "catalog_items": len(active.catalog.index) if active else 0,
-                "item_live_ms": {"count": len(live),
-                                 "p50": live[len(live) // 2] if live else None,
-                                 "p99": live[int(len(live) * 0.99)] if live else None},
-                "replica": self.replica,
-                "rss_mb": process_rss_mb(),
-                "publish_to_live_ms": active.publish_to_live_ms if active else None,
-                "swap_ms": active.swap_ms if active else None,
-                "pinned": bool(self.settings.serving.pin_version),
-                "personal_prompts": self.settings.serving.personal_prompts,
-                "user_cache": {**self.cache.counts, "size": len(self.cache)},
-                "encoded": dict(self.batcher.counts),
-                "canary": {"prompt_version": self.prompts.canary_slot.version,
-                           "share": self.prompts.canary_share},
-                "experiment": self.prompts.experiment.id if self.prompts.experiment else None,
-                "impressions": dict(self.impressions.counts) if self.impressions else None,
-                "live": await self.live_metrics()}
+        return {**replica_status(self), "live": await self.live_metrics()}
 
     async def live_metrics(self, method: str = "report", *args) -> dict | None:
         """The live-metrics actor's `method` (default its report: per version and arm,

@@ -42,7 +42,8 @@ class EncodeBatcher:
     def __init__(self, max_size: int, wait_ms: float, in_thread: bool):
         self.in_thread = in_thread
         self.counts = {"passes": 0, "users": 0}  # written by the encoding thread only
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="encoder")  # torch: 1 thread
+        # One encoder thread (torch: 1 thread); serving.warmup queues its batches on it too.
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="encoder")
         self.configure(max_size, wait_ms)
 
     def configure(self, max_size: int, wait_ms: float) -> None:
@@ -71,7 +72,7 @@ class EncodeBatcher:
         started = time.perf_counter()
         try:
             return await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._encode_now, jobs)
+                self.executor, self._encode_now, jobs)
         finally:
             took = time.perf_counter() - started
             self._busy_wait_s = min(MAX_BUSY_WAIT_S, 0.7 * self._busy_wait_s + 0.3 * took)

@@ -20,6 +20,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import ray
@@ -80,6 +81,9 @@ class PromptSwap:
         self.canary_share = 0.0
         self.experiment: ExperimentSlots | None = None  # replaced whole, read once
         self.popularity = LivePopularity(namespace)
+        # Called (before, after) when the serving slot's version changes, and (None, active)
+        # when the catalog does: serving.warmup holds replaced versions for cached users.
+        self.on_serving_swap: Callable[[ActivePrompt | None, ActivePrompt], None] | None = None
         self._build_lock = threading.Lock()  # two watchers build; the later one wins whole
         self.item_live_ms: deque[float] = deque(maxlen=ITEM_LIVE_KEPT)
         self._stopping = threading.Event()
@@ -135,8 +139,9 @@ class PromptSwap:
             if serving and serving["version"] == self.canary_slot.version \
                     and serving["version"] != self.serving_slot.version:
                 # Promoted: the canary's slot, item table and all, becomes the serving one.
+                before = self.serving_slot.active
                 self.serving_slot, self.canary_slot = self.canary_slot, PromptSlot(self.encoder)
-                self._swapped(serving, self.serving_slot, initial, "serves")
+                self._swapped(serving, self.serving_slot, initial, "serves", before)
         if serving and serving["version"] != self.serving_slot.version:
             self.swap(serving, initial)
         if canary and canary["version"] != self.canary_slot.version:
@@ -184,15 +189,19 @@ class PromptSwap:
         # At start-up the version was live long before this replica existed: no swap time.
         live_ms = None if initial else round((time.time() - since) * 1000, 1)
         with self._build_lock:
+            before = slot.active
             slot.load(entry, weights, self.catalog, started, live_ms)
         metrics.swap_seconds().observe(slot.active.swap_ms / 1000)
         self._swapped(entry, slot, initial, "serves" if slot is self.serving_slot
-                      else "runs the canary")
+                      else "runs the canary", before)
 
-    def _swapped(self, entry: dict, slot: PromptSlot, initial: bool, what: str) -> None:
+    def _swapped(self, entry: dict, slot: PromptSlot, initial: bool, what: str,
+                 before: ActivePrompt | None) -> None:
         if slot is self.serving_slot:
             metrics.serving_prompt_version().set(entry["version"],
                                                  tags={"replica": self.replica})
+            if self.on_serving_swap is not None and not initial:
+                self.on_serving_swap(before, slot.active)
         log.info("replica %s now %s prompt version %d", self.replica, what, entry["version"])
 
     def _catalog_changed(self, catalog: Catalog, change: CatalogChange | None) -> None:
@@ -202,6 +211,8 @@ class PromptSwap:
             extra = self.experiment.slots.values() if self.experiment is not None else ()
             for slot in (self.serving_slot, self.canary_slot, *extra):
                 slot.build(self.catalog, time.perf_counter())
+        if self.on_serving_swap is not None and self.serving_slot.active is not None:
+            self.on_serving_swap(None, self.serving_slot.active)  # held versions: old catalog
         now_ms = time.time() * 1000
         if change is not None:
             live = [(now_ms - ms) for ms in change.record_ms if ms > 0]
