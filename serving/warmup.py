@@ -11,7 +11,8 @@ publish or a promotion; never a rollback, which must act at once):
 - a background task re-encodes the cached users, most recently seen first, with the
   new version, in batches on the replica's encoder thread (live misses wait behind at
   most one batch), and caches each vector under the new version;
-- once every such user is done, or after `HOLD_S`, the held versions are let go.
+- once every such user is done, or after `HOLD_S`, the held versions are let go (at
+  most `MAX_HELD` are held when publishes come faster than warm-ups finish).
 
 A user whose state changed since (a new event) is a plain miss, encoded by the new
 version: no answer ever comes from a state older than the one the request read.
@@ -34,6 +35,7 @@ log = logging.getLogger("ray.serve")
 
 BATCH = 16  # users per background pass: a live miss waits behind at most one
 HOLD_S = 60.0  # a held version answers at most this long after it was replaced
+MAX_HELD = 4  # swaps faster than warm-ups hold at most this many versions (oldest go)
 
 
 class SwapWarmer:
@@ -52,6 +54,8 @@ class SwapWarmer:
             self.target = 0
             return
         self.held[before.version] = before
+        while len(self.held) > MAX_HELD:
+            del self.held[min(self.held)]
         self.target = after.version
         self.counts["swaps"] += 1
         self._task = asyncio.run_coroutine_threadsafe(self._warm(after), self.loop)
