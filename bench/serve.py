@@ -137,6 +137,10 @@ def _run(stack: Stack, settings: Settings, args) -> dict:
         "swap_p50_ms": round(percentile(swap_ms, 50), 1),
         "swap_p99_ms": round(percentile(swap_ms, 99), 1),
         "swaps": len(swap_ms),
+        # Requests during the publishes against steady state (target <= 2: no storm).
+        "swap_phase_p99_ms": summary(swap_results)["p99_ms"],
+        "swap_phase_p99_over_steady_p99": round(
+            summary(swap_results)["p99_ms"] / rec["p99_ms"], 2),
         "failed_requests": failed,
         "mixed_version_responses": len(mixed),
         "details": {
