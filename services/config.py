@@ -8,6 +8,7 @@
       training   TrainingSettings   Ray Train rounds, optimiser, gate
       serving    ServingSettings    Serve replicas, HTTP, cache, batching
       live       LiveSettings       impressions, live metrics, the canary
+      kafka      KafkaSecurity      TLS and SASL of every Kafka client
 
 Every setting has one flat name, unique across sections, used three ways (later ones
 winning): the default below, a `PROMPTREC_<NAME>` environment variable, a `--name` CLI
@@ -28,7 +29,7 @@ from typing import Any
 # Re-exported: their home is config_rules, their users import them from here.
 from services.config_rules import ENV_PREFIX, ConfigError, Rule, env_name, flag_name  # noqa: F401
 from services.config_rules import opt as _opt
-from services.config_sections import ItemSettings, LiveSettings
+from services.config_sections import ItemSettings, KafkaSecurity, LiveSettings
 
 DATASETS = ("ml-100k", "ml-1m")
 
@@ -240,6 +241,7 @@ class Settings:
     training: TrainingSettings = field(default_factory=TrainingSettings)
     serving: ServingSettings = field(default_factory=ServingSettings)
     live: LiveSettings = field(default_factory=LiveSettings)
+    kafka: KafkaSecurity = field(default_factory=KafkaSecurity)
 
     def validate(self) -> Settings:
         for section_name, f in setting_fields():

@@ -32,6 +32,8 @@ INTROS = {
     "serving": "Ray Serve replicas, the HTTP API, overload limits, batching and the cache.",
     "live": "Impressions, live metrics from them and the events, and the canary that "
             "promotes or rolls back a new prompt version ([canary.md](canary.md)).",
+    "kafka": "How every Kafka client connects: TLS, client certificates and SASL, as managed "
+             "Kafka services require ([operations.md](operations.md#secured-kafka)).",
 }
 
 HEADER = f"""# Configuration

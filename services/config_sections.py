@@ -54,3 +54,80 @@ class LiveSettings:
         if self.canary_max_events < self.canary_min_events:
             raise ConfigError("canary_max_events", f"{self.canary_max_events} is below "
                               f"canary_min_events ({self.canary_min_events})")
+
+
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+PASSWORD_ENV = "PROMPTREC_KAFKA_SASL_PASSWORD"  # never a flag: it would show in `ps`
+
+
+@dataclass(frozen=True)
+class KafkaSecurity:
+    """How every Kafka client of the service connects (managed Kafka needs TLS and SASL).
+    `kafka_python()` and `confluent()` turn it into each client library's options."""
+
+    kafka_security_protocol: str = _opt("PLAINTEXT", "how Kafka clients connect: PLAINTEXT, "
+                                        "SSL (TLS), SASL_PLAINTEXT or SASL_SSL",
+                                        "in:" + ",".join(SECURITY_PROTOCOLS))
+    kafka_ssl_cafile: str = _opt("", "CA certificate(s) the broker's certificate must chain "
+                                 "to (SSL, SASL_SSL); empty: the system's", "file")
+    kafka_ssl_certfile: str = _opt("", "client certificate for mutual TLS (empty: none)", "file")
+    kafka_ssl_keyfile: str = _opt("", "the client certificate's private key", "file")
+    kafka_sasl_mechanism: str = _opt("PLAIN", "SASL mechanism: PLAIN, SCRAM-SHA-256 or "
+                                     "SCRAM-SHA-512", "in:" + ",".join(SASL_MECHANISMS))
+    kafka_sasl_username: str = _opt("", "SASL user name")
+    kafka_sasl_password_file: str = _opt("", f"file holding the SASL password (else the "
+                                         f"{PASSWORD_ENV} environment variable)", "file")
+
+    @property
+    def sasl(self) -> bool:
+        return self.kafka_security_protocol.startswith("SASL")
+
+    @property
+    def tls(self) -> bool:
+        return self.kafka_security_protocol.endswith("SSL")
+
+    def check(self) -> None:
+        if self.sasl and not self.kafka_sasl_username:
+            raise ConfigError("kafka_sasl_username",
+                              f"{self.kafka_security_protocol} needs a user name")
+        if self.sasl and not self.password():
+            raise ConfigError("kafka_sasl_password_file", f"{self.kafka_security_protocol} "
+                              f"needs a password: a file here or {PASSWORD_ENV}")
+        if bool(self.kafka_ssl_certfile) != bool(self.kafka_ssl_keyfile):
+            raise ConfigError("kafka_ssl_keyfile", "mutual TLS needs both kafka_ssl_certfile "
+                              "and kafka_ssl_keyfile")
+
+    def password(self) -> str:
+        import os
+        from pathlib import Path
+
+        if self.kafka_sasl_password_file:
+            return Path(self.kafka_sasl_password_file).read_text().strip()
+        return os.environ.get(PASSWORD_ENV, "")
+
+    def kafka_python(self) -> dict:
+        """Keyword arguments for kafka-python's KafkaConsumer / KafkaProducer / admin."""
+        options: dict = {"security_protocol": self.kafka_security_protocol}
+        if self.tls:
+            options |= {"ssl_cafile": self.kafka_ssl_cafile or None,
+                        "ssl_certfile": self.kafka_ssl_certfile or None,
+                        "ssl_keyfile": self.kafka_ssl_keyfile or None}
+        if self.sasl:
+            options |= {"sasl_mechanism": self.kafka_sasl_mechanism,
+                        "sasl_plain_username": self.kafka_sasl_username,
+                        "sasl_plain_password": self.password()}
+        return options
+
+    def confluent(self) -> dict:
+        """The same for confluent-kafka (librdkafka's configuration names)."""
+        options = {"security.protocol": self.kafka_security_protocol.lower()}
+        if self.tls:
+            options |= {k: v for k, v in (("ssl.ca.location", self.kafka_ssl_cafile),
+                                          ("ssl.certificate.location", self.kafka_ssl_certfile),
+                                          ("ssl.key.location", self.kafka_ssl_keyfile)) if v}
+        if self.sasl:
+            options |= {"sasl.mechanism": self.kafka_sasl_mechanism,
+                        "sasl.username": self.kafka_sasl_username,
+                        "sasl.password": self.password()}
+        return options

@@ -136,18 +136,20 @@ def check_kafka(bootstrap: str, timeout_s: float = 10.0) -> None:
 
 def ensure_topics(bootstrap: str, topics: dict[str, int],
                   configs: dict[str, dict[str, str]] | None = None,
-                  replication_factor: int = 1) -> dict[str, str]:
+                  replication_factor: int = 1, security: dict | None = None) -> dict[str, str]:
     """Create topics with the given partition counts; existing ones are kept.
 
     `configs` ({topic: {"retention.ms": ...}}) go into the create request and are also
     applied to topics that already exist, so re-running a set-up changes retention in
-    place. Returns {topic: "created" | "updated" | "kept"}.
+    place. `security`: kafka-python options (`KafkaSecurity.kafka_python()`). Returns
+    {topic: "created" | "updated" | "kept"}.
     """
     from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient, NewTopic
     from kafka.errors import TopicAlreadyExistsError
 
     configs = configs or {}
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="promptrec-admin")
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="promptrec-admin",
+                             **(security or {}))
     try:
         existing = set(admin.list_topics())
         new = [NewTopic(name, num_partitions=n, replication_factor=replication_factor,
@@ -169,11 +171,13 @@ def ensure_topics(bootstrap: str, topics: dict[str, int],
     return status | {topic.name: "created" for topic in new}
 
 
-def topic_settings(bootstrap: str, topics: list[str]) -> dict[str, dict]:
+def topic_settings(bootstrap: str, topics: list[str], security: dict | None = None
+                   ) -> dict[str, dict]:
     """{topic: {"partitions": n, "configs": {name: value}}} as the broker reports them."""
     from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient
 
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="promptrec-admin")
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="promptrec-admin",
+                             **(security or {}))
     try:
         described = {t["name"]: len(t["partitions"]) for t in admin.describe_topics(topics)}
         # "all": brokers differ in which source they report for create-time configs.

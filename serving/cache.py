@@ -57,6 +57,11 @@ class UserVectorCache:
         """The user's entry, whatever its key; not counted, recency unchanged."""
         return self._entries.get(user_id)
 
+    def touch(self, user_id: str) -> None:
+        """Count a visit (recency) without a lookup: an answer from a held version."""
+        if user_id in self._entries:
+            self._entries.move_to_end(user_id)
+
     def put(self, user_id: str, key: CacheKey, user: torch.Tensor,
             inputs: Inputs | None = None, recent: bool = True) -> None:
         """Cache `user` under `key`; `recent` False keeps the user's place in the LRU order

@@ -11,8 +11,11 @@ publish or a promotion; never a rollback, which must act at once):
 - a background task re-encodes the cached users, most recently seen first, with the
   new version, in batches on the replica's encoder thread (live misses wait behind at
   most one batch), and caches each vector under the new version;
-- once every such user is done, or after `HOLD_S`, the held versions are let go (at
-  most `MAX_HELD` are held when publishes come faster than warm-ups finish).
+- the background work takes at most half of the encoder's time (after each batch it
+  waits as long as the batch took), so live misses are not starved;
+- once every such user is done the held versions are let go; when publishes come faster
+  than warm-ups finish, each held version answers at most `HOLD_S` after it was
+  replaced, and at most `MAX_HELD` are held (the oldest go first).
 
 A user whose state changed since (a new event) is a plain miss, encoded by the new
 version: no answer ever comes from a state older than the one the request read.
@@ -34,8 +37,8 @@ from serving.slot import ActivePrompt
 log = logging.getLogger("ray.serve")
 
 BATCH = 16  # users per background pass: a live miss waits behind at most one
-HOLD_S = 60.0  # a held version answers at most this long after it was replaced
-MAX_HELD = 4  # swaps faster than warm-ups hold at most this many versions (oldest go)
+HOLD_S = 30.0  # a held version answers at most this long after it was replaced
+MAX_HELD = 16  # versions held at once when swaps outpace warm-ups (the oldest go)
 
 
 class SwapWarmer:
@@ -43,6 +46,7 @@ class SwapWarmer:
                  loop: asyncio.AbstractEventLoop):
         self.cache, self.executor, self.loop = cache, executor, loop
         self.held: dict[int, ActivePrompt] = {}  # replaced versions still answering
+        self._replaced_at: dict[int, float] = {}  # version -> when it was replaced
         self.target = 0  # the version being warmed (0: none)
         self.counts = {"warmed": 0, "held_answers": 0, "swaps": 0}
         self._task: asyncio.Future | None = None
@@ -51,11 +55,13 @@ class SwapWarmer:
         """The serving slot moved from `before` to `after` (any thread)."""
         if before is None or after.version <= before.version:
             self.held.clear()  # a rollback or a rebuild: nothing older may answer
+            self._replaced_at.clear()
             self.target = 0
             return
         self.held[before.version] = before
+        self._replaced_at[before.version] = time.monotonic()
         while len(self.held) > MAX_HELD:
-            del self.held[min(self.held)]
+            self._let_go(min(self.held))
         self.target = after.version
         self.counts["swaps"] += 1
         self._task = asyncio.run_coroutine_threadsafe(self._warm(after), self.loop)
@@ -68,21 +74,31 @@ class SwapWarmer:
         held = self.held.get(entry.key[1])
         if held is None:
             return None
+        if time.monotonic() - self._replaced_at.get(held.version, 0.0) > HOLD_S:
+            self._let_go(held.version)
+            return None
         self.counts["held_answers"] += 1
+        self.cache.touch(user_id)  # re-encoded sooner: it is being asked for
         return held, entry.vector
 
     def status(self) -> dict:
         return {**self.counts, "warming": self.target, "held": sorted(self.held)}
+
+    def _let_go(self, version: int) -> None:
+        self.held.pop(version, None)
+        self._replaced_at.pop(version, None)
 
     async def _warm(self, new: ActivePrompt) -> None:
         started = time.monotonic()
         todo = [(user, entry) for user, entry in self.cache.most_recent()
                 if entry.inputs is not None and entry.key[1] in self.held]
         for first in range(0, len(todo), BATCH):
-            if self.target != new.version or time.monotonic() - started > HOLD_S:
-                break  # a newer swap warms from here on, or time is up
+            if self.target != new.version:
+                break  # a newer swap warms from here on
             chunk = todo[first:first + BATCH]
+            took = time.monotonic()
             vectors = await self.loop.run_in_executor(self.executor, self._encode, new, chunk)
+            await asyncio.sleep(time.monotonic() - took)  # half the encoder for live misses
             for (user, entry), vector in zip(chunk, vectors, strict=True):
                 if self.cache.peek(user) is entry:  # not re-encoded or evicted meanwhile
                     self.cache.put(user, (entry.key[0], new.version), vector, entry.inputs,
@@ -92,6 +108,7 @@ class SwapWarmer:
             log.info("re-encoded %d cached users with prompt version %d in %.1f s",
                      len(todo), new.version, time.monotonic() - started)
             self.held.clear()
+            self._replaced_at.clear()
             self.target = 0
 
     @staticmethod

@@ -124,7 +124,9 @@ class IngestConsumer:
 
         s = self.settings.streaming
         # A broker that restarted empty has no topics: recreate them (idempotent).
-        ensure_topics(self.bootstrap, {s.topic_clicks: s.partitions, s.topic_dlq: 1})
+        security = self.settings.kafka
+        ensure_topics(self.bootstrap, {s.topic_clicks: s.partitions, s.topic_dlq: 1},
+                      security=security.kafka_python())
         consumer, dlq = open_clients(s.kafka_client, self.bootstrap, s.topic_clicks,
                                      s.consumer_group, f"promptrec-ingest-{self.index}",
                                      s.poll_max_records)
