@@ -71,14 +71,16 @@ class Recommender:
         self.batcher = EncodeBatcher(serving.batch_max_size, serving.batch_wait_ms,
                                      serving.encode_thread)
         self.prompts = PromptSwap(encoder, infra.namespace, self.replica)
-        self.warmer = SwapWarmer(self.cache, self.batcher.executor, asyncio.get_running_loop())
+        self.warmer = SwapWarmer(self.cache, self.batcher.executor, asyncio.get_running_loop(),
+                                 lambda: self.batcher.waiting)
         self.prompts.on_serving_swap = self.warmer.swapped
         await self.prompts.start(self.settings.serving.pin_version)
         live = self.settings.live
         # Without a broker address (a Serve config that names none) nothing is written.
         self.impressions = ImpressionLog(infra.kafka_bootstrap, live.topic_impressions,
                                          live.impression_queue_max,
-                                         f"promptrec-impressions-{self.replica}") \
+                                         f"promptrec-impressions-{self.replica}",
+                                         self.settings.kafka.kafka_python()) \
             if infra.kafka_bootstrap else None
 
     def reconfigure(self, knobs: dict) -> None:

@@ -42,6 +42,7 @@ class EncodeBatcher:
     def __init__(self, max_size: int, wait_ms: float, in_thread: bool):
         self.in_thread = in_thread
         self.counts = {"passes": 0, "users": 0}  # written by the encoding thread only
+        self.waiting = 0  # live misses asked for and not answered yet (serving.warmup yields)
         # One encoder thread (torch: 1 thread); serving.warmup queues its batches on it too.
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="encoder")
         self.configure(max_size, wait_ms)
@@ -57,7 +58,11 @@ class EncodeBatcher:
         """One user's [H] vector under `active`: history = catalog indices, oldest first;
         personal = their personal prompt [H] or None."""
         personal_bytes = None if personal is None else np.asarray(personal, np.float32).tobytes()
-        return await self._encode(EncodeJob(active, tuple(history), personal_bytes))
+        self.waiting += 1
+        try:
+            return await self._encode(EncodeJob(active, tuple(history), personal_bytes))
+        finally:
+            self.waiting -= 1
 
     # Batch size and wait are placeholders: configure() sets them from the settings.
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.002, max_concurrent_batches=1)

@@ -25,8 +25,10 @@ RETRY_S = 2.0  # between attempts to reach the broker
 
 
 class ImpressionLog:
-    def __init__(self, bootstrap: str, topic: str, queue_max: int, client_id: str):
+    def __init__(self, bootstrap: str, topic: str, queue_max: int, client_id: str,
+                 security: dict | None = None):
         self.bootstrap, self.topic, self.client_id = bootstrap, topic, client_id
+        self.security = security or {}  # kafka-python options (KafkaSecurity)
         self.counts: Tally[str] = Tally()
         self._queue: queue.Queue[dict] = queue.Queue(maxsize=queue_max)
         self._stop = threading.Event()
@@ -58,7 +60,7 @@ class ImpressionLog:
             try:
                 if producer is None:
                     producer = KafkaProducer(bootstrap_servers=self.bootstrap, linger_ms=20,
-                                             acks=1, client_id=self.client_id)
+                                             acks=1, client_id=self.client_id, **self.security)
                 future = producer.send(self.topic, key=impression["user_id"].encode(),
                                        value=json.dumps(impression,
                                                         separators=(",", ":")).encode())

@@ -11,8 +11,9 @@ publish or a promotion; never a rollback, which must act at once):
 - a background task re-encodes the cached users, most recently seen first, with the
   new version, in batches on the replica's encoder thread (live misses wait behind at
   most one batch), and caches each vector under the new version;
-- the background work takes at most half of the encoder's time (after each batch it
-  waits as long as the batch took), so live misses are not starved;
+- the background work yields to live misses: a batch starts only while no live miss
+  waits for the encoder, and then takes at most half of its time (after each batch it
+  waits as long as the batch took);
 - once every such user is done the held versions are let go; when publishes come faster
   than warm-ups finish, each held version answers at most `HOLD_S` after it was
   replaced, and at most `MAX_HELD` are held (the oldest go first).
@@ -26,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Executor
 
 import numpy as np
@@ -36,15 +38,17 @@ from serving.slot import ActivePrompt
 
 log = logging.getLogger("ray.serve")
 
-BATCH = 16  # users per background pass: a live miss waits behind at most one
+BATCH = 8  # users per background pass: a live miss waits behind at most one
+IDLE_POLL_S = 0.01  # how often a waiting background batch looks for a free encoder
 HOLD_S = 30.0  # a held version answers at most this long after it was replaced
 MAX_HELD = 16  # versions held at once when swaps outpace warm-ups (the oldest go)
 
 
 class SwapWarmer:
     def __init__(self, cache: UserVectorCache, executor: Executor,
-                 loop: asyncio.AbstractEventLoop):
+                 loop: asyncio.AbstractEventLoop, live_waiting: Callable[[], int] = lambda: 0):
         self.cache, self.executor, self.loop = cache, executor, loop
+        self.live_waiting = live_waiting  # live misses waiting for the encoder now
         self.held: dict[int, ActivePrompt] = {}  # replaced versions still answering
         self._replaced_at: dict[int, float] = {}  # version -> when it was replaced
         self.target = 0  # the version being warmed (0: none)
@@ -95,6 +99,8 @@ class SwapWarmer:
         for first in range(0, len(todo), BATCH):
             if self.target != new.version:
                 break  # a newer swap warms from here on
+            while self.live_waiting() and self.target == new.version:
+                await asyncio.sleep(IDLE_POLL_S)
             chunk = todo[first:first + BATCH]
             took = time.monotonic()
             vectors = await self.loop.run_in_executor(self.executor, self._encode, new, chunk)

@@ -28,7 +28,8 @@ class ConfluentConsumer:
     # asked at most this often.
     TOPIC_ID_EVERY_S = 1.0
 
-    def __init__(self, bootstrap: str, topic: str, group: str, client_id: str):
+    def __init__(self, bootstrap: str, topic: str, group: str, client_id: str,
+                 security: dict | None = None):
         ck = _confluent()
         from confluent_kafka.admin import AdminClient
 
@@ -42,11 +43,12 @@ class ConfluentConsumer:
             "enable.auto.commit": False, "auto.offset.reset": "earliest",
             "session.timeout.ms": 6000, "heartbeat.interval.ms": 1500,
             "fetch.wait.max.ms": FETCH_WAIT_MS, "fetch.queue.backoff.ms": 20,
-            "fetch.error.backoff.ms": 20, "error_cb": self._on_error})
+            "fetch.error.backoff.ms": 20, "error_cb": self._on_error, **(security or {})})
         self._paused = False
         self._consumer.subscribe([topic], on_assign=self._on_assign)
         self._admin = AdminClient({"bootstrap.servers": bootstrap,
-                                   "client.id": f"{client_id}-admin", "error_cb": self._on_error})
+                                   "client.id": f"{client_id}-admin", "error_cb": self._on_error,
+                                   **(security or {})})
         self._topic_id = ""
         self._topic_id_at = 0.0
         self._pending_id = None  # a describe_topics future not yet answered
@@ -150,12 +152,12 @@ class ConfluentConsumer:
 
 
 class ConfluentProducer:
-    def __init__(self, bootstrap: str, client_id: str):
+    def __init__(self, bootstrap: str, client_id: str, security: dict | None = None):
         ck = _confluent()
         self._producer = ck.Producer({
             "bootstrap.servers": bootstrap, "client.id": f"{client_id}-dlq", "linger.ms": 5,
             "enable.idempotence": False, "message.max.bytes": MAX_DLQ_BYTES,
-            "error_cb": ConfluentConsumer._on_error})
+            "error_cb": ConfluentConsumer._on_error, **(security or {})})
 
     def send(self, topic: str, key: bytes | None, value: bytes | None,
              headers: list[tuple[str, bytes]]) -> None:

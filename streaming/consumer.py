@@ -129,7 +129,7 @@ class IngestConsumer:
                       security=security.kafka_python())
         consumer, dlq = open_clients(s.kafka_client, self.bootstrap, s.topic_clicks,
                                      s.consumer_group, f"promptrec-ingest-{self.index}",
-                                     s.poll_max_records)
+                                     s.poll_max_records, security)
         event_log = EventLogWriter(str(self.settings.infra.root / "eventlog"),
                                    f"consumer{self.index}")
         # Everything alive now (Ray, the Kafka client, pyarrow and their modules) lives as

@@ -81,7 +81,9 @@ class ItemConsumer:
         # Embedding is this actor's whole work, in bursts; Ray starts it with one thread.
         torch.set_num_threads(i.item_embed_threads)
         self.vectors.warm_up()
-        ensure_topics(self.bootstrap, {i.topic_items: 1, i.topic_items_dlq: 1})
+        security = self.settings.kafka
+        ensure_topics(self.bootstrap, {i.topic_items: 1, i.topic_items_dlq: 1},
+                      security=security.kafka_python())
         registry = ray.get_actor(CATALOG_ACTOR, namespace=self.settings.infra.namespace)
         if self._known is None:  # now, not at the first record: it costs ~0.3 s here
             catalog = ray.get(registry.snapshot.remote())
@@ -89,7 +91,7 @@ class ItemConsumer:
         # A group of its own per start: read the topic from the beginning, commit nothing.
         group = f"promptrec-items-{time.time_ns()}"
         consumer, dlq = open_clients(s.kafka_client, self.bootstrap, i.topic_items, group,
-                                     "promptrec-items", i.item_batch_max)
+                                     "promptrec-items", i.item_batch_max, security)
         try:
             while not self._stop.is_set():
                 polled = self._poll_batch(consumer, i.item_batch_max)

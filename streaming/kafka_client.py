@@ -23,6 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from services.config import KafkaSecurity
+
 log = logging.getLogger(__name__)
 
 CLIENTS = ("kafka-python", "confluent-kafka")
@@ -83,17 +85,23 @@ def dead_letter(dlq: DeadLetterProducer, topic: str, key: bytes | None, value: b
 
 
 def open_clients(client: str, bootstrap: str, topic: str, group: str, client_id: str,
-                 max_records: int) -> tuple[ClickConsumer, DeadLetterProducer]:
+                 max_records: int, security: KafkaSecurity | None = None
+                 ) -> tuple[ClickConsumer, DeadLetterProducer]:
+    """The consumer and the dead-letter producer of `client`, connected as `security`
+    says (TLS, SASL; default plaintext)."""
+    security = security or KafkaSecurity()
     if client == "kafka-python":
         from streaming.kafka_python import KafkaPythonConsumer, KafkaPythonProducer
 
-        return (KafkaPythonConsumer(bootstrap, topic, group, client_id, max_records),
-                KafkaPythonProducer(bootstrap, client_id))
+        options = security.kafka_python()
+        return (KafkaPythonConsumer(bootstrap, topic, group, client_id, max_records, options),
+                KafkaPythonProducer(bootstrap, client_id, options))
     if client == "confluent-kafka":
         from streaming.confluent import ConfluentConsumer, ConfluentProducer
 
-        return (ConfluentConsumer(bootstrap, topic, group, client_id),
-                ConfluentProducer(bootstrap, client_id))
+        options = security.confluent()
+        return (ConfluentConsumer(bootstrap, topic, group, client_id, options),
+                ConfluentProducer(bootstrap, client_id, options))
     raise ValueError(f"unknown kafka_client {client!r}: one of {CLIENTS}")
 
 

@@ -26,7 +26,7 @@ def cached_topic_id(consumer, topic: str) -> str:
 
 class KafkaPythonConsumer:
     def __init__(self, bootstrap: str, topic: str, group: str, client_id: str,
-                 max_records: int):
+                 max_records: int, security: dict | None = None):
         from kafka import KafkaConsumer
 
         self.topic = topic
@@ -36,7 +36,7 @@ class KafkaPythonConsumer:
             bootstrap_servers=bootstrap, group_id=group, client_id=client_id,
             enable_auto_commit=False, auto_offset_reset="earliest", session_timeout_ms=6000,
             heartbeat_interval_ms=1500, max_poll_records=max_records,
-            fetch_max_wait_ms=FETCH_WAIT_MS)
+            fetch_max_wait_ms=FETCH_WAIT_MS, **(security or {}))
         self._consumer.subscribe([topic], listener=_pause_new_partitions(self))
 
     def poll(self, timeout_s: float, max_records: int) -> dict[int, PartitionRecords]:
@@ -114,13 +114,13 @@ def _pause_new_partitions(owner: KafkaPythonConsumer):
 
 
 class KafkaPythonProducer:
-    def __init__(self, bootstrap: str, client_id: str):
+    def __init__(self, bootstrap: str, client_id: str, security: dict | None = None):
         from kafka import KafkaProducer
 
         # enable_idempotence=False: survives a broker restarted with empty storage.
         self._producer = KafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=False,
                                        linger_ms=5, client_id=f"{client_id}-dlq",
-                                       max_request_size=MAX_DLQ_BYTES)
+                                       max_request_size=MAX_DLQ_BYTES, **(security or {}))
 
     def send(self, topic: str, key: bytes | None, value: bytes | None,
              headers: list[tuple[str, bytes]]) -> None:

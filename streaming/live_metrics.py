@@ -127,7 +127,8 @@ class LiveMetrics:
             live.topic_impressions, streaming.topic_clicks, bootstrap_servers=self.bootstrap,
             group_id=f"promptrec-live-{time.time_ns()}", enable_auto_commit=False,
             auto_offset_reset="latest", session_timeout_ms=6000, heartbeat_interval_ms=1500,
-            fetch_max_wait_ms=100, client_id="promptrec-live-metrics")
+            fetch_max_wait_ms=100, client_id="promptrec-live-metrics",
+            **self.settings.kafka.kafka_python())
         last_judged = 0.0
         try:
             while not self._stop.is_set():

@@ -11,13 +11,15 @@ from services.events import ClickEvent
 from services.item_records import encode_item
 
 
-def make_producer(bootstrap: str):
+def make_producer(bootstrap: str, security: dict | None = None):
+    """A producer for replays; `security`: kafka-python options (KafkaSecurity)."""
     from kafka import KafkaProducer
 
     # enable_idempotence=False: an idempotent producer cannot survive a broker that
     # restarts with empty (memory) storage, which the embedded broker does.
     return KafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=False, acks=1,
-                         linger_ms=10, batch_size=256 * 1024, client_id="promptrec-replay")
+                         linger_ms=10, batch_size=256 * 1024, client_id="promptrec-replay",
+                         **(security or {}))
 
 
 def send_events(producer, topic: str, events: Iterable[ClickEvent],

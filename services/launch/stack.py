@@ -77,7 +77,8 @@ class Stack:
         ensure_topics(self.bootstrap, {s.streaming.topic_clicks: s.streaming.partitions,
                                        s.streaming.topic_dlq: 1, s.items.topic_items: 1,
                                        s.items.topic_items_dlq: 1,
-                                       s.live.topic_impressions: s.streaming.partitions})
+                                       s.live.topic_impressions: s.streaming.partitions},
+                      security=s.kafka.kafka_python())
         self._step(f"kafka ready ({self.bootstrap})", t)
 
         t = time.monotonic()
