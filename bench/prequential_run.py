@@ -36,6 +36,7 @@ from services.health import wait_until
 from services.rank_metrics import K
 
 log = logging.getLogger("promptrec")
+CANARY_SETTLE_S = 60.0  # a canary running at the end of the replay waits this for a verdict
 
 # The settings a result records (what shaped the run).
 RECORDED_SETTINGS = ("train_every_events", "first_round_events", "train_steps",
@@ -143,7 +144,7 @@ def run_prequential(settings: Settings, out: Path, window: int = 1000,
         evaluation = run_windows(events, arm_objects, learn, window, sample, on_window=on_window,
                                  on_answers=quote)
         producer.close()
-        canary_record = _canary_record(stack, settings) if canary else None
+        canary_record = _canary_record(stack, settings, CANARY_SETTLE_S) if canary else None
         result = build_result(
             evaluation, dataset=dataset, events_replayed=len(events),
             events_in_dataset=len(load_interactions(source)) if max_events else len(events),
@@ -195,13 +196,22 @@ def _deploy_arms(stack, arms: Sequence[str], baselines: dict[str, CountingArm], 
     return objects, apps, follow
 
 
-def _canary_record(stack, settings: Settings) -> dict:
+def _canary_record(stack, settings: Settings, settle_s: float) -> dict:
     """What the canary decided over the replay: the registry's outcomes and the live
-    metrics' verdicts (each with the two arms' live figures)."""
+    metrics' verdicts (each with the two arms' live figures). A canary still running
+    when the replay ends gets up to `settle_s` for its verdict: the live metrics credit
+    the last windows' events a moment after they are produced."""
     import httpx
     import ray
 
-    routing = ray.get(stack.registry.routing.remote())
+    def decided() -> dict | None:
+        routing = ray.get(stack.registry.routing.remote())
+        return None if routing["canary"] else routing
+
+    try:
+        routing = wait_until(decided, settle_s, "the running canary's verdict", 0.5)
+    except TimeoutError:
+        routing = ray.get(stack.registry.routing.remote())  # recorded undecided
     live = httpx.get(f"{stack.base_url}/version", timeout=30).json().get("live") or {}
     return {"share": settings.live.canary_share, "min_events": settings.live.canary_min_events,
             "margin": settings.live.canary_margin, "serving_at_end": routing["serving"],
