@@ -7,15 +7,19 @@ judged by validation NDCG@10 at checkpoints (the test split is never read here);
 table reports its best checkpoint, where it was, and the seconds per optimizer step, all
 in one run on one machine. Variants change one thing at a time against the one above
 them, from the earlier recipe (one example per event, a 30-item window, the whole
-backbone, the mean readout) to the current one. Writes bench/results/ablation_<dataset>.json.
+backbone, the mean readout) to the current one. Writes bench/results/ablation_<dataset>.json;
+with --only, the rows of the variants not run are kept from that file (each row names
+its own epochs).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -62,6 +66,9 @@ VARIANTS = (
     Variant("lora", "two_layers with rank-8 LoRA adapters on their attention projections",
             {"train_rows": "users", "history_len": 200, "readout": "last", "bf16": True,
              "user_layers": 2, "lora_rank": 8}),
+    Variant("lora_dropout", "lora with dropout 0.2 on the history and the layers' own",
+            {"train_rows": "users", "history_len": 200, "readout": "last", "bf16": True,
+             "user_layers": 2, "lora_rank": 8, "dropout": 0.2}),
     Variant("no_personal", "two_layers without the personal prompt (the per-user state)",
             {"train_rows": "users", "history_len": 200, "readout": "last", "bf16": True,
              "user_layers": 2, "personal_prompts": False}),
@@ -84,7 +91,19 @@ def run_variant(base: Settings, variant: Variant, epochs: float, evals_per_epoch
             "best_epoch": round(run.best_step / per_epoch, 2), "steps": steps,
             "train_rows": len(split.train),
             "seconds_per_step": round(run.train_seconds / steps, 3),
-            "val_curve": run.curve}
+            "epochs": epochs if variant.steps is None else None, "val_curve": run.curve}
+
+
+def merged(path: Path, rows: list[dict]) -> list[dict]:
+    """The rows of this run, beside the rows of the variants it did not run kept from
+    the result file at `path` (each row says its own epochs), in VARIANTS order."""
+    kept = {}
+    if path.exists():
+        kept = {r["variant"]: r for r in json.loads(path.read_text()).get("variants", [])}
+    kept.update({r["variant"]: r for r in rows})
+    order = [v.name for v in VARIANTS]
+    return sorted(kept.values(), key=lambda r: order.index(r["variant"])
+                  if r["variant"] in order else len(order))
 
 
 def markdown(rows: list[dict]) -> str:
@@ -119,12 +138,14 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     rows = [run_variant(base, v, args.epochs, args.evals_per_epoch, catalog, interactions)
             for v in VARIANTS if args.only is None or v.name in args.only]
-    result = {"dataset": args.dataset, "epochs": args.epochs, "variants": rows,
+    path = Path(args.out or result_path(f"ablation_{args.dataset}.json"))
+    result = {"dataset": args.dataset, "epochs": args.epochs,
+              "variants": merged(path, rows) if args.only else rows,
               "protocol": "standard split (bench/quality.py); validation NDCG@10 only, the "
                           "test split is not read",
               "wall_seconds": round(time.monotonic() - started),
               **run_stamp(" ".join(["python -m bench.ablation", *argv]), load=True)}
-    out = write_result(args.out or result_path(f"ablation_{args.dataset}.json"), result)
+    out = write_result(path, result)
     print(markdown(rows))
     print(f"written to {out}")
     return 0

@@ -1,6 +1,8 @@
+import json
+
 import pytest
 
-from bench.ablation import VARIANTS, main, markdown
+from bench.ablation import VARIANTS, main, markdown, merged
 from services.config_sources import load_settings
 
 
@@ -25,3 +27,14 @@ def test_the_table_has_one_row_per_variant():
     rows = [{"variant": "a", "change": "x", "val_ndcg10": 0.1, "best_epoch": 2.0,
              "seconds_per_step": 1.5}]
     assert markdown(rows).splitlines()[-1] == "| a | x | 0.1000 | 2.0 | 1.5 |"
+
+
+def test_a_partial_run_keeps_the_other_variants_rows_in_order(tmp_path):
+    path = tmp_path / "ablation.json"
+    path.write_text(json.dumps({"variants": [{"variant": "lora", "val_ndcg10": 0.2},
+                                             {"variant": "earlier", "val_ndcg10": 0.1}]}))
+    rows = merged(path, [{"variant": "lora", "val_ndcg10": 0.3},
+                         {"variant": "dropout", "val_ndcg10": 0.4}])
+    assert [(r["variant"], r["val_ndcg10"]) for r in rows] == [
+        ("earlier", 0.1), ("dropout", 0.4), ("lora", 0.3)]
+    assert merged(tmp_path / "missing.json", rows[:1]) == rows[:1]
