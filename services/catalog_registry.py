@@ -139,15 +139,19 @@ def follow_if_running(namespace: str,
                       ) -> CatalogFollower | None:
     """A follower of the live catalog, or None where no catalog registry runs (a plane
     started on its own, by a test or a benchmark, keeps the catalog it was given)."""
+    return CatalogFollower(namespace, on_change) if catalog_registry_runs(namespace) else None
+
+
+def catalog_registry_runs(namespace: str) -> bool:
     import ray
 
     if not ray.is_initialized():
-        return None
+        return False
     try:
         ray.get_actor(CATALOG_ACTOR, namespace=namespace)
     except ValueError:
-        return None
-    return CatalogFollower(namespace, on_change)
+        return False
+    return True
 
 
 class CatalogFollower:

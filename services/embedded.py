@@ -243,6 +243,15 @@ def start_ray(settings, connect_timeout_s: float = 10.0) -> None:
     # Read by Serve's proxy and replicas at import: they inherit it from this process.
     os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = \
         "1" if settings.serving.serve_throughput_optimized else "0"
+    # Throughput-optimized Serve holds a stopping replica open 30 s so that an outside
+    # load balancer can deregister it; nothing stands in front of a local Ray, and the
+    # wait made every stop take 30 s more.
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "0")
+    # A local Ray turns token authentication on by default and says so at WARNING on every
+    # start; that is the setting we want, not a problem. (Setting RAY_AUTH_MODE=token
+    # instead would have to happen before Ray is imported.)
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+        logging.ERROR)
     # Ray starts its workers at niceness 15 (`worker_niceness`), below the driver, the
     # embedded broker, raylet and GCS. On a small machine any of those busy for a while
     # then starves every actor and replica at once: with one core kept busy by a plain

@@ -11,8 +11,9 @@ config names. After the start the port is read back through the public `ray.node
 instead of exporting where nothing scrapes. tests/services/test_ray_private.py pins
 both sides to the installed Ray.
 
-Worker niceness: Ray has no public option for it; `_system_config` overrides Ray's
-internal config (`worker_niceness`, default 15). tests/serving/test_serving_e2e.py
+Worker niceness and start-up concurrency: Ray has no public option for them;
+`_system_config` overrides Ray's internal config (`worker_niceness`, default 15;
+`worker_maximum_startup_concurrency`, default the CPU count). tests/serving/test_serving_e2e.py
 reads every actor's niceness back (test_every_actor_runs_at_normal_priority).
 """
 
@@ -20,6 +21,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+# The raylet starts at most this many workers at once, and warns when more than 4x as
+# many workers live (Ray's default is the CPU count: 2 here, so the stack's ~12 actors
+# set off "N PYTHON worker processes have been started ... 6x the maximum expected
+# startup concurrency" on every start, although they are one per actor by design).
+STARTUP_CONCURRENCY = 8
 METRICS_PORT_KEYWORD = "_metrics_export_port"
 SYSTEM_CONFIG_KEYWORD = "_system_config"
 NODE_METRICS_PORT = "MetricsExportPort"  # the key in each ray.nodes() entry
@@ -35,7 +41,9 @@ def init_local_ray(metrics_port: int, worker_niceness: int, **init_kwargs) -> No
     import ray
 
     ray.init(**init_kwargs, **{METRICS_PORT_KEYWORD: metrics_port,
-                               SYSTEM_CONFIG_KEYWORD: {"worker_niceness": worker_niceness}})
+                               SYSTEM_CONFIG_KEYWORD: {
+                                   "worker_niceness": worker_niceness,
+                                   "worker_maximum_startup_concurrency": STARTUP_CONCURRENCY}})
     check_metrics_port(ray.nodes(), metrics_port)
 
 

@@ -21,9 +21,8 @@ Where a live catalog runs, the known items follow its versions, and an event nam
 item not there yet is held for it (`streaming.held`), not dead-lettered at once.
 
 Offsets are qualified by the topic's id (its epoch): a topic recreated under the same
-name (the embedded broker keeps data in memory; a restart empties it) restarts offsets
-at 0. A consumer that sees the id change seeks to the beginning, and shards treat the
-new epoch's offsets as new.
+name (an in-memory broker's restart) restarts at 0; a consumer that sees the id change
+seeks to the beginning, and shards treat the new epoch's offsets as new.
 """
 
 from __future__ import annotations
@@ -36,12 +35,14 @@ from collections import Counter as Tally
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import ray
+
 from services import metrics
 from services.batch import EventBatch
 from services.batch_decode import decode_batch
 from services.config import Settings
 from services.eventlog import EventLogWriter
-from services.naming import shard_for_user
+from services.naming import shard_actor, shard_for_user
 from streaming.held import ItemHold
 from streaming.kafka_client import PartitionRecords, dead_letter, open_clients, run_restarting
 
@@ -64,18 +65,20 @@ class _InFlight:
 
 
 class IngestConsumer:
-    def __init__(self, settings: Settings, consumer_index: int, shards: list,
-                 known_items: list[str], bootstrap: str):
+    def __init__(self, settings: Settings, consumer_index: int, known_items: list[str],
+                 bootstrap: str):
         self.settings = settings.validate()  # an actor re-checks what it was handed
         self.index = consumer_index
-        self.shards = shards
+        # Found by name: handles among a constructor's arguments may be lost before a
+        # restart on another node (ray-project/ray#53727).
+        self.shards = [ray.get_actor(shard_actor(i), namespace=settings.infra.namespace)
+                       for i in range(settings.streaming.num_shards)]
         self.counts: Tally[str] = Tally()
-        self.held = ItemHold(settings, shards, frozenset(known_items), self._count)
+        self.held = ItemHold(settings, self.shards, frozenset(known_items), self._count)
         self.bootstrap = bootstrap
         self.lag: dict[int, int] = {}
         self.error: str | None = None
-        self._stop = threading.Event()
-        self._paused = threading.Event()
+        self._stop, self._paused = threading.Event(), threading.Event()
         self.assigned: list[int] = []
         self._thread: threading.Thread | None = None
         self.epoch = ""  # the topic id seen last
@@ -110,8 +113,7 @@ class IngestConsumer:
         return {"consumer": self.index, "counts": dict(self.counts), "lag": dict(self.lag),
                 "assigned": list(self.assigned), "paused": self._paused.is_set(),
                 "alive": bool(self._thread and self._thread.is_alive()), "error": self.error,
-                "rewinds": self.rewinds, "epoch": self.epoch,
-                "epoch_changes": self.epoch_changes}
+                "rewinds": self.rewinds, "epoch": self.epoch, "epoch_changes": self.epoch_changes}
 
     # --- the loop ---
     def _run_forever(self) -> None:
@@ -262,8 +264,6 @@ class IngestConsumer:
 
     def _collect(self, inflight: _InFlight) -> dict[int, int]:
         """Results of a submitted batch -> rewind {partition: offset} asked by any shard."""
-        import ray
-
         rewind: dict[int, int] = {}
         for result in ray.get(inflight.refs):
             self._count("ok", "", result["applied"])

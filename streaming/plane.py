@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import ray
 
+from services.catalog_registry import catalog_registry_runs
 from services.config import Settings
 from services.naming import shard_actor
 from streaming.consumer import IngestConsumer
@@ -77,19 +78,23 @@ def start_streaming(settings: Settings, bootstrap: str, item_ids: list[str],
     Both kinds of actor restart after a crash (max_restarts=-1); a shard call in flight
     is retried on the restarted shard, which then asks for a rewind to its snapshot.
     """
-    vectors_ref = ray.put(item_vectors)
+    namespace = settings.infra.namespace
+    # Where the catalog registry runs, shards fetch the vectors from it: the object store
+    # may lose a big constructor argument before a restart (see UserStateShard).
+    follow = item_vectors is not None and catalog_registry_runs(namespace)
+    vectors = None if follow else ray.put(item_vectors)
     shard_cls = ray.remote(UserStateShard)
-    shards = [shard_cls.options(name=shard_actor(i), namespace=settings.infra.namespace,
+    shards = [shard_cls.options(name=shard_actor(i), namespace=namespace,
                                 num_cpus=0.25, max_concurrency=1, max_restarts=-1,
                                 max_task_retries=-1).remote(
-        i, settings.streaming, vectors_ref, item_ids, str(settings.infra.root / "snapshots"),
-        settings.infra.namespace)
+        i, settings.streaming, vectors, None if follow else item_ids,
+        str(settings.infra.root / "snapshots"), namespace, follow_catalog=follow)
         for i in range(settings.streaming.num_shards)]
     consumer_cls = ray.remote(IngestConsumer)
     # max_concurrency=4: stats()/stop() must run while the poll loop's thread is busy.
     consumers = [consumer_cls.options(num_cpus=0.25, max_concurrency=4, max_restarts=-1,
                                       max_task_retries=-1).remote(
-        settings, i, shards, item_ids, bootstrap)
+        settings, i, item_ids, bootstrap)
         for i in range(settings.streaming.num_consumers)]
     ray.get([c.stats.remote() for c in consumers])  # constructed (and polling)
     item_consumer = None

@@ -39,17 +39,24 @@ log = logging.getLogger(__name__)
 class UserStateShard:
     def __init__(self, shard_index: int, config: StreamingSettings,
                  item_vectors: np.ndarray | None = None, item_ids: list[str] | None = None,
-                 snapshot_dir: str | None = None, namespace: str | None = None):
+                 snapshot_dir: str | None = None, namespace: str | None = None,
+                 follow_catalog: bool = False):
         """`config` gives history_len, dedupe_window, personal_alpha and snapshot_every_s;
         item_vectors [N, H] are the frozen catalog vectors the personal prompts move in (None:
         no personal prompts); snapshots go under `snapshot_dir` (None: none). With `namespace`
-        the vectors follow the live catalog's versions, where a catalog registry runs."""
+        the vectors follow the live catalog's versions, where a catalog registry runs.
+        `follow_catalog`: take the vectors from that registry only (it must run). The stack
+        does so: arguments big enough for Ray's object store may be gone when an actor
+        restarts on another node (ray-project/ray#53727), so a shard is built from small
+        ones and fetches the rest itself."""
         self.shard_index = shard_index
         self.history_len = config.history_len
         self.personal_alpha = config.personal_alpha
-        self.items = None if item_vectors is None else ItemSpace(
-            item_vectors, {item: i for i, item in enumerate(item_ids or [])},
-            EventRates(config.personal_alpha))
+        self.rates = EventRates(config.personal_alpha)
+        self.personal = item_vectors is not None or follow_catalog
+        self.items: ItemSpace | None = None
+        if item_vectors is not None:
+            self.set_items(item_vectors, item_ids or [])
         self.guard = DeliveryGuard(config.dedupe_window)
         self.users: dict[str, UserState] = {}
         self.applied = self.duplicates = self.replayed = 0
@@ -60,7 +67,10 @@ class UserStateShard:
         self._last_snapshot = time.monotonic()
         self.restored_from: str | None = self._restore()
         self.catalogs = follow_if_running(namespace, lambda c, _: self.set_items(
-            c.vectors.numpy(), c.item_ids)) if namespace and self.items is not None else None
+            c.vectors.numpy(), c.item_ids)) if namespace and self.personal else None
+        if follow_catalog and self.catalogs is None:
+            raise RuntimeError(f"follow_catalog: no catalog registry runs in namespace "
+                               f"{namespace!r}")
         if self.catalogs is not None:  # the catalog may have moved since we were handed it
             self.set_items(self.catalogs.catalog.vectors.numpy(), self.catalogs.catalog.item_ids)
         gc.freeze()  # see _housekeeping
@@ -100,9 +110,9 @@ class UserStateShard:
 
     def set_items(self, item_vectors, item_ids: list[str]) -> None:
         """A new catalog version's vectors [N, H] for the personal prompts to move in."""
-        if self.items is not None:  # one reference replaced: a batch reads it once
+        if self.personal:  # one reference replaced: a batch reads it once
             self.items = ItemSpace(item_vectors, {item: i for i, item in enumerate(item_ids)},
-                                   self.items.rates)
+                                   self.rates)
 
     def finish(self, ranges: Ranges, expected: dict[int, int], rewind: dict[int, int],
                applied: int, duplicates: int, replayed: int) -> dict:

@@ -11,6 +11,7 @@ import time
 import uuid
 
 import httpx
+import numpy as np
 import pytest
 import ray
 from kafka import KafkaConsumer, KafkaProducer
@@ -190,6 +191,9 @@ def test_an_event_for_an_item_not_yet_in_the_catalog_is_held_until_it_arrives(li
     state = wait_until(lambda: ray.get(shard.get_user.remote(user)), 60,
                        "the held event applied", 0.05)
     assert state["history"] == ["stove-9"] and state["state_version"] == 1
+    # The shards hold no vectors of their own (follow_catalog): the personal prompt moved
+    # in the live catalog, which has the new item.
+    assert state["personal"] is not None and np.linalg.norm(state["personal"]) > 0
 
 
 def test_an_event_whose_item_never_arrives_is_dead_lettered_after_the_hold(live):

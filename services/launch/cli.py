@@ -122,6 +122,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def stop_on_sigterm() -> None:
+    """SIGTERM (what Kubernetes, systemd and `kill` send) stops the stack as Ctrl-C does;
+    by default it would end this process and leave Ray and the broker running."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
                         datefmt="%H:%M:%S")
@@ -151,8 +162,11 @@ def main(argv: list[str] | None = None) -> int:
             from services.launch.demo import serve_forever
             from services.launch.stack import Stack
 
-            stack = Stack(settings).start()
-            try:
+            stop_on_sigterm()
+            stack = Stack(settings)
+            try:  # a start that fails half-way stops what it started too
+                stack.start()
+                stop_on_sigterm()  # again: ray.init put its crash handler in its place
                 serve_forever(stack)
             finally:
                 stack.stop()
@@ -190,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     except InfrastructureError as err:
         print(f"promptrec: {err}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM before serving began; all is stopped
+        print("promptrec: interrupted", file=sys.stderr)
+        return 130
     except DataFileError as err:
         print(f"promptrec: {err}", file=sys.stderr)
         return 2

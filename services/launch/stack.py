@@ -187,11 +187,14 @@ class Stack:
                 self.runner.close()
             # A Serve app that a config deployed belongs to that config (its replicas find
             # the registry of the next driver by name), not to this process.
+            # Only this app: on a shared cluster Serve's other apps are not ours to stop,
+            # and on a local one ray.shutdown() ends Serve itself (serve.shutdown() raced
+            # its controller's own graceful shutdown, which the raylet then reported).
             if self.settings.infra.deploy_serve:
                 try:
-                    serve.shutdown()
+                    serve.delete(SERVE_APP)
                 except Exception:  # noqa: BLE001 - best effort on the way out
-                    log.exception("serve shutdown")
+                    log.exception("deleting the Serve app")
             if self.streaming:
                 self.streaming.stop()
             ray.shutdown()

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from services.config import StreamingSettings
 from services.personal import update
@@ -139,3 +140,8 @@ def test_snapshot_keeps_users_without_a_personal_prompt(tmp_path):
     assert restored.get_user("w")["personal"] is None
     assert np.allclose(restored.get_user("u")["personal"], VECTORS[0])
     assert restored.dump() == shard.dump()
+
+
+def test_a_shard_told_to_follow_the_catalog_refuses_to_start_without_a_registry():
+    with pytest.raises(RuntimeError, match="no catalog registry runs in namespace 'nowhere'"):
+        UserStateShard(0, StreamingSettings(), namespace="nowhere", follow_catalog=True)
