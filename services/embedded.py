@@ -221,8 +221,9 @@ def start_ray(settings, connect_timeout_s: float = 10.0) -> None:
         filter(None, [project_root, os.environ.get("PYTHONPATH", "")]))
     if settings.infra.ray_address:
         hint = ("Check the head node runs (`ray status` there), the client port (10001 for "
-                "ray://) or GCS port (6379) is open from this machine, and RAY_AUTH_TOKEN if "
-                "token auth is on")
+                "ray://) or GCS port (6379) is open from this machine, and, where token auth is "
+                "on, RAY_AUTH_MODE=token in this process's environment with the cluster's "
+                "token in ~/.ray/auth_token or RAY_AUTH_TOKEN")
         endpoint = ray_endpoint(settings.infra.ray_address)
         # Probe first: ray.init retries an unreachable address for 30-60 s and then names
         # neither the setting nor the port.

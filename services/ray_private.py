@@ -55,3 +55,13 @@ def check_metrics_port(nodes: Iterable[dict], metrics_port: int) -> None:
             f"asked Ray (ray.init {METRICS_PORT_KEYWORD}={metrics_port}) to export metrics on "
             f"port {metrics_port}, its nodes report {NODE_METRICS_PORT} {sorted(map(str, ports))}"
             f": this Ray version changed the private keyword (services/ray_private.py)")
+
+
+def actor_nodes() -> list[tuple[str, str, str]]:
+    """(class name, actor name, node id) of every live actor, from GCS's actor table
+    (`ray._private.state.actors`; the public state API needs the dashboard, which a
+    cluster may not run)."""
+    from ray._private import state
+
+    return [(a["ActorClassName"], a.get("Name") or "", a["Address"]["NodeID"])
+            for a in state.actors().values() if a["State"] == "ALIVE"]

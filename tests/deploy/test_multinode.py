@@ -1,0 +1,109 @@
+"""The stack on a Ray cluster it did not start: two nodes from `ray start` (a head and a
+second node joining it), the driver connecting with `ray_address`, as an operator runs it.
+Events -> per-user state -> a training round -> a hot swap, with actors on both nodes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import ray
+
+from services.config_sources import load_settings
+from services.data import load_interactions
+from services.embedded import free_port
+from services.health import wait_until
+from services.launch.stack import Stack
+from services.naming import shard_actor, shard_for_user
+from services.ray_private import actor_nodes
+from streaming.replay import replay
+from tests.conftest import TEST_CACHE
+
+pytestmark = pytest.mark.slow
+
+REPLAYED = 2000
+RAY = str(Path(sys.executable).with_name("ray"))
+# A joining node and the CLI need the token mode said; the head made ~/.ray/auth_token.
+RAY_ENV = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_worker_niceness": "0",
+           "RAY_worker_maximum_startup_concurrency": "8"}  # as the local stack (ray_private)
+
+
+def ray_cli(*args: str) -> None:
+    done = subprocess.run([RAY, *args], env=RAY_ENV, capture_output=True, text=True,
+                          timeout=180)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """-> the head's GCS address; both nodes stopped afterwards. 4 logical CPUs each:
+    the 8 of the local stack (`ray_num_cpus`), which the actors and a round's workers fit."""
+    from ray._private.authentication.authentication_token_setup import _enable_token_auth
+
+    if ray.is_initialized():
+        ray.shutdown()
+    # A driver given an address must be told the token mode before Ray reads its config
+    # (an operator sets RAY_AUTH_MODE=token before starting it); this process imported
+    # Ray long ago, so it takes Ray's own refresh, as ray.init does for a local cluster.
+    _enable_token_auth()
+    port = free_port()
+    try:
+        ray_cli("start", "--head", f"--port={port}", "--num-cpus=4", "--include-dashboard=false",
+                "--disable-usage-stats", '--resources={"head_node": 1}')
+        ray_cli("start", f"--address=127.0.0.1:{port}", "--num-cpus=4",
+                "--disable-usage-stats", '--resources={"second_node": 1}')
+        yield f"127.0.0.1:{port}"
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        ray_cli("stop", "--force")
+
+
+def test_the_stack_runs_on_a_two_node_cluster_it_did_not_start(cluster, tmp_path):
+    settings = load_settings(env={}, overrides={
+        "ray_address": cluster, "data_dir": str(tmp_path / "promptrec"),
+        "http_port": free_port(), "metrics_port": free_port(), "partitions": 2,
+        "num_consumers": 2, "num_shards": 2, "num_replicas": 2, "train_workers": 2,
+        "train_steps": 4, "batch_size": 16, "val_users": 30, "gate_margin": 1.0,
+        "log_flush_s": 0.2, "namespace": "promptrec-multinode", "cache_dir": str(TEST_CACHE)})
+    stack = Stack(settings, progress=False).start(fresh=True)
+    try:
+        nodes = {n["NodeID"]: "head" if n["Resources"].get("head_node") else "second"
+                 for n in ray.nodes() if n["Alive"]}
+        assert sorted(nodes.values()) == ["head", "second"]
+        placed = {(cls, nodes.get(node)) for cls, _, node in actor_nodes()}
+        # Ray spreads the stack: some of its actors run on the node that joined.
+        ours = {cls for cls, where in placed if where == "second"}
+        assert ours, f"nothing on the second node: {sorted(placed)}"
+
+        interactions = load_interactions("ml-100k", REPLAYED)
+        sent = replay(stack.bootstrap, settings.streaming.topic_clicks, interactions,
+                      "ml-100k", progress=False)
+        assert stack.wait_handled(sent, timeout_s=180)["handled"] == sent
+        users, counts = np.unique(interactions.user_ids.astype(str), return_counts=True)
+        user = str(users[np.argmax(counts)])
+        shard = ray.get_actor(shard_actor(shard_for_user(user, 2)),
+                              namespace=settings.infra.namespace)
+        state = ray.get(shard.get_user.remote(user))
+        expected = min(int(counts.max()), settings.streaming.history_len)
+        assert state is not None and len(state["history"]) == expected
+
+        result = stack.runner.run()
+        assert result.outcome == "published", result
+        # The head's proxy routes to the replica on its own node (Serve prefers it), so
+        # this checks the swap there; each replica's swap is its own long-poll either way.
+        def recommend() -> dict | None:
+            answer = httpx.get(f"{stack.base_url}/recommend",
+                               params={"user_id": user, "k": 5}, timeout=30)
+            assert answer.status_code == 200, answer.text
+            return answer.json() if answer.json()["prompt_version"] == result.version else None
+
+        body = wait_until(recommend, 120, f"an answer from version {result.version}", 0.5)
+        assert len(body["items"]) == 5 and body["state_version"] == state["state_version"]
+    finally:
+        stack.stop()
