@@ -51,6 +51,8 @@ def cluster():
     # (an operator sets RAY_AUTH_MODE=token before starting it); this process imported
     # Ray long ago, so it takes Ray's own refresh, as ray.init does for a local cluster.
     _enable_token_auth()
+    if not (Path.home() / ".ray" / "auth_token").exists() and "RAY_AUTH_TOKEN" not in os.environ:
+        ray_cli("get-auth-token", "--generate")  # a fresh machine: as a local ray.init does
     port = free_port()
     try:
         ray_cli("start", "--head", f"--port={port}", "--num-cpus=4", "--include-dashboard=false",
