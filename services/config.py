@@ -20,6 +20,7 @@ settings together live in their section's `check`.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib.util import find_spec
@@ -32,12 +33,16 @@ from services.config_rules import opt as _opt
 from services.config_sections import ItemSettings, KafkaSecurity, LiveSettings
 
 DATASETS = ("ml-100k", "ml-1m")
+# The engines the shipped Tansu build has (no postgres, sqlite or slatedb feature).
+BROKER_STORAGE = re.compile(r"(memory|s3)://[A-Za-z0-9][A-Za-z0-9._-]*/")
 
 
 @dataclass(frozen=True)
 class InfraSettings:
     kafka_bootstrap: str = _opt("", "Kafka bootstrap servers host:port[,host:port]; empty starts "
                                 "the embedded Tansu broker")
+    broker_storage: str = _opt("memory://tansu/", "the embedded broker's log: memory://tansu/ "
+                               "(lost at a stop) or s3://BUCKET/ (durable; AWS_* variables)")
     ray_address: str = _opt("", "Ray cluster address (e.g. ray://head:10001 or auto); empty "
                             "starts a local Ray")
     ray_num_cpus: float = _opt(8.0, "logical CPUs of the local Ray (actors use fractions of "
@@ -58,6 +63,9 @@ class InfraSettings:
     metrics_port: int = _opt(8090, "Prometheus export port of Ray", "port")
 
     def check(self) -> None:
+        if not BROKER_STORAGE.fullmatch(self.broker_storage):
+            raise ConfigError("broker_storage",
+                              f"must be memory://NAME/ or s3://BUCKET/: {self.broker_storage!r}")
         if self.dataset not in DATASETS:
             raise ConfigError("dataset", f"must be ml-100k or ml-1m, got {self.dataset!r}")
         for hostport in filter(None, self.kafka_bootstrap.split(",")):

@@ -14,6 +14,7 @@ import socket
 import subprocess
 from pathlib import Path
 
+from services.config_sections import KafkaSecurity
 from services.health import WaitTimeout, wait_until
 from services.ray_private import init_local_ray
 
@@ -89,28 +90,39 @@ def tansu_binary() -> Path:
 
 
 class EmbeddedBroker:
-    """A Tansu broker process with in-memory storage (a restart forgets all data)."""
+    """A Tansu broker process. `storage`: memory://NAME/ (a restart forgets all data) or
+    s3://BUCKET/ (durable: the log and committed offsets outlive the process; Tansu reads
+    the endpoint and keys from the AWS_* variables of `env`, default this process's).
+    `advertised_port`: the port clients are told to use, when something in front of the
+    broker (a TLS terminator) listens there."""
 
-    def __init__(self, port: int | None = None, log_path: Path | None = None):
+    def __init__(self, port: int | None = None, log_path: Path | None = None,
+                 storage: str = "memory://tansu/", advertised_port: int | None = None,
+                 env: dict[str, str] | None = None):
         self.port = port or free_port()
         self.log_path = log_path
+        self.storage = storage
+        self.advertised_port = advertised_port or self.port
+        self.env = env
         self.process: subprocess.Popen | None = None
 
     @property
     def bootstrap(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"127.0.0.1:{self.advertised_port}"
 
     def start(self) -> EmbeddedBroker:
         url = f"tcp://127.0.0.1:{self.port}"
         out = self.log_path.open("ab") if self.log_path else subprocess.DEVNULL
         self.process = subprocess.Popen(
             [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url",
-             url, "--storage-engine", "memory://tansu/"],
-            stdout=out, stderr=subprocess.STDOUT)
+             f"tcp://127.0.0.1:{self.advertised_port}", "--storage-engine", self.storage],
+            stdout=out, stderr=subprocess.STDOUT, env=self.env)
         if not wait_for_port("127.0.0.1", self.port, 15):
             self.stop()
-            raise InfrastructureError(f"embedded Tansu broker did not listen on {url}")
-        log.info("embedded Kafka-compatible broker (Tansu) on %s", self.bootstrap)
+            raise InfrastructureError(f"embedded Tansu broker did not listen on {url} "
+                                      f"(storage {self.storage}; see its log {self.log_path})")
+        log.info("embedded Kafka-compatible broker (Tansu) on %s, storage %s", self.bootstrap,
+                 self.storage)
         return self
 
     def stop(self) -> None:
@@ -122,11 +134,17 @@ class EmbeddedBroker:
         self.start()
 
 
-def check_kafka(bootstrap: str, timeout_s: float = 10.0) -> None:
-    """Fail fast, naming host and port, when no broker answers at `bootstrap`."""
+def check_kafka(bootstrap: str, timeout_s: float = 10.0, security: KafkaSecurity | None = None
+                ) -> None:
+    """Fail fast, naming host and port, when no broker answers at `bootstrap`, and naming
+    the setting when it refuses the TLS / SASL connection `security` describes."""
+    from services.kafka_preflight import check_security
+
     for hostport in bootstrap.split(","):
         host, _, port = hostport.strip().rpartition(":")
         if wait_for_port(host, int(port), timeout_s):
+            if security is not None:
+                check_security(host, int(port), security, timeout_s)
             return
     raise InfrastructureError(
         f"cannot reach Kafka at {bootstrap} (setting kafka_bootstrap / "

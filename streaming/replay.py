@@ -40,9 +40,10 @@ def send_events(producer, topic: str, events: Iterable[ClickEvent],
 
 
 def replay(bootstrap: str, topic: str, interactions: Interactions, label: str,
-           start: int = 0, stop: int | None = None, progress: bool = True) -> int:
+           start: int = 0, stop: int | None = None, progress: bool = True,
+           security: dict | None = None) -> int:
     """Produce events [start, stop) of `interactions` (`label`: where they come from, for
-    the progress bar); returns how many were sent."""
+    the progress bar; `security`: kafka-python options); returns how many were sent."""
     stop = len(interactions) if stop is None else min(stop, len(interactions))
     indices: Iterable[int] = range(start, stop)
     if progress:
@@ -50,17 +51,18 @@ def replay(bootstrap: str, topic: str, interactions: Interactions, label: str,
 
         indices = tqdm(indices, desc=f"replaying {label} into {topic}", unit="ev",
                        unit_scale=True, mininterval=0.5)
-    producer = make_producer(bootstrap)
+    producer = make_producer(bootstrap, security)
     try:
         return send_events(producer, topic, (interactions.event(i) for i in indices))
     finally:
         producer.close()
 
 
-def publish_items(bootstrap: str, topic: str, items: list[Item], deletes: list[str]) -> int:
+def publish_items(bootstrap: str, topic: str, items: list[Item], deletes: list[str],
+                  security: dict | None = None) -> int:
     """Each item as a record of the item topic (key = item_id), then a null-value record
     (a delete) for each id in `deletes`; returns how many were sent."""
-    producer = make_producer(bootstrap)
+    producer = make_producer(bootstrap, security)
     try:
         for item in items:
             producer.send(topic, key=item.item_id.encode(), value=encode_item(item))

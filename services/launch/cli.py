@@ -191,14 +191,15 @@ def main(argv: list[str] | None = None) -> int:
                     print("promptrec items: give an item file or --delete", file=sys.stderr)
                     return 2
                 found = load_items(args.file) if args.file else []
-                check_kafka(bootstrap)
-                sent = publish_items(bootstrap, settings.items.topic_items, found, args.delete)
+                check_kafka(bootstrap, security=settings.kafka)
+                sent = publish_items(bootstrap, settings.items.topic_items, found, args.delete,
+                                     security=settings.kafka.kafka_python())
                 print(f"sent {sent} records to {settings.items.topic_items}")
                 return 0
-            check_kafka(bootstrap)
+            check_kafka(bootstrap, security=settings.kafka)
             source = settings.infra.events_source
             sent = replay(bootstrap, settings.streaming.topic_clicks, load_interactions(source),
-                          source, args.start, args.stop)
+                          source, args.start, args.stop, security=settings.kafka.kafka_python())
             print(f"sent {sent} events to {settings.streaming.topic_clicks}")
             return 0
     except InfrastructureError as err:

@@ -69,10 +69,11 @@ class Stack:
         s.infra.root.mkdir(parents=True, exist_ok=True)
         t = time.monotonic()
         if s.infra.kafka_bootstrap:
-            check_kafka(s.infra.kafka_bootstrap)
+            check_kafka(s.infra.kafka_bootstrap, security=s.kafka)
             self.bootstrap = s.infra.kafka_bootstrap
         else:
-            self.broker = EmbeddedBroker(log_path=s.infra.root / "broker.log").start()
+            self.broker = EmbeddedBroker(log_path=s.infra.root / "broker.log",
+                                         storage=s.infra.broker_storage).start()
             self.bootstrap = self.broker.bootstrap
         ensure_topics(self.bootstrap, {s.streaming.topic_clicks: s.streaming.partitions,
                                        s.streaming.topic_dlq: 1, s.items.topic_items: 1,

@@ -1,6 +1,7 @@
 """Fault tests against the real broker and real Ray actors.
 
-After each fault (a consumer actor killed, a shard actor killed, the broker restarted)
+After each fault (a consumer actor killed, a shard actor killed, the broker restarted,
+with memory storage and with durable S3 storage)
 the final per-user state must equal an uninterrupted run over the same events:
 nothing lost, nothing applied twice. Each with both Kafka clients of the consumers.
 """
@@ -10,22 +11,24 @@ from __future__ import annotations
 import time
 import uuid
 
-import numpy as np
 import pytest
 import ray
 
 from services.backbone import default_backbone_path
-from services.batch import EventBatch
 from services.catalog import load_catalog
 from services.config import Settings
 from services.config_sources import load_settings
 from services.data import load_interactions
-from services.embedded import EmbeddedBroker, ensure_topics, free_port, start_ray
+from services.embedded import EmbeddedBroker, ensure_topics
 from streaming.kafka_client import CLIENTS
 from streaming.plane import start_streaming
-from streaming.replay import make_producer, send_events
-from streaming.shard import UserStateShard
 from tests.conftest import TEST_CACHE
+from tests.streaming.plane_checks import (
+    assert_same_state,
+    produce,
+    same_state_reference,
+    wait_applied,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -41,15 +44,6 @@ def catalog():
 def events():
     inter = load_interactions("ml-100k", N_EVENTS)
     return [inter.event(i) for i in range(len(inter))]
-
-
-@pytest.fixture(scope="module")
-def ray_session(tmp_path_factory):
-    settings = load_settings(env={}, overrides={
-        "metrics_port": free_port(), "data_dir": str(tmp_path_factory.mktemp("ray"))})
-    start_ray(settings)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture
@@ -68,42 +62,6 @@ def _settings(tmp_path, client: str) -> Settings:
         "poll_max_records": 200, "cache_dir": str(TEST_CACHE), "kafka_client": client})
 
 
-def _reference(settings: Settings, catalog, events) -> dict:
-    """The state of one uninterrupted shard fed every event once, in order."""
-    shard = UserStateShard(0, settings.streaming, catalog.vectors.numpy(), list(catalog.index))
-    shard.apply(EventBatch.of(events), {0: ("E", 0, len(events))})
-    return shard.dump()
-
-
-def _wait_applied(plane, expected: int, timeout_s: float = 180) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if plane.stats()["applied"] >= expected:
-            return
-        time.sleep(0.3)
-    raise AssertionError(f"applied {plane.stats()['applied']} of {expected}: {plane.stats()}")
-
-
-def _assert_same_state(plane, reference: dict) -> None:
-    time.sleep(1.0)  # anything applied twice would show up now
-    merged: dict = {}
-    for dump in ray.get([s.dump.remote() for s in plane.shards]):
-        assert not set(dump) & set(merged), "a user lives in two shards"
-        merged.update(dump)
-    assert set(merged) == set(reference)
-    for user, state in reference.items():
-        got = merged[user]
-        assert got["history"] == state["history"], user
-        assert got["state_version"] == state["state_version"], user
-        assert np.allclose(got["personal"], state["personal"], atol=1e-6), user
-
-
-def _produce(bootstrap, topic, events):
-    producer = make_producer(bootstrap)
-    send_events(producer, topic, events)
-    producer.close()
-
-
 def _run_with_fault(tmp_path, broker, catalog, events, fault, client) -> None:
     settings = _settings(tmp_path, client)
     ensure_topics(broker.bootstrap, {settings.streaming.topic_clicks: settings.streaming.partitions,
@@ -112,11 +70,11 @@ def _run_with_fault(tmp_path, broker, catalog, events, fault, client) -> None:
                             catalog.vectors.numpy())
     try:
         half = len(events) // 2
-        _produce(broker.bootstrap, settings.streaming.topic_clicks, events[:half])
+        produce(broker.bootstrap, settings.streaming.topic_clicks, events[:half])
         fault(plane, settings, half)
-        _produce(broker.bootstrap, settings.streaming.topic_clicks, events[half:])
-        _wait_applied(plane, len(events))
-        _assert_same_state(plane, _reference(settings, catalog, events))
+        produce(broker.bootstrap, settings.streaming.topic_clicks, events[half:])
+        wait_applied(plane, len(events))
+        assert_same_state(plane, same_state_reference(settings, catalog, events))
         assert plane.stats()["applied"] == len(events)
     finally:
         plane.stop()
@@ -125,7 +83,7 @@ def _run_with_fault(tmp_path, broker, catalog, events, fault, client) -> None:
 @pytest.mark.parametrize("client", CLIENTS)
 def test_killed_consumer_loses_nothing(tmp_path, ray_session, broker, catalog, events, client):
     def kill_consumer(plane, settings, half):
-        _wait_applied(plane, half // 3)
+        wait_applied(plane, half // 3)
         ray.kill(plane.consumers[0], no_restart=False)  # Ray restarts it; it resumes
     _run_with_fault(tmp_path, broker, catalog, events, kill_consumer, client)
 
@@ -133,9 +91,9 @@ def test_killed_consumer_loses_nothing(tmp_path, ray_session, broker, catalog, e
 @pytest.mark.parametrize("client", CLIENTS)
 def test_killed_shard_restores_and_replays(tmp_path, ray_session, broker, catalog, events, client):
     def kill_shard(plane, settings, half):
-        _wait_applied(plane, 1)
+        wait_applied(plane, 1)
         ray.get(plane.shards[0].snapshot.remote())  # what the shard applies after this is lost
-        _wait_applied(plane, half)
+        wait_applied(plane, half)
         ray.kill(plane.shards[0], no_restart=False)
         # ray.kill is asynchronous: the old incarnation may still answer for a moment.
         deadline = time.monotonic() + 60
@@ -148,7 +106,7 @@ def test_killed_shard_restores_and_replays(tmp_path, ray_session, broker, catalo
 @pytest.mark.parametrize("client", CLIENTS)
 def test_broker_restart_keeps_consuming(tmp_path, ray_session, broker, catalog, events, client):
     def restart_broker(plane, settings, half):
-        _wait_applied(plane, half)  # memory storage: what is not consumed yet is gone
+        wait_applied(plane, half)  # memory storage: what is not consumed yet is gone
         broker.restart()
         ensure_topics(broker.bootstrap, {
             settings.streaming.topic_clicks: settings.streaming.partitions,
@@ -161,3 +119,45 @@ def test_broker_restart_keeps_consuming(tmp_path, ray_session, broker, catalog, 
             time.sleep(0.3)
         raise AssertionError(f"consumers did not see the new topic: {consumers}")
     _run_with_fault(tmp_path, broker, catalog, events, restart_broker, client)
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    from tests.s3_server import S3Server
+
+    server = S3Server(tmp_path_factory.mktemp("s3") / "s3.log").start()
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_durable_broker_restart_mid_stream_loses_nothing(tmp_path, ray_session, s3, catalog,
+                                                         events, client):
+    """broker_storage s3://: events produced but not consumed outlive a broker restart, and
+    a restart while the consumers read loses and repeats nothing (committed offsets stay)."""
+    storage = s3.create_bucket(f"tansu-{uuid.uuid4().hex[:8]}")
+    broker = EmbeddedBroker(log_path=tmp_path / "broker.log", storage=storage, env=s3.env())
+    broker.start()
+    settings = _settings(tmp_path, client)
+    topics = {settings.streaming.topic_clicks: settings.streaming.partitions,
+              settings.streaming.topic_dlq: 1}
+    try:
+        ensure_topics(broker.bootstrap, topics)
+        half = len(events) // 2
+        produce(broker.bootstrap, settings.streaming.topic_clicks, events[:half])
+        broker.restart()  # nothing consumed yet: the first half lives only in the storage
+        plane = start_streaming(settings, broker.bootstrap, list(catalog.index),
+                                catalog.vectors.numpy())
+        try:
+            wait_applied(plane, half // 3)
+            broker.restart()  # mid-stream
+            produce(broker.bootstrap, settings.streaming.topic_clicks, events[half:])
+            wait_applied(plane, len(events))
+            assert_same_state(plane, same_state_reference(settings, catalog, events))
+            assert plane.stats()["applied"] == len(events)
+            consumers = ray.get([c.stats.remote() for c in plane.consumers])
+            assert all(c["epoch_changes"] == 0 for c in consumers), "the topic was recreated"
+        finally:
+            plane.stop()
+    finally:
+        broker.stop()
