@@ -123,10 +123,12 @@ def start_catalog_registry(settings, catalog: Catalog):
     """The registry as a named actor, holding `catalog` as version 1."""
     import ray
 
+    from services.placement import actor_options
+
     actor_cls = ray.remote(CatalogRegistry)
     return actor_cls.options(name=CATALOG_ACTOR, namespace=settings.infra.namespace,
-                             get_if_exists=True, num_cpus=0,
-                             max_concurrency=1000).remote(catalog)
+                             get_if_exists=True, num_cpus=0, max_concurrency=1000,
+                             **actor_options(settings, "registries")).remote(catalog)
 
 
 LONG_POLL_S = 30.0

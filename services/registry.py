@@ -268,8 +268,10 @@ def start_registry(settings, hidden_size: int):
     import ray
 
     from services.naming import REGISTRY_ACTOR
+    from services.placement import actor_options
 
     actor_cls = ray.remote(PromptRegistry)
     return actor_cls.options(name=REGISTRY_ACTOR, namespace=settings.infra.namespace,
-                             get_if_exists=True, num_cpus=0, max_concurrency=1000).remote(
+                             get_if_exists=True, num_cpus=0, max_concurrency=1000,
+                             **actor_options(settings, "registries")).remote(
         str(settings.infra.root / "registry"), hidden_size)

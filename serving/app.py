@@ -41,6 +41,7 @@ from services.config import Settings
 from services.config_sources import load_settings
 from services.health import wait_until
 from services.naming import LIVE_METRICS_ACTOR, REGISTRY_ACTOR, shard_actor, shard_for_user
+from services.placement import actor_options
 from serving import admin
 from serving.api import ApiError, app, retry_later
 from serving.batching import EncodeBatcher
@@ -257,7 +258,8 @@ def build_app(settings: Settings, name: str = "Recommender"):
         max_queued_requests=settings.serving.max_queued_requests,
         backpressure_config=BackpressureConfig(status_code=503,
                                                retry_after_s=settings.serving.retry_after_s),
-        ray_actor_options={"num_cpus": settings.serving.replica_cpus},
+        ray_actor_options={"num_cpus": settings.serving.replica_cpus,
+                           **actor_options(settings, "replicas")},
         user_config={knob: settings.value(knob) for knob in RUNTIME_KNOBS},
         # One access-log line per request costs CPU on the hot path; the request metrics
         # carry the same counts and latencies.

@@ -260,10 +260,12 @@ def start_live_metrics(settings: Settings, bootstrap: str):
     import ray
 
     from services.naming import LIVE_METRICS_ACTOR
+    from services.placement import actor_options
 
     actor = ray.remote(LiveMetrics).options(
         name=LIVE_METRICS_ACTOR, namespace=settings.infra.namespace, num_cpus=0.25,
-        max_concurrency=4, max_restarts=-1, max_task_retries=-1).remote(settings, bootstrap)
+        max_concurrency=4, max_restarts=-1, max_task_retries=-1,
+        **actor_options(settings, "consumers")).remote(settings, bootstrap)
     if not ray.get(actor.ready.remote()):
         raise TimeoutError("live metrics did not join its topics within 60 s")
     return actor

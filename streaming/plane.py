@@ -13,6 +13,7 @@ import ray
 from services.catalog_registry import catalog_registry_runs
 from services.config import Settings
 from services.naming import shard_actor
+from services.placement import actor_options
 from streaming.consumer import IngestConsumer
 from streaming.items import ItemConsumer
 from streaming.live_metrics import start_live_metrics
@@ -86,22 +87,23 @@ def start_streaming(settings: Settings, bootstrap: str, item_ids: list[str],
     shard_cls = ray.remote(UserStateShard)
     shards = [shard_cls.options(name=shard_actor(i), namespace=namespace,
                                 num_cpus=0.25, max_concurrency=1, max_restarts=-1,
-                                max_task_retries=-1).remote(
+                                max_task_retries=-1, **actor_options(settings, "shards")).remote(
         i, settings.streaming, vectors, None if follow else item_ids,
         str(settings.infra.root / "snapshots"), namespace, follow_catalog=follow)
         for i in range(settings.streaming.num_shards)]
     consumer_cls = ray.remote(IngestConsumer)
     # max_concurrency=4: stats()/stop() must run while the poll loop's thread is busy.
     consumers = [consumer_cls.options(num_cpus=0.25, max_concurrency=4, max_restarts=-1,
-                                      max_task_retries=-1).remote(
+                                      max_task_retries=-1,
+                                      **actor_options(settings, "consumers")).remote(
         settings, i, item_ids, bootstrap)
         for i in range(settings.streaming.num_consumers)]
     ray.get([c.stats.remote() for c in consumers])  # constructed (and polling)
     item_consumer = None
     if backbone_path:
         item_consumer = ray.remote(ItemConsumer).options(
-            num_cpus=0.25, max_concurrency=4, max_restarts=-1, max_task_retries=-1).remote(
-            settings, bootstrap, backbone_path)
+            num_cpus=0.25, max_concurrency=4, max_restarts=-1, max_task_retries=-1,
+            **actor_options(settings, "consumers")).remote(settings, bootstrap, backbone_path)
         ray.get(item_consumer.stats.remote())
     plane = StreamingPlane(shards=shards, consumers=consumers, item_consumer=item_consumer,
                            live_metrics=start_live_metrics(settings, bootstrap)

@@ -216,6 +216,27 @@ def _unlogged_items_take_their_text_neighbours_weights(stack, version: int) -> N
         assert torch.allclose(state[name][unlogged], state[name][near].mean(1), atol=1e-6)
 
 
+def test_a_round_after_its_board_was_lost_starts_a_new_run(stack):
+    """The board lives on one node (prefer_labelled_nodes places it); when that node is
+    lost, the run's workers lose it too: the next round makes both anew."""
+    from training.examples import Examples
+
+    runner, trainer = stack.runner, stack.runner.trainer
+    runs, lost = trainer.runs_started, trainer.board
+    ray.kill(lost, no_restart=True)
+    rng = np.random.default_rng(0)
+    n_items = len(stack.catalog)
+    rows = Examples(rng.integers(0, n_items, (64, 30), dtype=np.int32),
+                    rng.integers(0, n_items, 64, dtype=np.int32))
+    serving = ray.get(stack.registry.serving.remote())
+    out = trainer.train(rows, stack.catalog.vectors.numpy(),
+                        runner._serving_on_catalog(serving).to_bytes(), seed=7,
+                        warm_version=serving["version"])
+    assert out.started_run and trainer.runs_started == runs + 1
+    assert out.blob and np.isfinite(out.loss)
+    assert trainer.board != lost
+
+
 def test_gate_rejects_non_finite_weights(stack):
     import torch
 

@@ -173,10 +173,32 @@ class LongLivedTrainer:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.board = RoundBoard.remote()
+        self.board = self._new_board()
         self.runs_started = 0
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+
+    def _new_board(self):
+        from services.placement import actor_options
+
+        return RoundBoard.options(**actor_options(self.settings, "train")).remote()
+
+    def _post(self, payload: dict) -> tuple[int, bool]:
+        """Post a round, starting the run when none is running -> (round, started a run).
+        A board lost with its node takes the run with it (its workers wait on the board):
+        then a new board and a new run."""
+        started_run = not self.running
+        if started_run:
+            self._start_run()
+        try:
+            return ray.get(self.board.post.remote(payload)), started_run
+        except ray.exceptions.RayActorError:
+            log.warning("the round board was lost (its node died?): a new board and run")
+        self.board = self._new_board()
+        if self._thread is not None:
+            self._thread.join(timeout=60)  # the old run's workers fail on the lost board
+        self._start_run()
+        return ray.get(self.board.post.remote(payload)), True
 
     @property
     def running(self) -> bool:
@@ -186,6 +208,8 @@ class LongLivedTrainer:
         from ray.train import RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
 
+        from services.placement import train_label_selector
+
         s = self.settings
         self.runs_started += 1
         trainer = TorchTrainer(
@@ -193,7 +217,8 @@ class LongLivedTrainer:
             train_loop_config={"board": self.board, "settings": s, "threads": 1},
             scaling_config=ScalingConfig(num_workers=s.training.train_workers,
                                          use_gpu=s.training.use_gpu,
-                                         resources_per_worker={"CPU": 1}),
+                                         resources_per_worker={"CPU": 1},
+                                         label_selector=train_label_selector(s)),
             run_config=RunConfig(name=f"rounds-{self.runs_started}-{int(time.time())}",
                                  storage_path=str(s.infra.root / "train")),
         )
@@ -216,15 +241,12 @@ class LongLivedTrainer:
               seed: int, warm_version: int = 0) -> RoundOutput:
         """One round from the weights `warm_blob` (registry version `warm_version`: the
         workers decode each version once) -> the candidate."""
-        started_run = not self.running
-        if started_run:
-            self._start_run()
         # The driver owns the inputs until the round is over.
         inputs = ray.put({"history": train.history, "target": train.target,
                           "weights": train.weights, "prompt_target": train.prompt_target,
                           "item_vectors": item_vectors,
                           "prompt_blob": warm_blob, "prompt_version": warm_version})
-        round_no = ray.get(self.board.post.remote({"inputs": inputs, "seed": seed}))
+        round_no, started_run = self._post({"inputs": inputs, "seed": seed})
         deadline = time.monotonic() + ROUND_TIMEOUT_S
         try:
             while True:
