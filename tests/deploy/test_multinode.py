@@ -37,6 +37,9 @@ RAY = str(Path(sys.executable).with_name("ray"))
 RAY_ENV = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_worker_niceness": "0",
            "RAY_worker_maximum_startup_concurrency": "8",  # as the local stack (ray_private)
            "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
+# Serve, once started on the cluster, keeps its HTTP port for every later app: one port
+# for the module's stacks.
+HTTP_PORT = free_port()
 # What each node hosts when prefer_labelled_nodes is on (services/placement.py).
 HEAD_LABELS = {"promptrec-registries": "yes", "promptrec-consumers": "yes",
                "promptrec-train": "yes"}
@@ -81,7 +84,7 @@ def cluster():
 def test_the_stack_runs_on_a_two_node_cluster_it_did_not_start(cluster, tmp_path):
     settings = load_settings(env={}, overrides={
         "ray_address": cluster, "data_dir": str(tmp_path / "promptrec"),
-        "http_port": free_port(), "metrics_port": free_port(), "partitions": 2,
+        "http_port": HTTP_PORT, "metrics_port": free_port(), "partitions": 2,
         "num_consumers": 2, "num_shards": 2, "num_replicas": 2, "train_workers": 2,
         "train_steps": 4, "batch_size": 16, "val_users": 30, "gate_margin": 1.0,
         "log_flush_s": 0.2, "namespace": "promptrec-multinode", "cache_dir": str(TEST_CACHE)})
@@ -150,7 +153,7 @@ def test_a_lost_node_s_actors_come_back_on_the_head_with_their_state(cluster, tm
 
     settings = load_settings(env={}, overrides={
         "ray_address": cluster, "data_dir": str(tmp_path / "promptrec"),
-        "http_port": free_port(), "metrics_port": free_port(), "partitions": 2,
+        "http_port": HTTP_PORT, "metrics_port": free_port(), "partitions": 2,
         "num_consumers": 2, "num_shards": 2, "num_replicas": 1, "snapshot_every_s": 0.3,
         "log_flush_s": 0.2, "prefer_labelled_nodes": True, "train_workers": 2,
         "train_steps": 4, "batch_size": 16, "val_users": 30, "gate_margin": 1.0,
