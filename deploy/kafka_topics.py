@@ -69,10 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     partitions, configs = topic_plan(settings, args.retention_hours, args.dlq_retention_hours)
     try:
-        check_kafka(settings.infra.kafka_bootstrap)
+        security = settings.kafka.kafka_python()
+        check_kafka(settings.infra.kafka_bootstrap, security=settings.kafka)
         status = ensure_topics(settings.infra.kafka_bootstrap, partitions, configs,
-                               replication_factor=args.replication_factor)
-        found = topic_settings(settings.infra.kafka_bootstrap, list(partitions))
+                               replication_factor=args.replication_factor, security=security)
+        found = topic_settings(settings.infra.kafka_bootstrap, list(partitions), security)
     except InfrastructureError as err:
         print(f"kafka_topics: {err}", file=sys.stderr)
         return 3

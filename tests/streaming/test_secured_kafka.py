@@ -176,3 +176,20 @@ def test_promptrec_replay_with_a_refused_login_exits_3_naming_the_credentials(sa
     assert done.returncode == 3, done.stderr[-2000:]
     assert "kafka_sasl_username='promptrec'" in done.stderr
     assert PASSWORD_ENV in done.stderr
+
+
+def test_the_topic_set_up_script_connects_over_mutual_tls(pki, tls_broker):
+    from tests.deploy.files import kafka_topics_module
+
+    run = uuid.uuid4().hex[:8]
+    security = _mtls(pki)
+    flags = [f"--kafka-bootstrap={tls_broker[0].bootstrap}", "--replication-factor=1",
+             f"--topic-clicks=clicks-{run}", f"--topic-dlq=dlq-{run}",
+             "--kafka-security-protocol=SSL", f"--kafka-ssl-cafile={security.kafka_ssl_cafile}",
+             f"--kafka-ssl-certfile={security.kafka_ssl_certfile}",
+             f"--kafka-ssl-keyfile={security.kafka_ssl_keyfile}"]
+    assert kafka_topics_module().main(flags) == 0
+    consumer = KafkaConsumer(bootstrap_servers=tls_broker[0].bootstrap,
+                             **security.kafka_python())
+    assert {f"clicks-{run}", f"dlq-{run}"} <= consumer.topics()
+    consumer.close()
