@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 from bench import serve_phases as phases
+from bench.encoder_only import encoder_only
 from bench.load import percentile
 from bench.serve_apps import SIDE_APPS, fresh_ports, log, prepare
 from bench.serve_report import batch_sizes, summary, write
@@ -125,6 +126,10 @@ def _run(stack: Stack, settings: Settings, args) -> dict:
 
     batch_users = batch_sizes(base, {"recommend": "", "nocache": "/nocache",
                                      "before": "/before", "inline": "/inline"}, replicas)
+    # The ceiling of /nocache: the same encoder and batch sizes alone, in this process.
+    batch = max(1, round(batch_users["nocache"] or 1))
+    alone = encoder_only(stack, scenario.pool, replicas, batch, args.throughput_seconds)
+    nocache_rps = throughput["nocache"]["ok_per_s"]
     summaries = {name: summary(results) for name, results in phase.items()}
     failed = sum(1 for r in phase["recommend"] + swap_results if r.status != 200)
     noop, rec, before = summaries["noop"], summaries["recommend"], summaries["before"]
@@ -143,7 +148,11 @@ def _run(stack: Stack, settings: Settings, args) -> dict:
             summary(swap_results)["p99_ms"] / rec["p99_ms"], 2),
         "failed_requests": failed,
         "mixed_version_responses": len(mixed),
+        # Serving overhead: misses through HTTP against the encoder alone (target >= 0.8).
+        "encoder_only_rps": alone["encoder_only_rps"], "nocache_rps": nocache_rps,
+        "nocache_over_encoder_only": round(nocache_rps / alone["encoder_only_rps"], 2),
         "details": {
+            "encoder_only": alone,
             "latency_phase": {**summaries, "rounds": args.rounds,
                               "seconds_per_app_per_round": args.seconds,
                               "user_pool": len(scenario.pool),

@@ -289,3 +289,11 @@ def test_rounds_reuse_one_long_lived_training_run(stack):
     assert result.outcome in ("published", "rejected"), result
     assert not result.started_run and runner.trainer.runs_started == runs
     assert 0 < result.train_seconds <= result.fit_seconds <= result.seconds
+
+
+def test_the_encoder_alone_encodes_the_pool_users_in_batches(stack):
+    from bench.encoder_only import encoder_only
+
+    out = encoder_only(stack, ACTIVE_USERS, encoders=2, batch_size=3, seconds=1.0)
+    assert out["users"] == len(ACTIVE_USERS)  # every pool user's state was read
+    assert out["encoder_only_rps"] > 0 and out["encoders"] == 2 and out["batch_size"] == 3
