@@ -54,11 +54,13 @@ def encoder_only(stack, pool: list[str], encoders: int, batch_size: int,
 
     started = time.perf_counter()
     workers = [threading.Thread(target=run, args=(w,)) for w in range(encoders)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
+    try:
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+    finally:
+        torch.set_num_threads(threads_before)
     elapsed = time.perf_counter() - started
-    torch.set_num_threads(threads_before)
     return {"encoder_only_rps": round(sum(counts) / elapsed, 1), "encoders": encoders,
             "batch_size": batch_size, "seconds": round(elapsed, 1), "users": len(users)}

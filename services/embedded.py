@@ -138,7 +138,7 @@ def check_kafka(bootstrap: str, timeout_s: float = 10.0, security: KafkaSecurity
                 ) -> None:
     """Fail fast, naming host and port, when no broker answers at `bootstrap`, and naming
     the setting when it refuses the TLS / SASL connection `security` describes."""
-    from services.kafka_preflight import check_security
+    from services.kafka_preflight import check_security  # it imports InfrastructureError
 
     for hostport in bootstrap.split(","):
         host, _, port = hostport.strip().rpartition(":")
