@@ -4,6 +4,7 @@
       infra      InfraSettings      Kafka, Ray, data set, where files live
       streaming  StreamingSettings  topics, consumers, shards, per-user state
       items      ItemSettings       the live item topic, held events
+      profiles   ProfileSettings    the user profile topic, profile and query text limits
       model      ModelConfig        the prompt's structure (recorded in every weights blob)
       training   TrainingSettings   Ray Train rounds, optimiser, gate
       serving    ServingSettings    Serve replicas, HTTP, cache, batching
@@ -31,7 +32,7 @@ from services.config_infra import InfraSettings
 # Re-exported: their home is config_rules, their users import them from here.
 from services.config_rules import ENV_PREFIX, ConfigError, Rule, env_name, flag_name  # noqa: F401
 from services.config_rules import opt as _opt
-from services.config_sections import ItemSettings, KafkaSecurity, LiveSettings
+from services.config_sections import ItemSettings, KafkaSecurity, LiveSettings, ProfileSettings
 
 
 @dataclass(frozen=True)
@@ -94,8 +95,17 @@ class ModelConfig:
                             "item text vectors always come from the whole backbone", ">=0")
     lora_rank: int = _opt(0, "rank of low-rank adapters (LoRA) on the user side's attention "
                           "projections, the pretrained weights kept (0: none)", ">=0")
+    user_text: bool = _opt(False, "the user side reads the user's own text (profile, and a "
+                           "request's query) as real tokens between the soft prompt and the "
+                           "history (causal versions)")
+    user_text_tokens: int = _opt(32, "most tokens of user text the user side reads (profile "
+                                 "first, then the query; at least 2)", ">=1")
 
     def check(self) -> None:
+        if self.user_text_tokens < 2:
+            raise ConfigError("user_text_tokens", "must be >= 2 (the text and its end token)")
+        if self.user_text and not self.causal:
+            raise ConfigError("user_text", "needs causal (the text is read as a prefix)")
         if self.lora_rank and not self.user_layers:
             raise ConfigError("lora_rank", "needs user_layers >= 1 (the layers it adapts)")
         if self.backbone_path and not (Path(self.backbone_path) / "config.json").is_file():
@@ -189,6 +199,7 @@ class Settings:
     infra: InfraSettings = field(default_factory=InfraSettings)
     streaming: StreamingSettings = field(default_factory=StreamingSettings)
     items: ItemSettings = field(default_factory=ItemSettings)
+    profiles: ProfileSettings = field(default_factory=ProfileSettings)
     model: ModelConfig = field(default_factory=ModelConfig)
     training: TrainingSettings = field(default_factory=TrainingSettings)
     serving: ServingSettings = field(default_factory=ServingSettings)

@@ -27,6 +27,8 @@ INTROS = {
     "streaming": "Topics, Kafka consumers, user-state shards and the per-user state they keep.",
     "items": "The live item topic (catalog changes while serving) and events held for items "
              "not in the catalog yet.",
+    "profiles": "Users described in words: the profile topic, and how much profile and query "
+                "text is taken ([data.md](data.md)).",
     "model": "The structure of the trainable prompt; every weights blob records these values.",
     "training": "Ray Train rounds: workers, optimiser, schedule and the validation gate.",
     "serving": "Ray Serve replicas, the HTTP API, overload limits, batching and the cache.",

@@ -38,6 +38,8 @@ class InfraSettings:
     dataset: str = _opt("ml-100k", "ml-100k or ml-1m: MovieLens, where catalog / events are empty")
     catalog: str = _opt("", "item file: Parquet, JSONL or CSV, path or URI (docs/data.md)", "file")
     events: str = _opt("", "event file, same formats, for replays and evaluations", "file")
+    users: str = _opt("", "user profile file (user_id, text, attributes), same formats: "
+                      "published to the profile topic at start-up (docs/data.md)", "file")
     metrics_port: int = _opt(8090, "Prometheus export port of Ray", "port")
     prefer_labelled_nodes: bool = _opt(False, "each kind of actor (registries, shards, "
                                        "consumers, replicas, train) asks first for a Ray node "

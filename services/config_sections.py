@@ -1,5 +1,6 @@
 """Settings sections of the live parts (`services.config` gathers every section): the
-item topic and held events, and impressions, live metrics and the canary."""
+item topic and held events, user profiles and query text, and impressions, live metrics
+and the canary."""
 
 from __future__ import annotations
 
@@ -25,6 +26,21 @@ class ItemSettings:
     def check(self) -> None:
         if self.topic_items == self.topic_items_dlq:
             raise ConfigError("topic_items_dlq", "must differ from topic_items")
+
+
+@dataclass(frozen=True)
+class ProfileSettings:
+    topic_users: str = _opt("promptrec.users", "user profile topic (key user_id, JSON user "
+                            "record; a null value deletes the profile)")
+    topic_users_dlq: str = _opt("promptrec.users.dlq", "dead-letter topic of user records")
+    max_user_text_chars: int = _opt(1000, "longer profile text is cut to this (and counted)",
+                                    ">=1")
+    max_query_chars: int = _opt(200, "longest /recommend query text; longer is refused (400)",
+                                ">=1")
+
+    def check(self) -> None:
+        if self.topic_users == self.topic_users_dlq:
+            raise ConfigError("topic_users_dlq", "must differ from topic_users")
 
 
 @dataclass(frozen=True)

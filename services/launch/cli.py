@@ -32,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
                           "a training round; show recommendations before and after; stop.")
     demo.add_argument("--max-events", type=int, default=None,
                       help="replay only the first N events (default: all)")
-    demo.add_argument("--users", default="1,7,42", help="users whose recommendations to show")
+    demo.add_argument("--show-users", default="1,7,42", help="users whose recommendations to show")
     demo.add_argument("--keep-state", action="store_true",
                       help="keep prompt versions and event log of earlier runs in data_dir")
     demo.add_argument("--serve-forever", action="store_true",

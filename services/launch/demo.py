@@ -47,7 +47,7 @@ def run_demo(settings: Settings, args: argparse.Namespace) -> int:
     from streaming.replay import make_producer, replay
 
     started = time.monotonic()
-    users = [u for u in args.users.split(",") if u]
+    users = [u for u in args.show_users.split(",") if u]
     stack = Stack(settings)
     try:
         print("== starting the stack")
