@@ -41,7 +41,8 @@ class Popularity:
     def item_table(self, text_vectors: torch.Tensor) -> torch.Tensor:
         return text_vectors
 
-    def encode_users(self, history: torch.Tensor, mask, personal=None) -> torch.Tensor:
+    def encode_users(self, history: torch.Tensor, mask, personal=None, text_ids=None
+                     ) -> torch.Tensor:
         return torch.zeros(history.shape[0], 1)
 
     def logits(self, users: torch.Tensor, items) -> torch.Tensor:

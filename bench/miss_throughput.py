@@ -51,7 +51,7 @@ def measure(settings, args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.miss_throughput", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--users", type=int, default=200, help="user pool size")
+    parser.add_argument("--user-pool", type=int, default=200, help="user pool size")
     parser.add_argument("--num-events", type=int, default=100_000,
                         help="events replayed")
     parser.add_argument("--concurrency", type=int, default=16, help="closed-loop clients")
@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     add_settings_flags(parser)
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
-    if args.throughput_seconds <= 0 or args.concurrency < 1 or args.users < 1:
-        parser.error("--throughput-seconds must be > 0, --concurrency and --users >= 1")
+    if args.throughput_seconds <= 0 or args.concurrency < 1 or args.user_pool < 1:
+        parser.error("--throughput-seconds must be > 0, --concurrency and --user-pool >= 1")
     base = settings_from_flags(args, env=os.environ, base={
         "data_dir": ".promptrec/bench", "namespace": "promptrec-bench", "num_consumers": 1})
     started, variants = time.monotonic(), {}

@@ -91,7 +91,8 @@ def train_run(settings: Settings, catalog: Catalog, split: Split, steps: int, ev
     started, losses = time.monotonic(), []
     for step, rows in step_iter:
         losses.append(train_step(model, optimizer, split.train.subset(rows), vectors, alpha,
-                                 bf16=bf16, dropout=settings.training.dropout))
+                                 bf16=bf16, dropout=settings.training.dropout,
+                                 text_dropout=settings.training.user_text_dropout, rng=rng))
         if (eval_every and step % eval_every == 0) or step == steps:
             val = score(model, split.val, vectors, alpha, bf16)["ndcg10"]
             curve.append((step, round(val, 4)))

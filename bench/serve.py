@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--swaps", type=int, default=40, help="prompt versions published")
     parser.add_argument("--dwell", type=float, default=1.0,
                         help="seconds of load on each version once all replicas serve it")
-    parser.add_argument("--users", type=int, default=200, help="user pool size")
+    parser.add_argument("--user-pool", type=int, default=200, help="user pool size")
     parser.add_argument("--num-events", type=int, default=100_000,
                         help="events replayed")
     parser.add_argument("--concurrency", type=int, default=16, help="closed-loop clients")

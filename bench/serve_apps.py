@@ -109,7 +109,7 @@ def prepare(stack: Stack, settings: Settings, args,
     for _, prefix, _ in apps:  # /version: the no-op app has no /healthz
         wait_answers(f"{stack.base_url}{prefix}/version", APP_READY_S)
     log("apps deployed")
-    pool = _pool(interactions, args.users, seed=1)
+    pool = _pool(interactions, args.user_pool, seed=1)
     states = {}
     for user in pool:
         shard = ray.get_actor(shard_actor(shard_for_user(user, settings.streaming.num_shards)),

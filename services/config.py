@@ -136,6 +136,9 @@ class TrainingSettings:
                                     ">=0")
     dropout: float = _opt(0.0, "training dropout on the history's item vectors; above 0 the "
                           "user side's backbone layers also drop at their own rates", "share")
+    user_text_dropout: float = _opt(0.1, "share of training rows that read no user text "
+                                    "(user_text versions), so users without one are learned "
+                                    "too", "share")
     val_users: int = _opt(200, "held-out users for the validation gate", ">=1")
     gate_margin: float = _opt(0.005, "publish only if held-out NDCG@10 >= serving NDCG@10 - "
                               "margin", ">=0")

@@ -1,7 +1,9 @@
 """The recommender model: a frozen pretrained encoder read through a soft prompt.
 
 A user is the sequence `[shared soft prompt] + [personal prompt] + [history item vectors]`
-fed to the frozen backbone as `inputs_embeds` (its first `user_layers` layers); the
+(a `user_text` version: `[soft prompt] + [the user's text tokens] + [history]`, the text
+being the profile and a request's query, services/user_text.py) fed to the frozen
+backbone as `inputs_embeds` (its first `user_layers` layers); the
 L2-normalised output at the last item (causal, readout "last") or its mean is the user
 vector. An item's vector is the frozen backbone's embedding of its text
 (services/backbone.py), offset by its item token when the version has item tokens, so
@@ -100,10 +102,29 @@ class PromptRecModel(nn.Module):
                              f"{tuple(text_vectors.shape)}")
         return F.normalize(text_vectors + self.item_delta, dim=-1)
 
+    def text_tokens(self, text_ids: torch.Tensor | None, batch: int) -> tuple[torch.Tensor, ...]:
+        """text_ids [B, U] token ids (TEXT_PAD = -1 left padding) -> (embeddings [B, U, H]
+        from the backbone's frozen word embeddings, key mask [B, U]); [B, 0, ...] for a
+        version without user text. A user_text version needs the ids (a row of just the
+        end token is "no text": services/user_text.py)."""
+        if not self.structure.user_text:
+            empty = self.soft_prompt.new_zeros(batch, 0, self.hidden_size)
+            return empty, torch.zeros(batch, 0, dtype=torch.bool, device=empty.device)
+        if text_ids is None or text_ids.shape != (batch, self.structure.user_text_tokens):
+            raise ValueError(f"a user_text version reads [{batch}, "
+                             f"{self.structure.user_text_tokens}] text ids "
+                             f"(services.user_text), got "
+                             f"{None if text_ids is None else tuple(text_ids.shape)}")
+        text_ids = text_ids.to(self.soft_prompt.device, torch.long)
+        words = self.encoder.embeddings.word_embeddings(text_ids.clamp(min=0))
+        return words.to(self.soft_prompt.dtype), text_ids >= 0
+
     def encode_users(self, history: torch.Tensor, history_mask: torch.Tensor,
-                     personal: torch.Tensor | None = None) -> torch.Tensor:
+                     personal: torch.Tensor | None = None, text_ids: torch.Tensor | None = None
+                     ) -> torch.Tensor:
         """history [B, L] item vectors (oldest first) [B, L, H], history_mask [B, L],
-        personal [B, H] personal prompts (an all-zero row = none) -> users [B, H].
+        personal [B, H] personal prompts (an all-zero row = none), text_ids [B, U] (user_text
+        versions) -> users [B, H].
 
         Input sequence: [shared soft prompt] + [personal prompt] + [history].
         L may be 0 (cold-start users): then the prompt alone encodes the user.
@@ -112,7 +133,8 @@ class PromptRecModel(nn.Module):
         (`add_personal`).
         """
         if self.causal:
-            prefixes = self.encode_prefixes(history, history_mask, with_prompt_only=True)
+            prefixes = self.encode_prefixes(history, history_mask, with_prompt_only=True,
+                                            text_ids=text_ids)
             last = history_mask.long().sum(1)  # 0 = the prompt-only prefix
             users = prefixes[torch.arange(history.shape[0], device=last.device), last]
             return self.add_personal(users, personal)
@@ -130,25 +152,31 @@ class PromptRecModel(nn.Module):
         return F.normalize(mean_pool(hidden, mask), dim=-1)
 
     def encode_prefixes(self, history: torch.Tensor, history_mask: torch.Tensor,
-                        with_prompt_only: bool = False) -> torch.Tensor:
+                        with_prompt_only: bool = False, text_ids: torch.Tensor | None = None
+                        ) -> torch.Tensor:
         """Causal versions only: the user as of every history position in one pass.
 
-        history [B, L, H] (right-padded), history_mask [B, L] -> users [B, L, H], row t =
-        the user after item t, each item attending to the prompt and to earlier items only:
+        history [B, L, H] (right-padded), history_mask [B, L], text_ids [B, U] (user_text
+        versions: the user's text between the prompt and the history) -> users [B, L, H],
+        row t = the user after item t, each item attending to the prompt, the text and
+        earlier items only (the text reads the prompt and itself causally):
         readout "last" reads the hidden state at item t, "mean" the mean of the hidden
         states of the prompt and items <= t. With
-        `with_prompt_only`, [B, L + 1, H] whose row 0 is the prompt alone.
+        `with_prompt_only`, [B, L + 1, H] whose row 0 is the prompt alone (with user text:
+        the prompt and the text, read at the text's last token, its end token).
         Training reads all L rows, so one pass teaches L next-item predictions (as SASRec
         does). The personal prompt is not an input token here (one token cannot summarise
         a different prefix for each position); `add_personal` mixes it in afterwards.
         """
         batch, length = history.shape[:2]
         n_prompt = self.soft_prompt.shape[0]
-        inputs = torch.cat([self.soft_prompt.unsqueeze(0).expand(batch, -1, -1),
+        text, text_keys = self.text_tokens(text_ids, batch)  # [B, U, H], [B, U]
+        inputs = torch.cat([self.soft_prompt.unsqueeze(0).expand(batch, -1, -1), text,
                             history.to(self.soft_prompt.dtype)], dim=1)
         keys = torch.cat([torch.ones(batch, n_prompt, dtype=torch.bool, device=inputs.device),
-                          history_mask.bool()], dim=1)  # [B, T]
-        total = n_prompt + length
+                          text_keys, history_mask.bool()], dim=1)  # [B, T]
+        n_prefix = n_prompt + text.shape[1]  # what every history item may read
+        total = n_prefix + length
         pos = torch.arange(total, device=inputs.device)
         visible = (pos[None, :] <= pos[:, None]) | (pos[None, :] < n_prompt)  # [T(q), T(k)]
         allowed = visible[None] & keys[:, None, :]  # [B, T, T]
@@ -160,7 +188,7 @@ class PromptRecModel(nn.Module):
             sums = (hidden * weights).cumsum(1)
             counts = weights.cumsum(1).clamp(min=1e-6)
             prefixes = F.normalize(sums / counts, dim=-1)  # [B, T, H]
-        return prefixes[:, n_prompt - 1 if with_prompt_only else n_prompt:]
+        return prefixes[:, n_prefix - 1 if with_prompt_only else n_prefix:]
 
     def add_personal(self, users: torch.Tensor, personal: torch.Tensor | None) -> torch.Tensor:
         """Causal versions: users [B, H] or [B, L, H] + personal_gate x personal prompts of
@@ -181,10 +209,11 @@ class PromptRecModel(nn.Module):
         return scores
 
     def forward(self, history_idx: torch.Tensor, history_mask: torch.Tensor,
-                text_vectors: torch.Tensor, personal: torch.Tensor | None = None
-                ) -> torch.Tensor:
+                text_vectors: torch.Tensor, personal: torch.Tensor | None = None,
+                text_ids: torch.Tensor | None = None) -> torch.Tensor:
         """The training path: history_idx [B, L] catalog indices (anything where masked),
-        history_mask [B, L], text_vectors [N, H] frozen, personal [B, H] -> logits [B, N];
+        history_mask [B, L], text_vectors [N, H] frozen, personal [B, H], text_ids [B, U]
+        (user_text versions) -> logits [B, N];
         for a causal version personal is [B, L, H] (the prompt after each position) and
         the logits [B, L + 1, N]: row 0 (the prompt alone, as a user without history is
         encoded) scores the first history item, row t + 1 the item after history item t.
@@ -196,11 +225,12 @@ class PromptRecModel(nn.Module):
         history = items[history_idx] * history_mask.unsqueeze(-1).to(items.dtype)
         history = F.dropout(history, self.dropout, self.training and self.dropout > 0)
         if self.causal:
-            users = self.encode_prefixes(history, history_mask, with_prompt_only=True)
+            users = self.encode_prefixes(history, history_mask, with_prompt_only=True,
+                                         text_ids=text_ids)
             if personal is not None:  # no personal prompt before the first item
                 personal = torch.cat([torch.zeros_like(personal[:, :1]), personal], dim=1)
             return self.logits(self.add_personal(users, personal), items)
-        return self.logits(self.encode_users(history, history_mask, personal), items)
+        return self.logits(self.encode_users(history, history_mask, personal, text_ids), items)
 
     def weights(self) -> PromptWeights:
         """The current weights, detached, on the CPU (a new version to encode or keep)."""

@@ -20,7 +20,8 @@ On the wire a version is one safetensors blob whose metadata records the structu
 one key, METADATA_KEY, as a JSON string (metadata values are strings):
     {"causal": true, "format": "promptrec.prompt/1", "hidden_size": 384,
      "item_bias": true, "item_tokens": true, "num_items": 1682, "prompt_len": 16,
-     "lora_rank": 0, "readout": "last", "user_layers": 2}
+     "lora_rank": 0, "readout": "last", "user_layers": 2, "user_text": false,
+     "user_text_tokens": 0}
 `decode_weights` checks the blob against its metadata and against what the caller
 expects; `decode_version` (services/decoded.py) does that once per process per version.
 A version serves any later catalog: `aligned_to` maps its rows onto the catalog's by item
@@ -46,9 +47,10 @@ from services.lora import initial_adapters
 FORMAT = "promptrec.prompt/1"
 # The ModelConfig fields that decide which tensors a version has and their shapes.
 CONFIG_FIELDS = ("prompt_len", "item_bias", "item_tokens", "causal", "readout", "user_layers",
-                 "lora_rank")
+                 "lora_rank", "user_text", "user_text_tokens")
 # Fields added after the first blobs: a blob without them was trained with these values.
-LEGACY_DEFAULTS = {"readout": "mean", "user_layers": 0, "lora_rank": 0}
+LEGACY_DEFAULTS = {"readout": "mean", "user_layers": 0, "lora_rank": 0, "user_text": False,
+                   "user_text_tokens": 0}
 METADATA_KEY = "promptrec"
 TENSOR_NAMES = ("soft_prompt", "logit_scale", "item_bias", "item_delta", "personal_gate",
                 "lora_a", "lora_b")
@@ -75,8 +77,14 @@ class PromptStructure:
     readout: str = "mean"  # "last": the hidden state at the user's last item (causal only)
     user_layers: int = 0  # the backbone's first k layers read the user; 0 = all
     lora_rank: int = 0  # adapters of that rank on the user side's layers; 0 = none
+    user_text: bool = False  # reads the user's own text (services/user_text.py)
+    user_text_tokens: int = 0  # how many text positions it reads (0 without user_text)
 
     def __post_init__(self) -> None:
+        if not self.user_text:
+            object.__setattr__(self, "user_text_tokens", 0)  # frozen; as num_items below
+        elif self.user_text_tokens < 2 or not self.causal:
+            raise ValueError("user_text needs causal and user_text_tokens >= 2")
         if self.lora_rank < 0 or (self.lora_rank and self.user_layers <= 0):
             raise ValueError("lora_rank needs user_layers >= 1 (the adapted layers)")
         if not self.has_item_weights:
@@ -89,7 +97,8 @@ class PromptStructure:
         return cls(prompt_len=config.prompt_len, hidden_size=hidden_size, num_items=num_items,
                    item_bias=config.item_bias, item_tokens=config.item_tokens,
                    causal=config.causal, readout=config.readout if config.causal else "mean",
-                   user_layers=config.user_layers, lora_rank=config.lora_rank)
+                   user_layers=config.user_layers, lora_rank=config.lora_rank,
+                   user_text=config.user_text, user_text_tokens=config.user_text_tokens)
 
     @property
     def has_item_weights(self) -> bool:

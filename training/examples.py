@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 from services.personal import event_weights
 
 PAD = -1
+OPTIONAL_COLUMNS = ("weights", "prompt_target", "text")  # Examples' columns that may be None
 
 
 @dataclass
@@ -31,14 +32,19 @@ class Examples:
     # [E] int32: the item the prompt alone (a user with no known event) learns to score in
     # this row, PAD for none; None: the row's first history item (its target if empty)
     prompt_target: np.ndarray | None = None
+    # [E, U] int32 token ids of the user's own text (services/user_text.py), for versions
+    # with user_text; None: no text
+    text: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.target)
 
     def subset(self, idx: np.ndarray) -> Examples:
-        return Examples(self.history[idx], self.target[idx],
-                        None if self.weights is None else self.weights[idx],
-                        None if self.prompt_target is None else self.prompt_target[idx])
+        def rows(column: np.ndarray | None) -> np.ndarray | None:
+            return None if column is None else column[idx]
+
+        return Examples(self.history[idx], self.target[idx], rows(self.weights),
+                        rows(self.prompt_target), rows(self.text))
 
     def trimmed(self) -> Examples:
         """The same examples without the columns past the longest history (rows are
@@ -46,10 +52,10 @@ class Examples:
         width = max(1, int((self.history != PAD).sum(1).max(initial=0)))
         return Examples(self.history[:, :width], self.target,
                         None if self.weights is None else self.weights[:, :width],
-                        self.prompt_target)
+                        self.prompt_target, self.text)
 
     def save(self, path: str) -> None:
-        extra = {name: getattr(self, name) for name in ("weights", "prompt_target")
+        extra = {name: getattr(self, name) for name in OPTIONAL_COLUMNS
                  if getattr(self, name) is not None}
         np.savez(path, history=self.history, target=self.target, **extra)
 
@@ -58,7 +64,7 @@ class Examples:
         data = np.load(path)
         return cls(data["history"], data["target"],
                    *(data[name] if name in data.files else None
-                     for name in ("weights", "prompt_target")))
+                     for name in OPTIONAL_COLUMNS))
 
 
 def _is_validation_user(user_id: str, fraction_per_mille: int) -> bool:

@@ -14,6 +14,7 @@ from torch import nn
 from services.config import StreamingSettings, TrainingSettings
 from services.personal import replay
 from services.rank_metrics import hit_ndcg_of_ranks
+from services.user_text import TEXT_PAD
 from training.examples import PAD, Examples
 
 # The shards' personal-prompt rate (its one default is the setting's); examples carry no
@@ -72,7 +73,8 @@ def make_optimizer(model: nn.Module, training: TrainingSettings) -> torch.optim.
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Examples,
                item_vectors: torch.Tensor, personal_alpha: float | None = DEFAULT_PERSONAL_ALPHA,
-               bf16: bool = False, dropout: float = 0.0) -> float:
+               bf16: bool = False, dropout: float = 0.0, text_dropout: float = 0.0,
+               rng: np.random.Generator | None = None) -> float:
     """One step of full-softmax cross-entropy over the whole catalog; returns the loss.
 
     model(history_idx [B,L], mask [B,L], text vectors [N,H], personal [B,H]) -> logits
@@ -80,6 +82,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Exampl
     under bfloat16 autocast (the matmuls; the loss, weights and Adam stay float32).
     `dropout` > 0 puts the model in train mode: that rate on the history's item vectors,
     the backbone's own rates in its layers (`evaluate` puts it back in eval mode).
+    `text_dropout`: that share of rows (drawn by `rng`) reads no user text, so a
+    user_text version also learns users who have none.
     """
     device = item_vectors.device
     batch = batch.trimmed()
@@ -93,8 +97,12 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Exampl
     causal = core.causal
     personal = replay_personal(batch.history, batch.weights, item_vectors, personal_alpha,
                                every_step=causal)
+    text = batch.text
+    if text is not None and text_dropout > 0:
+        text = without_text(text, (rng or np.random.default_rng()).random(len(text)) < text_dropout)
+    text_ids = None if text is None else torch.as_tensor(text, device=device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        logits = model(idx, mask, item_vectors, personal)
+        logits = model(idx, mask, item_vectors, personal, text_ids)
     logits = logits.float()
     if logits.ndim == 3:  # a causal model scored the next item after every position
         prompt_target = None if batch.prompt_target is None else \
@@ -107,6 +115,14 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Exampl
     loss.backward()
     optimizer.step()
     return float(loss.detach())
+
+
+def without_text(text: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """text [B, U] ids, rows [B] bool -> a copy whose chosen rows hold only the end token
+    (each row's last id: services/user_text.py), as a user without any text reads."""
+    text = text.copy()
+    text[rows, :-1] = TEXT_PAD
+    return text
 
 
 def next_items(idx: torch.Tensor, mask: torch.Tensor, target: torch.Tensor,
@@ -158,8 +174,10 @@ def evaluate(model, examples: Examples, item_vectors: torch.Tensor, k: int = 10,
         chunk = examples.subset(rows).trimmed()
         history, mask = collate(chunk.history, items, item_vectors.device)
         personal = replay_personal(chunk.history, chunk.weights, item_vectors, personal_alpha)
+        text_ids = None if chunk.text is None else torch.as_tensor(chunk.text,
+                                                                   device=item_vectors.device)
         with torch.autocast(item_vectors.device.type, dtype=torch.bfloat16, enabled=bf16):
-            users = model.encode_users(history, mask, personal)
+            users = model.encode_users(history, mask, personal, text_ids)
         scores = model.logits(users.float(), items)
         scores = mask_seen(scores, chunk.history if exclude is None else exclude[rows])
         target = torch.as_tensor(chunk.target, dtype=torch.long, device=scores.device)

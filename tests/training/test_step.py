@@ -21,7 +21,7 @@ class FixedScores:
     def item_table(self, text_vectors):
         return text_vectors
 
-    def encode_users(self, history, mask, personal=None):
+    def encode_users(self, history, mask, personal=None, text_ids=None):
         return self.users[: history.shape[0]]
 
     def logits(self, users, items):
