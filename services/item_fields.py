@@ -1,7 +1,9 @@
-"""The item field rules, in one place: the catalog files (`services.item_files`) and the
-`promptrec.items` Kafka codec (`services.item_records`) both build items here.
+"""The item and user-profile field rules, in one place: the catalog and profile files
+(`services.item_files`) and the Kafka codecs of `promptrec.items` and `promptrec.users`
+(`services.item_records`, `services.user_records`) all build their records here.
 
-`item_from_record` turns one record (a dict of field -> value) into an `Item` or raises
+`item_from_record` turns one record (a dict of field -> value) into an `Item`, and
+`profile_from_record` into a `UserProfile` (user_id, text, attributes), or they raise
 `ItemFieldError` naming the field, the problem and its kind. `lenient_csv=True` is the
 file path, which also accepts what CSV, Parquet and pyarrow's JSON reader produce: an
 integer `item_id`, "a|b" categories, JSON-text or Parquet-map attributes (values None
@@ -14,12 +16,14 @@ that is None counts as absent, and text is trimmed.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 
 from services.data import Item
 from services.events import MAX_ID_CHARS
 
 ITEM_FIELDS = ("item_id", "title", "text", "description", "categories", "attributes",
                "available")
+PROFILE_FIELDS = ("user_id", "text", "attributes")
 ITEM_FIELD_KINDS = ("missing", "empty", "wrong_type", "too_long", "invalid", "unknown")
 _TRUE, _FALSE = {"true", "1", "yes"}, {"false", "0", "no"}
 
@@ -33,24 +37,50 @@ class ItemFieldError(ValueError):
         self.column, self.problem, self.kind = column, problem, kind
 
 
-def item_id_from(value: object, *, lenient_csv: bool) -> str:
-    """The item id `value` names, by the rules above."""
+@dataclass(frozen=True)
+class UserProfile:
+    """A user's own words: what the backbone may read of them before any click."""
+
+    user_id: str
+    text: str
+    attributes: dict[str, str] = field(default_factory=dict, hash=False)
+
+
+def id_from(column: str, value: object, *, lenient_csv: bool) -> str:
+    """The id (`item_id`, `user_id`) `value` names, by the rules above."""
     if lenient_csv and isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
-    item_id = _text("item_id", value, lenient_csv, required=True)
-    if len(item_id) > MAX_ID_CHARS:
-        raise ItemFieldError("item_id", f"longer than {MAX_ID_CHARS} characters", "too_long")
-    if not lenient_csv and (item_id != value or not item_id.isprintable()):
-        raise ItemFieldError("item_id", "not printable or has surrounding spaces", "invalid")
-    return item_id
+    given = _text(column, value, lenient_csv, required=True)
+    if len(given) > MAX_ID_CHARS:
+        raise ItemFieldError(column, f"longer than {MAX_ID_CHARS} characters", "too_long")
+    if not lenient_csv and (given != value or not given.isprintable()):
+        raise ItemFieldError(column, "not printable or has surrounding spaces", "invalid")
+    return given
+
+
+def item_id_from(value: object, *, lenient_csv: bool) -> str:
+    return id_from("item_id", value, lenient_csv=lenient_csv)
+
+
+def _no_unknown(record: dict, known: tuple[str, ...]) -> None:
+    extra = sorted(str(name) for name in record if name not in known)
+    if extra:
+        raise ItemFieldError(extra[0], f"unknown field (known: {', '.join(known)})", "unknown")
+
+
+def profile_from_record(record: dict, *, lenient_csv: bool) -> UserProfile:
+    """The profile of one record (`text` required, not empty; it is not cut here: the
+    Kafka codec cuts and counts); raises `ItemFieldError` at the first broken rule."""
+    _no_unknown(record, PROFILE_FIELDS)
+    get = record.get
+    return UserProfile(user_id=id_from("user_id", get("user_id"), lenient_csv=lenient_csv),
+                       text=_text("text", get("text"), lenient_csv, required=True),
+                       attributes=_attributes(get("attributes"), lenient_csv))
 
 
 def item_from_record(record: dict, *, lenient_csv: bool) -> Item:
     """The item of one record; raises `ItemFieldError` at the first broken rule."""
-    extra = sorted(name for name in record if name not in ITEM_FIELDS)
-    if extra:
-        raise ItemFieldError(str(extra[0]), f"unknown field (known: {', '.join(ITEM_FIELDS)})",
-                             "unknown")
+    _no_unknown(record, ITEM_FIELDS)
     get = record.get
     return Item(item_id=item_id_from(get("item_id"), lenient_csv=lenient_csv),
                 title=_text("title", get("title"), lenient_csv, required=True),

@@ -1,4 +1,4 @@
-"""The generic catalog and event files: Parquet, JSONL or CSV, by path or pyarrow URI.
+"""The generic catalog, event and profile files: Parquet, JSONL or CSV, by path or URI.
 
 Items, one row each:
     item_id      str, required, unique, at most 128 characters
@@ -17,8 +17,14 @@ Events, one row each (the click-event contract of `services.events`):
     type               click | view | purchase | rating, optional (default click)
     value              number, optional
 
-The item rules live in `services.item_fields` (shared with the `promptrec.items` Kafka
-codec, `services.item_records`); files get its leniencies for CSV and Parquet cells.
+User profiles, one row per user (the `promptrec.users` record of `services.user_records`):
+    user_id      str (an integer is read as its decimal text), required, unique
+    text         str, required, not empty: the user's own words
+    attributes   str -> str map, optional (in CSV: a JSON object)
+
+The item and profile rules live in `services.item_fields` (shared with the Kafka codecs,
+`services.item_records` and `services.user_records`); files get its leniencies for CSV
+and Parquet cells.
 
 A file that breaks these rules fails at start-up with `DataFileError`, which names the
 file, the row (0-based, as the file orders them) and the column.
@@ -36,9 +42,17 @@ import pyarrow.compute as pc
 
 from services.data import Interactions, Item
 from services.events import EVENT_TYPES, MAX_ID_CHARS
-from services.item_fields import ITEM_FIELDS, ItemFieldError, item_from_record
+from services.item_fields import (
+    ITEM_FIELDS,
+    PROFILE_FIELDS,
+    ItemFieldError,
+    UserProfile,
+    item_from_record,
+    profile_from_record,
+)
 
 ITEM_COLUMNS = ITEM_FIELDS
+PROFILE_COLUMNS = PROFILE_FIELDS
 EVENT_COLUMNS = ("event_id", "user_id", "item_id", "ts", "type", "value")
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "json", ".ndjson": "json",
            ".json": "json", ".csv": "csv"}
@@ -94,27 +108,44 @@ def _unknown_columns(table: pa.Table, known: tuple[str, ...], path: str) -> None
                             column=extra[0])
 
 
-def items_from_table(table: pa.Table, path: str) -> list[Item]:
-    """Validated items, in the file's order."""
-    _unknown_columns(table, ITEM_COLUMNS, path)
-    for required in ("item_id", "title"):
-        if required not in table.column_names:
-            raise DataFileError(path, "required column missing", column=required)
-    items: list[Item] = []
+def _validated_rows(table: pa.Table, path: str, known: tuple[str, ...],
+                    required: tuple[str, ...], build, id_of, what: str) -> list:
+    """`build(record)` of every row, in the file's order; the first broken rule, a
+    repeated id (`id_of`) or an empty file raises `DataFileError` (file, row, column)."""
+    _unknown_columns(table, known, path)
+    for name in required:
+        if name not in table.column_names:
+            raise DataFileError(path, "required column missing", column=name)
+    built: list = []
     seen: dict[str, int] = {}
+    id_column = required[0]
     for row, record in enumerate(table.to_pylist()):
         try:
-            item = item_from_record(record, lenient_csv=True)
+            one = build(record)
         except ItemFieldError as err:
             raise DataFileError(path, err.problem, row, err.column) from err
-        if item.item_id in seen:
-            raise DataFileError(path, f"item_id {item.item_id!r} repeats row "
-                                f"{seen[item.item_id]}", row, "item_id")
-        seen[item.item_id] = row
-        items.append(item)
-    if not items:
-        raise DataFileError(path, "no items")
-    return items
+        if id_of(one) in seen:
+            raise DataFileError(path, f"{id_column} {id_of(one)!r} repeats row "
+                                f"{seen[id_of(one)]}", row, id_column)
+        seen[id_of(one)] = row
+        built.append(one)
+    if not built:
+        raise DataFileError(path, f"no {what}")
+    return built
+
+
+def items_from_table(table: pa.Table, path: str) -> list[Item]:
+    """Validated items, in the file's order."""
+    return _validated_rows(table, path, ITEM_COLUMNS, ("item_id", "title"),
+                           lambda r: item_from_record(r, lenient_csv=True),
+                           lambda item: item.item_id, "items")
+
+
+def profiles_from_table(table: pa.Table, path: str) -> list[UserProfile]:
+    """Validated user profiles, in the file's order (one row per user)."""
+    return _validated_rows(table, path, PROFILE_COLUMNS, ("user_id", "text"),
+                           lambda r: profile_from_record(r, lenient_csv=True),
+                           lambda profile: profile.user_id, "profiles")
 
 
 def interactions_from_table(table: pa.Table, path: str, limit: int | None = None

