@@ -5,7 +5,11 @@ State per user:
   inserted in place, not appended);
 - `personal`: a personal prompt vector [H], moved toward each event's item by the rule
   in `services.personal` (online, no training round needed);
-- `state_version`: +1 per applied event, so caches downstream know when to refresh.
+- `state_version`: +1 per applied event, so caches downstream know when to refresh;
+- `profile` and `profile_attributes`: the user's own words from the `promptrec.users`
+  topic (None: none), set or deleted by `apply_profiles`; `profile_version` +1 per
+  change, so a cache keyed on it refreshes when the words do (`state_version` counts
+  events only). A profile may come before any event: the state then has no history.
 
 `apply_rows` applies a batch's new events column-wise: each user's events at once
 (history merged and trimmed once; the personal prompts of all users moved together by
@@ -31,6 +35,14 @@ class UserState:
     history: list[tuple[float, str, str]] = field(default_factory=list)  # (ts, event_id, item)
     state_version: int = 0
     personal: np.ndarray | None = None  # [H] float32
+    profile: str | None = None
+    profile_attributes: dict[str, str] = field(default_factory=dict)
+    profile_version: int = 0
+
+
+# One record of the profile topic as a shard gets it: (partition, offset, user_id, text or
+# None for a delete, attributes).
+ProfileRecord = tuple[int, int, str, str | None, dict[str, str]]
 
 
 @dataclass
@@ -99,3 +111,24 @@ def _move_personal(events: EventBatch, moves: list[tuple[UserState, list[int]]],
         states.append(state)
     for state, moved in zip(states, rule.move_batch(items.vectors, runs), strict=True):
         state.personal = moved
+
+
+def apply_profiles(users: dict[str, UserState], records: list[ProfileRecord]) -> int:
+    """Set (text) or delete (None) each record's profile, in order -> how many changed
+    one. Keyed upserts: applying a record again leaves the state as it was. A delete
+    keeps the user's state (its versions go on counting, so caches never see an old key
+    again)."""
+    changed = 0
+    for _, _, user_id, text, attributes in records:
+        state = users.get(user_id)
+        if state is None:
+            if text is None:
+                continue  # nothing to delete
+            state = users[user_id] = UserState()
+        attributes = attributes if text is not None else {}
+        if state.profile == text and state.profile_attributes == attributes:
+            continue
+        state.profile, state.profile_attributes = text, dict(attributes)
+        state.profile_version += 1
+        changed += 1
+    return changed

@@ -10,6 +10,12 @@ The shard owns the state and wires the jobs done elsewhere, per consumer batch:
    background; a restarted shard restores the latest one and asks consumers to rewind to
    it.
 
+Profiles (`promptrec.users`, `streaming.profiles`) come in batches of their own through
+`apply_profiles`, with their own covered offsets (a second `DeliveryGuard`, offsets only:
+a record is a keyed upsert, so an offset is all it needs). `profile_offsets` tells the
+profile consumer this incarnation's id and what it covers, so that after a restart it
+replays what the restored snapshot lacks even when no new profile arrives.
+
 The one-event-at-a-time apply that the batched one must equal lives beside its parity
 test (tests/streaming/reference.py).
 """
@@ -19,6 +25,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,7 +35,7 @@ from services.batch import EventBatch
 from services.catalog_registry import follow_if_running
 from services.config import StreamingSettings
 from services.personal import EventRates
-from streaming.apply import ItemSpace, UserState, apply_rows
+from streaming.apply import ItemSpace, ProfileRecord, UserState, apply_profiles, apply_rows
 from streaming.delivery import DeliveryGuard, Ranges
 from streaming.latency import LatencySampler
 from streaming.snapshot import Captured, SnapshotStore, capture
@@ -58,6 +65,9 @@ class UserStateShard:
         if item_vectors is not None:
             self.set_items(item_vectors, item_ids or [])
         self.guard = DeliveryGuard(config.dedupe_window)
+        self.profile_guard = DeliveryGuard(0)  # the profile topic's offsets (no event ids)
+        self.incarnation = uuid.uuid4().hex  # a new one per start: consumers notice restarts
+        self.profiles_applied = 0
         self.users: dict[str, UserState] = {}
         self.applied = self.duplicates = self.replayed = 0
         self.latency = LatencySampler()
@@ -108,6 +118,27 @@ class UserStateShard:
         self.duplicates += len(events) - len(rows)
         return {"applied": len(rows), "duplicates": len(events) - len(rows)}
 
+    def apply_profiles(self, records: list[ProfileRecord], ranges: Ranges) -> dict:
+        """Set or delete profiles: this shard's records of one profile-consumer batch (in
+        offset order), and the batch's ranges per partition (every shard gets every
+        batch's). Records below the covered offset were applied before and are skipped;
+        a range above it (this shard restarted from an older snapshot) is refused with a
+        `rewind`. -> {"applied", "replayed", "changed", "rewind"}."""
+        expected, rewind = self.profile_guard.expect(ranges)
+        fresh = [r for r in records if r[0] not in rewind]
+        new = [r for r in fresh if r[1] >= expected[r[0]]]
+        changed = apply_profiles(self.users, new)
+        self.profile_guard.cover(ranges, expected, rewind)
+        self.profiles_applied += len(new)
+        self._snapshot_when_due()
+        return {"applied": len(new), "replayed": len(fresh) - len(new), "changed": changed,
+                "rewind": rewind}
+
+    def profile_offsets(self) -> dict:
+        """{"incarnation": id of this start, "covered": {partition: [epoch, next offset]}}."""
+        return {"incarnation": self.incarnation,
+                "covered": {p: list(c) for p, c in self.profile_guard.covered.items()}}
+
     def set_items(self, item_vectors, item_ids: list[str]) -> None:
         """A new catalog version's vectors [N, H] for the personal prompts to move in."""
         if self.personal:  # one reference replaced: a batch reads it once
@@ -125,19 +156,20 @@ class UserStateShard:
         self.duplicates += duplicates
         self.replayed += replayed
         metrics.users_held().set(len(self.users), tags={"shard": str(self.shard_index)})
-        if time.monotonic() - self._last_snapshot >= self.snapshot_every_s:
-            self._housekeeping()
+        self._snapshot_when_due()
         return {"applied": applied, "duplicates": duplicates, "replayed": replayed,
                 "rewind": rewind}
 
     # --- reads --------------------------------------------------------------
     def get_user(self, user_id: str) -> dict | None:
-        """{"history": [item_id, oldest first], "state_version": n, "personal": [H] or None}."""
+        """{"history": [item_id, oldest first], "state_version": n, "personal": [H] or None,
+        "profile": text or None, "profile_attributes": {str: str}, "profile_version": n}."""
         state = self.users.get(user_id)
         if state is None:
             return None
         return {"history": [item for _, _, item in state.history],
-                "state_version": state.state_version, "personal": state.personal}
+                "state_version": state.state_version, "personal": state.personal,
+                **_profile_of(state)}
 
     def applied_count(self) -> int:
         return self.applied
@@ -148,7 +180,9 @@ class UserStateShard:
     def stats(self) -> dict:
         return {"shard": self.shard_index, "users": len(self.users), "applied": self.applied,
                 "duplicates": self.duplicates, "replayed": self.replayed,
-                "covered": self.covered_offsets(), "restored_from": self.restored_from}
+                "covered": self.covered_offsets(), "restored_from": self.restored_from,
+                "profiles_applied": self.profiles_applied,
+                "profiles": sum(s.profile is not None for s in self.users.values())}
 
     def latency_sample(self, clear: bool = False) -> list[float]:
         return self.latency.sample(clear)
@@ -157,7 +191,8 @@ class UserStateShard:
         """Every user's state (tests compare it across runs)."""
         return {user: {"history": [item for _, _, item in s.history],
                        "state_version": s.state_version,
-                       "personal": None if s.personal is None else s.personal.tolist()}
+                       "personal": None if s.personal is None else s.personal.tolist(),
+                       **_profile_of(s)}
                 for user, s in self.users.items()}
 
     # --- snapshots ------------------------------------------------------------
@@ -168,6 +203,10 @@ class UserStateShard:
         self.snapshots.wait()
         self._last_snapshot = time.monotonic()
         return self.snapshots.write(self._capture())
+
+    def _snapshot_when_due(self) -> None:
+        if time.monotonic() - self._last_snapshot >= self.snapshot_every_s:
+            self._housekeeping()
 
     def _housekeeping(self) -> None:
         if self.snapshots and self.snapshots.busy():
@@ -185,7 +224,9 @@ class UserStateShard:
         dim = self.items.vectors.shape[1] if self.items is not None else 0
         meta = {"covered": {str(p): list(c) for p, c in self.guard.covered.items()},
                 "holes": {str(p): sorted(h) for p, h in self.guard.holes.items()},
-                "applied": self.applied, "duplicates": self.duplicates}
+                "applied": self.applied, "duplicates": self.duplicates,
+                "profile_covered": {str(p): list(c)
+                                    for p, c in self.profile_guard.covered.items()}}
         return capture(self.users, self.guard.seen, dim, meta)
 
     def _restore(self) -> str | None:
@@ -197,7 +238,14 @@ class UserStateShard:
         self.guard.seen = restored.seen
         self.guard.holes = {int(p): set(h) for p, h in meta.get("holes", {}).items()}
         self.applied, self.duplicates = meta["applied"], meta["duplicates"]
+        self.profile_guard.covered = {int(p): (c[0], c[1])
+                                      for p, c in meta.get("profile_covered", {}).items()}
         self.users = restored.users
         log.info("shard %d restored %d users from %s (covered %s)", self.shard_index,
                  len(self.users), restored.name, self.guard.covered)
         return restored.name
+
+
+def _profile_of(state: UserState) -> dict:
+    return {"profile": state.profile, "profile_attributes": dict(state.profile_attributes),
+            "profile_version": state.profile_version}

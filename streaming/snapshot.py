@@ -1,5 +1,9 @@
 """Shard snapshots: the user state with the `covered` offsets it reflects, as parquet.
 
+The state includes each user's profile (text, attributes, profile_version) and the meta
+the offsets of the profile topic it covers (`profile_covered`); a snapshot written before
+profiles existed restores with none.
+
 A snapshot is a directory <dir>/snap-<time>-<seq>/ holding state.parquet (one row per
 user), seen.parquet (the dedupe window) and meta.json (covered offsets, counts), written
 to a temp dir and renamed into place, so a crash mid-write leaves no half snapshot. The
@@ -35,6 +39,9 @@ class Captured:
     state_versions: list[int]
     personal: np.ndarray | None  # [U, H] float32, rows of users without one are zeros
     has_personal: np.ndarray  # [U] bool
+    profiles: list[str | None]
+    profile_attributes: list[dict[str, str]]
+    profile_versions: list[int]
     seen: list[str]
     meta: dict  # covered {partition: [epoch, offset]}, applied, duplicates, users, created
 
@@ -60,7 +67,10 @@ def capture(users: dict[str, UserState], seen: OrderedDict[str, None], dim: int,
                 personal[row] = state.personal
     return Captured(users=names, histories=[list(s.history) for s in states],
                     state_versions=[s.state_version for s in states], personal=personal,
-                    has_personal=has_personal, seen=list(seen),
+                    has_personal=has_personal,
+                    profiles=[s.profile for s in states],
+                    profile_attributes=[dict(s.profile_attributes) for s in states],
+                    profile_versions=[s.profile_version for s in states], seen=list(seen),
                     meta={**meta, "users": len(names), "created": time.time()})
 
 
@@ -101,6 +111,10 @@ class SnapshotStore:
             "hist_item": [[h[2] for h in hist] for hist in captured.histories],
             "state_version": pa.array(captured.state_versions, pa.int64()),
             "personal": personal,
+            "profile": pa.array(captured.profiles, pa.string()),
+            "profile_attributes": pa.array([list(a.items()) for a in captured.profile_attributes],
+                                           pa.map_(pa.string(), pa.string())),
+            "profile_version": pa.array(captured.profile_versions, pa.int64()),
         })
         self._seq += 1
         name = f"snap-{time.time_ns():020d}-{self._seq:06d}"
@@ -134,7 +148,10 @@ class SnapshotStore:
                                  strict=True)),
                 state_version=row["state_version"],
                 personal=None if row["personal"] is None
-                else np.asarray(row["personal"], np.float32))
+                else np.asarray(row["personal"], np.float32),
+                profile=row.get("profile"),  # absent from snapshots older than profiles
+                profile_attributes=dict(row.get("profile_attributes") or ()),
+                profile_version=row.get("profile_version") or 0)
         seen = OrderedDict.fromkeys(
             pq.read_table(latest / "seen.parquet")["event_id"].to_pylist())
         return Restored(name=latest.name, users=users, seen=seen,
