@@ -150,6 +150,13 @@ def item_records():
 
 
 @functools.cache
+def user_records():
+    return _counter("promptrec_user_records_total",
+                    "Profile-topic records by result (upsert, delete, invalid, truncated, "
+                    "replayed) and invalid reason", ("result", "reason"))
+
+
+@functools.cache
 def serving_catalog_version():
     return KeptGauge(_gauge("promptrec_serving_catalog_version",
                             "Catalog version each replica serves", ("replica",)))

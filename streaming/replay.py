@@ -1,5 +1,6 @@
 """Replay events (a MovieLens set or an event file) into Kafka as click events, in
-timestamp order; publish items (an item file) and deletes to the item topic."""
+timestamp order; publish items (an item file) and deletes to the item topic, and user
+profiles and their deletes to the profile topic."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from collections.abc import Iterable
 
 from services.data import Interactions, Item
 from services.events import ClickEvent
+from services.item_fields import UserProfile
 from services.item_records import encode_item
+from services.user_records import encode_profile
 
 
 def make_producer(bootstrap: str, security: dict | None = None):
@@ -62,13 +65,27 @@ def publish_items(bootstrap: str, topic: str, items: list[Item], deletes: list[s
                   security: dict | None = None) -> int:
     """Each item as a record of the item topic (key = item_id), then a null-value record
     (a delete) for each id in `deletes`; returns how many were sent."""
+    return _publish(bootstrap, topic, [(i.item_id, encode_item(i)) for i in items], deletes,
+                    security)
+
+
+def publish_profiles(bootstrap: str, topic: str, profiles: list[UserProfile],
+                     deletes: list[str], security: dict | None = None) -> int:
+    """Each profile as a record of the profile topic (key = user_id), then a null-value
+    record (a delete of that user's profile) for each id in `deletes` -> how many sent."""
+    return _publish(bootstrap, topic, [(p.user_id, encode_profile(p)) for p in profiles],
+                    deletes, security)
+
+
+def _publish(bootstrap: str, topic: str, upserts: list[tuple[str, bytes]], deletes: list[str],
+             security: dict | None) -> int:
     producer = make_producer(bootstrap, security)
     try:
-        for item in items:
-            producer.send(topic, key=item.item_id.encode(), value=encode_item(item))
-        for item_id in deletes:
-            producer.send(topic, key=item_id.encode(), value=None)
+        for key, value in upserts:
+            producer.send(topic, key=key.encode(), value=value)
+        for key in deletes:
+            producer.send(topic, key=key.encode(), value=None)
         producer.flush()
     finally:
         producer.close()
-    return len(items) + len(deletes)
+    return len(upserts) + len(deletes)
