@@ -6,7 +6,9 @@
         [--replication-factor 3]
 
 The click topic gets `partitions` partitions (Settings.partitions: the consumer group can
-use at most that many consumers); the dead-letter topic one. Safe to run again: missing
+use at most that many consumers); the dead-letter topic one; the user profile topic one,
+compacted (a keyed upsert per user: the latest record of each user is what a restarted
+shard replays, so it is kept however old), and its dead-letter topic one. Safe to run again: missing
 topics are created, existing ones get the retention given here and keep their
 partitions. Topic names, partitions and the bootstrap come from the same settings as the
 service (flags or PROMPTREC_* variables).
@@ -29,9 +31,11 @@ HOUR_MS = 3_600_000
 
 def topic_plan(settings: Settings, retention_hours: float, dlq_retention_hours: float
                ) -> tuple[dict[str, int], dict[str, dict[str, str]]]:
-    """({topic: partitions}, {topic: configs}) for the click and dead-letter topics."""
-    streaming = settings.streaming
-    partitions = {streaming.topic_clicks: streaming.partitions, streaming.topic_dlq: 1}
+    """({topic: partitions}, {topic: configs}) for the click, profile and dead-letter
+    topics."""
+    streaming, profiles = settings.streaming, settings.profiles
+    partitions = {streaming.topic_clicks: streaming.partitions, streaming.topic_dlq: 1,
+                  profiles.topic_users: 1, profiles.topic_users_dlq: 1}
     configs = {
         # Long enough to replay from the oldest shard snapshot after an outage.
         settings.streaming.topic_clicks: {"cleanup.policy": "delete",
@@ -39,6 +43,10 @@ def topic_plan(settings: Settings, retention_hours: float, dlq_retention_hours: 
         # Dead letters are read by people, later: keep them longer.
         settings.streaming.topic_dlq: {"cleanup.policy": "delete",
                              "retention.ms": str(int(dlq_retention_hours * HOUR_MS))},
+        # Compacted: each user's latest profile (or its delete) stays for replays.
+        profiles.topic_users: {"cleanup.policy": "compact"},
+        profiles.topic_users_dlq: {"cleanup.policy": "delete",
+                                   "retention.ms": str(int(dlq_retention_hours * HOUR_MS))},
     }
     return partitions, configs
 

@@ -62,6 +62,17 @@ def _parser() -> argparse.ArgumentParser:
                        help="item ids to delete (a null-value record each)")
     add_settings_flags(items)
 
+    users = sub.add_parser("users", help="publish user profiles (or deletes) to the profile "
+                           "topic", description="Publish the profiles of a profile file "
+                           "(user_id, text, attributes; Parquet, JSONL or CSV, docs/data.md) "
+                           "to topic_users, key = user_id; a running service keeps them in "
+                           "the users' state. The whole file is validated before anything is "
+                           "sent.")
+    users.add_argument("file", nargs="?", help="profile file (default: the users setting)")
+    users.add_argument("--delete", nargs="+", default=[], metavar="USER_ID",
+                       help="user ids whose profile to delete (a null-value record each)")
+    add_settings_flags(users)
+
     from services.movielens import DATASETS
 
     importer = sub.add_parser("import", help="write a data set in the catalog and event format")
@@ -179,10 +190,11 @@ def main(argv: list[str] | None = None) -> int:
             if args.eval_kind == "prequential":
                 return run_prequential_eval(settings, args, argv)
             return run_offline_eval(settings, args)
-        if args.command in ("replay", "items"):
+        if args.command in ("replay", "items", "users"):
             from services.data import load_interactions, load_items
             from services.embedded import check_kafka
-            from streaming.replay import publish_items, replay
+            from services.user_records import load_profiles
+            from streaming.replay import publish_items, publish_profiles, replay
 
             bootstrap = settings.infra.kafka_bootstrap
             if not bootstrap:
@@ -197,6 +209,17 @@ def main(argv: list[str] | None = None) -> int:
                 sent = publish_items(bootstrap, settings.items.topic_items, found, args.delete,
                                      security=settings.kafka.kafka_python())
                 print(f"sent {sent} records to {settings.items.topic_items}")
+                return 0
+            if args.command == "users":
+                path = args.file or settings.infra.users
+                if not path and not args.delete:
+                    print("promptrec users: give a profile file or --delete", file=sys.stderr)
+                    return 2
+                found = load_profiles(path) if path else []
+                check_kafka(bootstrap, security=settings.kafka)
+                sent = publish_profiles(bootstrap, settings.profiles.topic_users, found,
+                                        args.delete, security=settings.kafka.kafka_python())
+                print(f"sent {sent} records to {settings.profiles.topic_users}")
                 return 0
             check_kafka(bootstrap, security=settings.kafka)
             source = settings.infra.events_source

@@ -14,6 +14,50 @@ BAD_EVENTS = [  # shown in the demo: each lands in the dead-letter topic with it
 ]
 
 
+BAD_PROFILES = [  # shown in the demo: each lands in the profile dead-letter topic
+    (b"1", b"{not json"),
+    (b"1", b'{"user_id": "2", "text": "a record keyed for another user"}'),
+]
+
+
+def _publish_profiles(stack, settings: Settings, users: list[str]) -> None:
+    """The data set's MovieLens profiles (unless a --users file was published at start)
+    and two malformed records, through the profile topic into the shards."""
+    from services.data import is_movielens
+    from services.naming import shard_for_user
+    from services.user_records import load_profiles
+    from streaming.replay import make_producer
+
+    source = settings.infra.events_source
+    published = 0
+    if not settings.infra.users and is_movielens(source):
+        published = stack.publish_profiles(load_profiles(source))
+    elif settings.infra.users:
+        published = len(load_profiles(settings.infra.users))
+    print(f"\n== user profiles: {published:,} {settings.infra.users or source} profiles "
+          f"into Kafka (+{len(BAD_PROFILES)} malformed ones)")
+    producer = make_producer(stack.bootstrap)
+    for key, value in BAD_PROFILES:
+        producer.send(settings.profiles.topic_users, key=key, value=value)
+    producer.close()
+    stats = stack.wait_profiles(published + len(BAD_PROFILES))
+    print(f"   profile records: {stats['counts']}")
+    import ray
+
+    from services.health import WaitTimeout, wait_until
+
+    if not users:
+        return
+    user, shards = users[0], stack.streaming.shards
+    shard = shards[shard_for_user(user, len(shards))]
+    try:  # counted as it is read; applied a moment later
+        state = wait_until(lambda: ray.get(shard.get_user.remote(user)), 10,
+                           f"user {user}'s profile", 0.2)
+    except WaitTimeout:
+        state = None
+    print(f"  user {user:>4} | profile: {state['profile'] if state else None}")
+
+
 def _show(stack, user_id: str, label: str) -> None:
     import httpx
 
@@ -52,6 +96,7 @@ def run_demo(settings: Settings, args: argparse.Namespace) -> int:
     try:
         print("== starting the stack")
         stack.start(fresh=not args.keep_state)
+        _publish_profiles(stack, settings, users)
         print("\n== recommendations before any event (prompt only)")
         for user in users:
             _show(stack, user, "no history yet")

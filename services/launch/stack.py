@@ -1,9 +1,10 @@
 """The whole service in one process's hands: start, use, stop.
 
 The only module of `services` besides `cli` that imports the planes (the entry
-point). Start order: broker -> Ray -> topics -> catalog (+ its registry) -> prompt
-registry (+ initial prompt) -> shards + consumers + item consumer -> Serve -> training
-runner.
+point). Start order: the user profile file checked whole (`users`) -> broker -> topics
+(+ the profiles published) -> Ray -> catalog (+ its registry) -> prompt registry
+(+ initial prompt) -> shards + consumers + item and profile consumers -> Serve ->
+training runner.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from services.embedded import EmbeddedBroker, check_kafka, ensure_topics, start_
 from services.health import WaitTimeout, answers, wait_answers, wait_until
 from services.naming import SERVE_APP
 from services.registry import start_registry
+from services.user_records import load_profiles
 from services.weights import initial_weights
 
 log = logging.getLogger("promptrec")
@@ -67,6 +69,8 @@ class Stack:
             for name in ("registry", "eventlog", "train", "snapshots"):
                 shutil.rmtree(s.infra.root / name, ignore_errors=True)
         s.infra.root.mkdir(parents=True, exist_ok=True)
+        # A bad profile file fails here, naming file, row and column, before anything runs.
+        profiles = load_profiles(s.infra.users) if s.infra.users else []
         t = time.monotonic()
         if s.infra.kafka_bootstrap:
             check_kafka(s.infra.kafka_bootstrap, security=s.kafka)
@@ -78,9 +82,12 @@ class Stack:
         ensure_topics(self.bootstrap, {s.streaming.topic_clicks: s.streaming.partitions,
                                        s.streaming.topic_dlq: 1, s.items.topic_items: 1,
                                        s.items.topic_items_dlq: 1,
+                                       s.profiles.topic_users: 1, s.profiles.topic_users_dlq: 1,
                                        s.live.topic_impressions: s.streaming.partitions},
                       security=s.kafka.kafka_python())
         self._step(f"kafka ready ({self.bootstrap})", t)
+        if profiles:  # through the topic, so that the one consumer path brings them in
+            self.publish_profiles(profiles)
 
         t = time.monotonic()
         start_ray(s)
@@ -103,7 +110,8 @@ class Stack:
                 weights.to_bytes(), {"source": "initial", "text": s.model.prompt_init_text}))
         self.streaming = start_streaming(s, self.bootstrap, list(self.catalog.index),
                                          self.catalog.vectors.numpy(),
-                                         backbone_path=str(backbone), live_metrics=True)
+                                         backbone_path=str(backbone), live_metrics=True,
+                                         profiles=True)
         self.catalogs = CatalogFollower(s.infra.namespace)
         self._step("registry, shards, consumers", t)
 
@@ -122,6 +130,29 @@ class Stack:
             log.info("Serve left to its config (deploy_serve off)")
         self.runner = RoundRunner(s, lambda: self.catalogs.catalog, self.registry)
         return self
+
+    def publish_profiles(self, profiles: list, deletes: tuple[str, ...] = ()) -> int:
+        """Send user profiles (and deletes) to the profile topic -> records sent."""
+        from streaming.replay import publish_profiles
+
+        t = time.monotonic()
+        sent = publish_profiles(self.bootstrap, self.settings.profiles.topic_users, profiles,
+                                list(deletes), security=self.settings.kafka.kafka_python())
+        self._step(f"{sent} profiles published", t)
+        return sent
+
+    def wait_profiles(self, expected: int, timeout_s: float = 120) -> dict:
+        """Block until the profile consumer has handled `expected` records for the first
+        time (upserts, deletes, invalid) -> its stats (as they are at the deadline)."""
+        def handled() -> dict | None:
+            stats = self.streaming.stats()["profiles"]
+            n = sum(v for k, v in stats["counts"].items()
+                    if k.split(":")[0] in ("upsert", "delete", "invalid"))
+            return stats if n >= expected else None
+        try:
+            return wait_until(handled, timeout_s, f"{expected} profile records handled", 0.2)
+        except WaitTimeout:
+            return self.streaming.stats()["profiles"]
 
     def wait_healthy(self, timeout_s: float = 180, prefix: str = "") -> None:
         url = self.base_url + prefix

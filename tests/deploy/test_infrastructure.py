@@ -110,6 +110,10 @@ def test_topic_script_creates_and_updates_topics(broker):
     assert found[clicks]["configs"]["retention.ms"] == str(48 * 3_600_000)
     assert found[dlq]["configs"]["retention.ms"] == str(240 * 3_600_000)
     assert found[clicks]["configs"]["cleanup.policy"] == "delete"
+    users = topic_settings(broker.bootstrap, ["promptrec.users", "promptrec.users.dlq"])
+    assert users["promptrec.users"]["partitions"] == 1
+    assert users["promptrec.users"]["configs"]["cleanup.policy"] == "compact"
+    assert users["promptrec.users.dlq"]["configs"]["retention.ms"] == str(240 * 3_600_000)
 
     # Again, with another retention: the topic is kept and its retention changed in place.
     done = run_topics("--kafka-bootstrap", broker.bootstrap, "--replication-factor", "1",
