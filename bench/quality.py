@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -61,6 +61,9 @@ class Split:
     val_unseen: EvalSet  # validation events whose target never occurs in training
     test_cold: EvalSet  # test events whose target is a held-out item (empty: none held out)
     train_item_counts: np.ndarray  # [N] popularity from the training portion only
+    # the user of each row of train, val, test, val_unseen and test_cold ([E] str), for
+    # per-user inputs such as the profile text (bench/user_text.py)
+    users: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def _row(items: list[int], history_len: int) -> np.ndarray:
@@ -103,6 +106,7 @@ def leave_one_out(interactions: Interactions, catalog: Catalog, history_len: int
     val: list[tuple[list[int], int]] = []
     test: list[tuple[list[int], int]] = []
     counts = np.zeros(len(catalog), np.int64)
+    row_users: dict[str, list] = {"train": [], "val": [], "test": []}
     for start, end in zip(starts, ends, strict=True):
         seq = [int(i) for i in items[start:end] if i != PAD]
         if len(seq) < 3:
@@ -116,13 +120,21 @@ def leave_one_out(interactions: Interactions, catalog: Catalog, history_len: int
         for pos in positions:
             train_rows[0].append(_row(warm[:pos], history_len))
             train_rows[1].append(warm[pos])
+            row_users["train"].append(users[start])
         val.append((seq[:-2], seq[-2]))
         test.append((seq[:-1], seq[-1]))
+        row_users["val"].append(users[start])
+        row_users["test"].append(users[start])
     train = Examples(np.stack(train_rows[0]) if train_rows[1]
                      else np.zeros((0, history_len), np.int32), np.array(train_rows[1], np.int32))
+    unseen = [r for r, (_, t) in enumerate(val) if counts[t] == 0]
+    cold_test = [r for r, (_, t) in enumerate(test) if cold[t]]
+    row_users["val_unseen"] = [row_users["val"][r] for r in unseen]
+    row_users["test_cold"] = [row_users["test"][r] for r in cold_test]
     return Split(train, _eval_set(val, history_len), _eval_set(test, history_len),
-                 _eval_set([(b, t) for b, t in val if counts[t] == 0], history_len),
-                 _eval_set([(b, t) for b, t in test if cold[t]], history_len), counts)
+                 _eval_set([val[r] for r in unseen], history_len),
+                 _eval_set([test[r] for r in cold_test], history_len), counts,
+                 {name: np.array(ids, dtype=object) for name, ids in row_users.items()})
 
 
 def held_out_items(catalog: Catalog) -> np.ndarray:
