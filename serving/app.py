@@ -51,6 +51,7 @@ from serving.query import parse_recommend_query, parse_similar_query
 from serving.ranking import explain, rank, rank_scores, similar
 from serving.status import replica_status
 from serving.swap import ActivePrompt, PromptSwap
+from serving.user_text import UserTextReader
 from serving.warmup import SwapWarmer
 
 # The settings `reconfigure` applies to a running replica (Serve's user_config).
@@ -63,7 +64,9 @@ class Recommender:
     async def __init__(self, settings: Settings):
         self.settings = settings.validate()  # a replica re-checks what it was handed
         torch.set_num_threads(1)  # replicas share cores; one thread each scales better
-        _, encoder = load_backbone(resolve_backbone_path(self.settings.model.backbone_path))
+        tokenizer, encoder = load_backbone(resolve_backbone_path(
+            self.settings.model.backbone_path))
+        self.user_text = UserTextReader(tokenizer)
         infra = self.settings.infra
         self.replica = serve.get_replica_context().replica_id.unique_id
         self._shards: dict[int, object] = {}
@@ -109,28 +112,31 @@ class Recommender:
             raise retry_later(f"user state unavailable: {type(err).__name__}",
                               self.settings.serving.retry_after_s) from None
 
-    async def _user_vector(self, user_id: str, state_version: int, history: list[int],
-                           personal: np.ndarray | None, active: ActivePrompt,
-                           may_hold: bool) -> tuple[torch.Tensor, bool, ActivePrompt]:
+    async def _user_vector(self, slot: str, state_version: int, history: list[int],
+                           personal: np.ndarray | None, text: tuple[int, ...] | None,
+                           active: ActivePrompt, may_hold: bool
+                           ) -> tuple[torch.Tensor, bool, ActivePrompt]:
         """([H] user vector for this state_version, cache hit?, the version it is of):
         `active`'s, or with `may_hold` (the serving arm) a version replaced moments ago
-        whose vector of this state is cached while `active` re-encodes (serving.warmup)."""
+        whose vector of this state is cached while `active` re-encodes (serving.warmup).
+        `slot`: the cache entry, the user's (and their text's: `UserTextReader.slot`)."""
         key = (state_version, active.version)
-        user = self.cache.get(user_id, key)
+        user = self.cache.get(slot, key)
         if user is not None:
             return user, True, active
-        if may_hold and (held := self.warmer.answer(user_id, state_version)) is not None:
+        if may_hold and (held := self.warmer.answer(slot, state_version)) is not None:
             return held[1], True, held[0]
-        user = await self.batcher.encode(active, history, personal)
+        user = await self.batcher.encode(active, history, personal, text)
         inputs = (tuple(history), None if personal is None
-                  else np.asarray(personal, np.float32).tobytes())
-        self.cache.put(user_id, key, user, inputs)
+                  else np.asarray(personal, np.float32).tobytes(), text)
+        self.cache.put(slot, key, user, inputs)
         return user, False, active
 
     # --- routes -----------------------------------------------------------
     @app.get("/recommend")
     async def recommend(self, request: Request) -> JSONResponse:
-        query = parse_recommend_query(request.query_params.multi_items())
+        query = parse_recommend_query(request.query_params.multi_items(),
+                                      self.settings.profiles.max_query_chars)
         # Read once: this request is served wholly by it.
         route = self.prompts.active_for(query.user_id)
         active, arm = route.active, route.arm
@@ -149,9 +155,12 @@ class Recommender:
             indices, values = rank_scores(self.prompts.popularity.scores(catalog), query.k,
                                           masked, allowed)
         else:
-            user, hit, active = await self._user_vector(
-                query.user_id, state_version, history, personal, active,
-                may_hold=route.arm == SERVING_ARM)
+            text = self.user_text.of(active.model, state, query.query)
+            user, hit, served = await self._user_vector(
+                self.user_text.slot(query.user_id, text, state), state_version, history,
+                personal, text.ids, active, may_hold=route.arm == SERVING_ARM)
+            if served is not active:  # a version held over a swap answered
+                active, text = served, self.user_text.of(served.model, state, query.query)
             indices, values = rank(active.model, user, active.items, query.k, masked, allowed)
         version = 0 if route.popularity else active.version
         items = catalog.items
@@ -164,6 +173,12 @@ class Recommender:
             for entry, because in zip(ranked, reasons, strict=True):
                 entry["because"] = [{"item_id": items[h].item_id, "title": items[h].title,
                                      "similarity": sim} for h, sim in because]
+            if not route.popularity and text.query_words:
+                words = await asyncio.get_running_loop().run_in_executor(
+                    self.batcher.executor, self.user_text.explain, active, history, personal,
+                    text, indices.tolist(), self.settings.serving.explain_items)
+                for entry, because in zip(ranked, words, strict=True):
+                    entry["because_query"] = [{"word": w, "score_added": v} for w, v in because]
         request_id = uuid.uuid4().hex
         if self.impressions is not None:
             self.impressions.write({"request_id": request_id, "user_id": query.user_id,
@@ -181,6 +196,8 @@ class Recommender:
             "catalog_version": active.catalog_version,
             "state_version": state_version,
             "cold_start": not history,
+            "user_text": {"profile": False, "query": False} if route.popularity
+            else text.used,
         }, headers={"X-User-Cache": "hit" if hit else "miss"})
 
     @app.get("/similar")

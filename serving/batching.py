@@ -29,6 +29,7 @@ class EncodeJob:
     active: ActivePrompt
     history: tuple[int, ...]  # catalog indices, oldest first
     personal: bytes | None = None  # the shard's personal prompt, float32 [H] as bytes
+    text: tuple[int, ...] | None = None  # user text ids [U] (services.user_text)
 
 
 class EncodeBatcher:
@@ -54,13 +55,14 @@ class EncodeBatcher:
         self._encode.set_batch_wait_timeout_s(self._idle_wait_s)
 
     async def encode(self, active: ActivePrompt, history: list[int],
-                     personal: np.ndarray | None) -> torch.Tensor:
+                     personal: np.ndarray | None, text: tuple[int, ...] | None = None
+                     ) -> torch.Tensor:
         """One user's [H] vector under `active`: history = catalog indices, oldest first;
-        personal = their personal prompt [H] or None."""
+        personal = their personal prompt [H] or None; text = their text ids [U] or None."""
         personal_bytes = None if personal is None else np.asarray(personal, np.float32).tobytes()
         self.waiting += 1
         try:
-            return await self._encode(EncodeJob(active, tuple(history), personal_bytes))
+            return await self._encode(EncodeJob(active, tuple(history), personal_bytes, text))
         finally:
             self.waiting -= 1
 
@@ -86,16 +88,18 @@ class EncodeBatcher:
     def _encode_now(self, jobs: list[EncodeJob]) -> list[torch.Tensor]:
         """-> one [H] vector per job, in order: one backbone pass per prompt version."""
         out: list[torch.Tensor | None] = [None] * len(jobs)
-        groups: dict[int, dict[tuple, list[int]]] = {}  # version -> (history, personal) -> jobs
+        # version -> (history, personal, text) -> jobs
+        groups: dict[int, dict[tuple, list[int]]] = {}
         for position, job in enumerate(jobs):
             groups.setdefault(job.active.version, {}).setdefault(
-                (job.history, job.personal), []).append(position)
+                (job.history, job.personal, job.text), []).append(position)
         for by_history in groups.values():
             active = jobs[next(iter(by_history.values()))[0]].active
             histories = list(by_history)
             users = encode_histories(
-                active.model, active.items, [list(h) for h, _ in histories],
-                [None if p is None else np.frombuffer(p, np.float32) for _, p in histories])
+                active.model, active.items, [list(h) for h, _, _ in histories],
+                [None if p is None else np.frombuffer(p, np.float32) for _, p, _ in histories],
+                [t for _, _, t in histories])
             metrics.encode_batch_users().observe(len(histories))
             self.counts["passes"] += 1
             self.counts["users"] += len(histories)

@@ -3,7 +3,7 @@
 A user's vector depends only on their state and the prompt version, so an entry is
 keyed by (state_version, prompt_version): a new event or a swap makes it a miss, never
 a stale hit. An entry also keeps the inputs it was encoded from (history indices and
-personal prompt), so that after a swap the new version can re-encode it in the
+personal prompt, user text ids), so that after a swap the new version can re-encode it in the
 background (serving.warmup) without asking the shards again. Each lookup is counted
 (here, for /version, and as a Ray metric).
 """
@@ -18,7 +18,8 @@ import torch
 from services import metrics
 
 CacheKey = tuple[int, int]  # (state_version, prompt_version)
-Inputs = tuple[tuple[int, ...], bytes | None]  # (history indices, personal float32 [H] bytes)
+# (history indices, personal float32 [H] bytes, user text ids [U] or None)
+Inputs = tuple[tuple[int, ...], bytes | None, tuple[int, ...] | None]
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,7 @@ from serving.api import ApiError
 
 MAX_K = 1000
 MAX_LIST_VALUES = 1000  # ids in `exclude`, names in `category`
-RECOMMEND_PARAMS = ("user_id", "k", "explain", "exclude", "category")
+RECOMMEND_PARAMS = ("user_id", "k", "explain", "exclude", "category", "query")
 SIMILAR_PARAMS = ("item_id", "k")
 _K_PATTERN = re.compile(r"[0-9]{1,4}")  # ASCII digits only: int() also takes "1_0", " 5", "٣"
 _TRUE, _FALSE = ("true", "1"), ("false", "0")
@@ -79,6 +79,7 @@ class RecommendQuery:
     explain: bool
     exclude: tuple[str, ...] = ()  # item ids never to return (unknown ones change nothing)
     categories: tuple[str, ...] = ()  # return only items in at least one of these
+    query: str | None = None  # what the user asks for now, in words (user_text versions)
 
 
 @dataclass(frozen=True)
@@ -101,12 +102,27 @@ def _params(params: list[tuple[str, str]], allowed: tuple[str, ...]) -> dict[str
     return given
 
 
-def parse_recommend_query(params: list[tuple[str, str]]) -> RecommendQuery:
+def parse_query_text(query: str | None, max_chars: int) -> str | None:
+    """Free text, at most `max_chars` once stripped, printable (no control characters);
+    absent or blank -> None."""
+    if query is None or not query.strip():
+        return None
+    query = " ".join(query.split())
+    if len(query) > max_chars:
+        raise ApiError(400, f"query takes at most {max_chars} characters, got {len(query)}")
+    if not query.isprintable():
+        raise ApiError(400, "query must be printable text (no control characters)")
+    return query
+
+
+def parse_recommend_query(params: list[tuple[str, str]], max_query_chars: int = 200
+                          ) -> RecommendQuery:
     given = _params(params, RECOMMEND_PARAMS)
     return RecommendQuery(parse_user_id(given.get("user_id")), parse_k(given.get("k")),
                           parse_explain(given.get("explain")),
                           parse_list("exclude", given.get("exclude")),
-                          parse_list("category", given.get("category")))
+                          parse_list("category", given.get("category")),
+                          parse_query_text(given.get("query"), max_query_chars))
 
 
 def parse_similar_query(params: list[tuple[str, str]]) -> SimilarQuery:

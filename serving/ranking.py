@@ -14,13 +14,15 @@ from services.prompt_model import PromptRecModel
 
 def encode_histories(model: PromptRecModel, item_vectors: torch.Tensor,
                      histories: list[list[int]],
-                     personals: list[np.ndarray | None] | None = None) -> torch.Tensor:
+                     personals: list[np.ndarray | None] | None = None,
+                     texts: list[tuple[int, ...] | None] | None = None) -> torch.Tensor:
     """One backbone pass for several users.
 
     item_vectors [N, H]; histories: B lists of item indices (oldest first, may be empty);
-    personals: B personal prompts [H] from the shard state (None = none)
-    -> user vectors [B, H]. Shorter histories are right-padded and masked, so real
-    positions keep their position ids and each row equals encoding that user alone
+    personals: B personal prompts [H] from the shard state (None = none); texts: B rows
+    of user text ids [U] (services.user_text; read by user_text versions only, which need
+    every row) -> user vectors [B, H]. Shorter histories are right-padded and masked, so
+    real positions keep their position ids and each row equals encoding that user alone
     (up to float rounding).
     """
     longest = max((len(h) for h in histories), default=0)
@@ -34,8 +36,13 @@ def encode_histories(model: PromptRecModel, item_vectors: torch.Tensor,
         if personals is not None and personals[row] is not None:
             # A copy: buffers from Ray's object store are read-only.
             personal[row] = torch.from_numpy(np.array(personals[row], np.float32))
+    text_ids = None
+    if model.structure.user_text:
+        if texts is None or any(t is None for t in texts):
+            raise ValueError("a user_text version needs every user's text ids")
+        text_ids = torch.tensor(np.array(texts, np.int64))
     with torch.inference_mode():
-        return model.encode_users(batch, mask, personal)
+        return model.encode_users(batch, mask, personal, text_ids)
 
 
 def rank(model: PromptRecModel, user: torch.Tensor, item_vectors: torch.Tensor, k: int,
@@ -90,6 +97,29 @@ def explain(item_vectors: torch.Tensor, history: list[int], recommended: list[in
     values, cols = sims.topk(min(per_item, len(unique)), dim=1)
     return [[(unique[c], round(float(v), 4)) for c, v in zip(row_c, row_v, strict=True)]
             for row_c, row_v in zip(cols.tolist(), values.tolist(), strict=True)]
+
+
+def query_word_effects(model: PromptRecModel, item_vectors: torch.Tensor, history: list[int],
+                       personal: np.ndarray | None, texts: list[tuple[int, ...]],
+                       words: list[str], recommended: list[int], per_item: int
+                       ) -> list[list[tuple[str, float]]]:
+    """For each recommended item, the query words that raised its score most.
+
+    texts: the user's text ids with the whole query first, then with each of `words` left
+    out in turn (len(words) + 1 rows). A word's effect on an item is how much its score
+    falls without it: one backbone pass for all the variants.
+    -> per recommended item, [(word, score it added)], largest first, positive only.
+    """
+    if not words or not recommended or per_item < 1:
+        return [[] for _ in recommended]
+    users = encode_histories(model, item_vectors, [history] * len(texts),
+                             [personal] * len(texts), texts)
+    with torch.inference_mode():
+        scores = model.logits(users, item_vectors)[:, recommended]  # [W + 1, k]
+    added = (scores[:1] - scores[1:]).T  # [k, W]
+    return [[(words[w], round(float(v), 4)) for v, w in sorted(
+        ((v, w) for w, v in enumerate(row.tolist()) if v > 0), reverse=True)[:per_item]]
+            for row in added]
 
 
 def ranking_mismatch(expected_scores: torch.Tensor, seen: list[int],

@@ -97,7 +97,8 @@ class SwapWarmer:
     async def _warm(self, new: ActivePrompt) -> None:
         started = time.monotonic()
         todo = [(user, entry) for user, entry in self.cache.most_recent()
-                if entry.inputs is not None and entry.key[1] in self.held]
+                if entry.inputs is not None and entry.key[1] in self.held
+                and _fits(entry.inputs, new)]
         for first in range(0, len(todo), BATCH):
             if self.target != new.version:
                 break  # a newer swap warms from here on
@@ -125,4 +126,14 @@ class SwapWarmer:
         personals = [None if entry.inputs[1] is None else np.frombuffer(entry.inputs[1],
                                                                         np.float32)
                      for _, entry in chunk]
-        return list(encode_histories(new.model, new.items, histories, personals))
+        return list(encode_histories(new.model, new.items, histories, personals,
+                                     [entry.inputs[2] for _, entry in chunk]))
+
+
+def _fits(inputs, new: ActivePrompt) -> bool:
+    """Whether a cached entry's inputs are enough to encode it under `new`: a version that
+    reads user text needs the text ids, of its length (other entries re-encode when next
+    asked for)."""
+    if not new.model.structure.user_text:
+        return True
+    return inputs[2] is not None and len(inputs[2]) == new.model.structure.user_text_tokens

@@ -171,6 +171,10 @@ class UserStateShard:
                 "state_version": state.state_version, "personal": state.personal,
                 **_profile_of(state)}
 
+    def profiles(self) -> dict[str, str]:
+        """user_id -> profile text, for every user with one (training rounds read them)."""
+        return {user: s.profile for user, s in self.users.items() if s.profile}
+
     def applied_count(self) -> int:
         return self.applied
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,7 +74,8 @@ def _is_validation_user(user_id: str, fraction_per_mille: int) -> bool:
 
 def build_examples(log: pa.Table, item_index: dict[str, int], history_len: int,
                    since_ingest_ts: float = 0.0, val_users: int = 200,
-                   rows: str = "targets", prompt_alone_events: int = 0
+                   rows: str = "targets", prompt_alone_events: int = 0,
+                   user_text: Callable[[list[str]], np.ndarray] | None = None
                    ) -> tuple[Examples, Examples]:
     """(train, validation) examples from a logged events table.
 
@@ -84,6 +86,8 @@ def build_examples(log: pa.Table, item_index: dict[str, int], history_len: int,
     `prompt_alone_events` > 0 (with "targets" rows): the prompt alone learns each user's
     first that many items, each once (the row of target `pos` teaches item `pos - 1`),
     instead of the first item of every row's window (TrainingSettings.prompt_alone_events).
+    `user_text`: row users [E] -> their text ids [E, U] (user_text versions), set as the
+    examples' `text`.
     """
     if log.num_rows == 0:
         return _pack([], [], [], history_len), _pack([], [], [], history_len)
@@ -103,6 +107,8 @@ def build_examples(log: pa.Table, item_index: dict[str, int], history_len: int,
     starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
     ends = np.r_[starts[1:], len(users)]
     train_h, train_w, train_t, train_p, val_h, val_w, val_t = [], [], [], [], [], [], []
+    train_u: list[str] = []
+    val_u: list[str] = []
     for start, end in zip(starts, ends, strict=True):
         seq, seq_w = items[start:end], weights[start:end]
         is_val = _is_validation_user(users[start], per_mille)
@@ -122,17 +128,22 @@ def build_examples(log: pa.Table, item_index: dict[str, int], history_len: int,
                 val_h.append(row)
                 val_w.append(row_w)
                 val_t.append(seq[pos])
+                val_u.append(users[start])
             elif ingest[start + pos] > since_ingest_ts:
                 train_h.append(row)
                 train_w.append(row_w)
                 train_t.append(seq[pos])
                 train_p.append(seq[pos - 1] if pos - 1 < prompt_alone_events else PAD)
+                train_u.append(users[start])
                 if rows == "users":
                     break
-    train = _pack(train_h, train_w, train_t, history_len)
+    train, val = _pack(train_h, train_w, train_t, history_len), _pack(val_h, val_w, val_t,
+                                                                      history_len)
     if prompt_alone_events > 0 and rows == "targets":
         train.prompt_target = np.array(train_p, np.int32)
-    return train, _pack(val_h, val_w, val_t, history_len)
+    if user_text is not None:
+        train.text, val.text = user_text(train_u), user_text(val_u)
+    return train, val
 
 
 def _pack(history: list, weights: list, target: list, history_len: int) -> Examples:

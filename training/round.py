@@ -25,7 +25,9 @@ from services.config import Settings
 from services.decoded import decode_version
 from services.eventlog import read_event_log
 from services.item_weights import aligned_to, unseen_items_fall_back_to_text
+from services.naming import shard_actor
 from services.prompt_model import PromptRecModel
+from services.user_text import UserTextTokens
 from services.weights import BadPromptWeights, PromptWeights, decode_weights
 from training.examples import Examples, build_examples
 from training.step import evaluate
@@ -78,7 +80,23 @@ class RoundRunner:
         self.last_ingest_ts = 0.0
         self._backbone_path = str(resolve_backbone_path(settings.model.backbone_path))
         self._gate_model: PromptRecModel | None = None
+        self._tokens: UserTextTokens | None = None
         self.trainer = LongLivedTrainer(settings)
+
+    def _user_text(self) -> Callable[[list[str]], np.ndarray]:
+        """Row users -> their profiles' text ids, the profiles read from the shards now."""
+        if self._tokens is None:
+            tokenizer, _ = load_backbone(self._backbone_path)
+            self._tokens = UserTextTokens(tokenizer, self.settings.model.user_text_tokens)
+        profiles: dict[str, str] = {}
+        for index in range(self.settings.streaming.num_shards):
+            try:
+                shard = ray.get_actor(shard_actor(index), namespace=self.settings.infra.namespace)
+                profiles.update(ray.get(shard.profiles.remote()))
+            except (ValueError, ray.exceptions.RayActorError):
+                log.warning("shard %d unavailable: its users train without profiles", index)
+        tokens = self._tokens
+        return lambda users: tokens.encode([profiles.get(u) for u in users])
 
     def _evaluate(self, weights: PromptWeights, examples: Examples) -> dict[str, float]:
         if self._gate_model is None:
@@ -103,7 +121,8 @@ class RoundRunner:
         train, val = build_examples(log_table, self.catalog.index, s.streaming.history_len,
                                     since_ingest_ts=since, val_users=s.training.val_users,
                                     rows=s.training.train_rows,
-                                    prompt_alone_events=s.training.prompt_alone_events)
+                                    prompt_alone_events=s.training.prompt_alone_events,
+                                    user_text=self._user_text() if s.model.user_text else None)
         result = RoundResult(round=self.round, outcome="skipped", reason="", version=None,
                              serving_version=serving.get("version", 0),
                              train_examples=len(train), val_examples=len(val), loss=None,

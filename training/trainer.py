@@ -142,7 +142,7 @@ def rounds_loop_per_worker(config: dict) -> None:
             core.load_weights(warm)  # every rank loads the same weights: in sync
         items = torch.as_tensor(inputs["item_vectors"]).to(device)
         train = Examples(inputs["history"], inputs["target"], inputs["weights"],
-                         inputs["prompt_target"])
+                         inputs["prompt_target"], inputs.get("text"))
         mine = np.arange(rank, len(train), world)  # disjoint slice per worker
         rng = np.random.default_rng(payload["seed"] + rank)
         optimizer = make_optimizer(core, s.training)
@@ -155,7 +155,8 @@ def rounds_loop_per_worker(config: dict) -> None:
                                             replace=False))
             losses.append(train_step(model, optimizer, batch, items,
                                      s.streaming.personal_alpha, bf16=s.training.bf16,
-                                     dropout=s.training.dropout))
+                                     dropout=s.training.dropout,
+                                     text_dropout=s.training.user_text_dropout, rng=rng))
             if rank == 0 and (step + 1) % max(1, steps // 4) == 0:
                 print(f"[train round {round_no}] step {step + 1}/{steps} "
                       f"loss {np.mean(losses[-10:]):.3f}", flush=True)
@@ -244,6 +245,7 @@ class LongLivedTrainer:
         # The driver owns the inputs until the round is over.
         inputs = ray.put({"history": train.history, "target": train.target,
                           "weights": train.weights, "prompt_target": train.prompt_target,
+                          "text": train.text,
                           "item_vectors": item_vectors,
                           "prompt_blob": warm_blob, "prompt_version": warm_version})
         round_no, started_run = self._post({"inputs": inputs, "seed": seed})

@@ -69,7 +69,7 @@ class _Active:
 def test_a_batch_is_encoded_once_per_version_and_distinct_history(recorded, monkeypatch):
     passes = []
 
-    def encode(model, items, histories, personals):
+    def encode(model, items, histories, personals, texts=None):
         passes.append((model, histories))
         return torch.arange(len(histories), dtype=torch.float32)[:, None].repeat(1, 2)
 

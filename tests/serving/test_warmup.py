@@ -52,7 +52,7 @@ def filled_cache(old: ActivePrompt) -> UserVectorCache:
     vectors = UserVectorCache(100)
     for user, history in histories().items():
         vector = encode_histories(old.model, old.items, [history])[0]
-        vectors.put(user, (7, old.version), vector, (tuple(history), None))
+        vectors.put(user, (7, old.version), vector, (tuple(history), None, None))
     return vectors
 
 

@@ -1,0 +1,77 @@
+"""The user's own words in a request: the profile the shard keeps, and the query asked.
+
+A version trained with `user_text` reads them as tokens (services/user_text.py); a version
+without reads neither, whatever the request says. A user's cached vector depends on their
+text, so the cache entry (`slot`) is the user's own only while they have no text, and
+one per (profile version, query) otherwise: a new profile or another query is a miss,
+never a stale hit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from services.prompt_model import PromptRecModel
+from services.user_text import UserTextTokens
+from serving.ranking import query_word_effects
+from serving.slot import ActivePrompt
+
+MAX_EXPLAINED_WORDS = 16  # query words explain=true weighs (one backbone row each)
+
+
+@dataclass(frozen=True)
+class UserText:
+    ids: tuple[int, ...] | None  # the ids the version reads [U]; None: it reads no text
+    profile: str | None
+    query: str | None
+    query_words: list[str] = field(default_factory=list)  # what explain=true weighs
+
+    @property
+    def used(self) -> dict[str, bool]:
+        """What of the user's text the answer read (the response's `user_text`)."""
+        return {"profile": self.ids is not None and bool(self.profile),
+                "query": self.ids is not None and bool(self.query)}
+
+
+class UserTextReader:
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._tokens: dict[int, UserTextTokens] = {}  # by the version's text length
+
+    def tokens(self, length: int) -> UserTextTokens:
+        if length not in self._tokens:
+            self._tokens[length] = UserTextTokens(self.tokenizer, length)
+        return self._tokens[length]
+
+    def of(self, model: PromptRecModel, state: dict | None, query: str | None) -> UserText:
+        """The text `model`'s version reads for this user's shard `state` and `query`."""
+        profile = (state or {}).get("profile")
+        if not model.structure.user_text:
+            return UserText(None, profile, query)
+        tokens = self.tokens(model.structure.user_text_tokens)
+        ids = tuple(int(i) for i in tokens.encode([profile], [query])[0])
+        words = query.split()[:MAX_EXPLAINED_WORDS] if query else []
+        return UserText(ids, profile, query, words)
+
+    @staticmethod
+    def slot(user_id: str, text: UserText, state: dict | None) -> str:
+        """The cache entry of this user with this text."""
+        if text.ids is None or not (text.profile or text.query):
+            return user_id  # the same vector as a user without any text
+        return f"{user_id}\x1f{(state or {}).get('profile_version', 0)}\x1f{text.query or ''}"
+
+    def explain(self, active: ActivePrompt, history: list[int], personal: np.ndarray | None,
+                text: UserText, recommended: list[int], per_item: int
+                ) -> list[list[tuple[str, float]]]:
+        """Per recommended item, the query words that raised it most (each left out in
+        turn: `serving.ranking.query_word_effects`)."""
+        tokens = self.tokens(active.model.structure.user_text_tokens)
+        words = text.query_words
+        # The whole (first MAX_EXPLAINED_WORDS words of the) query, then each word left out.
+        variants = [" ".join(words)] + [" ".join(words[:i] + words[i + 1:]) or None
+                                        for i in range(len(words))]
+        rows = [tuple(int(i) for i in tokens.encode([text.profile], [q])[0]) for q in variants]
+        return query_word_effects(active.model, active.items, history, personal, rows, words,
+                                  recommended, per_item)
