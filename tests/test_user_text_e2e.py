@@ -1,0 +1,100 @@
+"""Users described in words, end to end: a `--users` file through the profile topic into
+the shards, and `/recommend?query=` through Ray Serve, on a stack whose versions read user
+text (the real broker, Ray, shards and Serve)."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+import ray
+
+from services.config_sources import load_settings
+from services.embedded import free_port
+from services.events import ClickEvent
+from services.health import wait_until
+from services.launch.stack import Stack
+from services.naming import shard_actor, shard_for_user
+from streaming.replay import make_producer, send_events
+
+pytestmark = pytest.mark.slow
+
+PROFILES = {"pro-a": "A woman aged 18-24, a college student, from the US Pacific coast.",
+            "pro-b": "A man aged 56 or older, retired, from the US Southeast."}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    data = tmp_path_factory.mktemp("user-text")
+    users = data / "users.jsonl"
+    users.write_text("".join(f'{{"user_id": "{u}", "text": "{t}"}}\n'
+                             for u, t in PROFILES.items()))
+    settings = load_settings(env={}, overrides={
+        "data_dir": str(data / "data"), "http_port": free_port(), "metrics_port": free_port(),
+        "partitions": 2, "num_consumers": 1, "num_shards": 2, "num_replicas": 1,
+        "namespace": "promptrec-user-text-e2e", "user_text": True, "users": str(users)})
+    stack = Stack(settings, progress=False).start(fresh=True)
+    items = stack.catalog.items
+    events = [ClickEvent(f"pro-a-{n}", "pro-a", items[n].item_id, 1_700_000_000 + n, "click")
+              for n in range(3)]
+    producer = make_producer(stack.bootstrap)
+    send_events(producer, settings.streaming.topic_clicks, events)
+    producer.close()
+    assert stack.wait_handled(len(events), timeout_s=120)["handled"] == len(events)
+    yield stack
+    stack.stop()
+
+
+def _state(stack, user: str) -> dict | None:
+    shard = ray.get_actor(shard_actor(shard_for_user(user, stack.settings.streaming.num_shards)),
+                          namespace=stack.settings.infra.namespace)
+    return ray.get(shard.get_user.remote(user))
+
+
+def _get(stack, **params) -> httpx.Response:
+    return httpx.get(f"{stack.base_url}/recommend", params=params, timeout=60)
+
+
+def test_profiles_from_the_file_reach_the_shards_and_the_answers(stack):
+    for user, text in PROFILES.items():
+        wait_until(lambda u=user: (_state(stack, u) or {}).get("profile"), 60,
+                   f"{user}'s profile in its shard")
+        assert _state(stack, user)["profile"] == text
+    # pro-b has a profile and no click: a personal list before any click.
+    answer = _get(stack, user_id="pro-b", k=10).json()
+    assert answer["cold_start"] and answer["user_text"] == {"profile": True, "query": False}
+    stranger = _get(stack, user_id="no-profile", k=10).json()
+    assert stranger["user_text"] == {"profile": False, "query": False}
+    assert [i["score"] for i in answer["items"]] != [i["score"] for i in stranger["items"]]
+
+
+def test_a_query_changes_the_list_for_that_request_and_is_cached_on(stack):
+    plain = _get(stack, user_id="pro-a", k=10)
+    asked = _get(stack, user_id="pro-a", k=10, query="a comedy")
+    assert asked.status_code == 200, asked.text
+    assert asked.json()["user_text"] == {"profile": True, "query": True}
+    assert asked.headers["X-User-Cache"] == "miss"
+    assert [(i["item_id"], i["score"]) for i in asked.json()["items"]] != \
+        [(i["item_id"], i["score"]) for i in plain.json()["items"]]
+    again = _get(stack, user_id="pro-a", k=10, query="a comedy")
+    assert again.headers["X-User-Cache"] == "hit" and again.json()["items"] == \
+        asked.json()["items"]
+    # The plain list is still the plain one: the query was for that request only.
+    assert _get(stack, user_id="pro-a", k=10).json()["items"] == plain.json()["items"]
+
+
+def test_explain_names_the_query_words_that_moved_items_up(stack):
+    answer = _get(stack, user_id="pro-a", k=5, explain="true",
+                  query="something with war").json()
+    words = [w for item in answer["items"] for w in item["because_query"]]
+    assert all(w["word"] in ("something", "with", "war") and w["score_added"] > 0
+               for w in words)
+    assert all("because" in item for item in answer["items"])
+
+
+@pytest.mark.parametrize("query", ["x" * 201, "war\x00peace", "a\tcomedy\n"])
+def test_a_bad_query_is_a_400_with_a_reason(stack, query):
+    answer = _get(stack, user_id="pro-a", query=query)
+    if "\x00" in query or len(query) > 200:
+        assert answer.status_code == 400 and "query" in answer.json()["error"]
+    else:  # whitespace is folded, not refused
+        assert answer.status_code == 200 and answer.json()["user_text"]["query"]
