@@ -159,6 +159,9 @@ def run_offline(settings: Settings, catalog: Catalog, interactions: Interactions
     precision, streaming's history length and personal rate) -> the result. The budget is
     `steps`, or `epochs` over the standard split's training rows (both runs take as many
     steps)."""
+    if settings.model.user_text:  # the standard split carries no profile text
+        raise ValueError("user_text: the offline evaluation of profiles and queries is "
+                         "python -m bench.user_text")
     history_len, alpha = settings.streaming.history_len, personal_rate(settings)
     vectors, model_config, rows = catalog.vectors, settings.model, settings.training.train_rows
     split = leave_one_out(interactions, catalog, history_len, max_users, rows=rows)

@@ -19,6 +19,10 @@ def run_offline_eval(settings: Settings, args: argparse.Namespace) -> int:
     from services.catalog import load_catalog
     from services.data import load_interactions
 
+    if settings.model.user_text:
+        print("promptrec: eval offline ranks without profile text; for user_text versions "
+              "run python -m bench.user_text", file=sys.stderr)
+        return 2
     torch.set_num_threads(max(1, torch.get_num_threads()))
     backbone = resolve_backbone_path(settings.model.backbone_path)
     catalog = load_catalog(settings.infra.catalog_source, backbone, settings.infra.cache,
