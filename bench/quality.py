@@ -143,9 +143,9 @@ def held_out_items(catalog: Catalog) -> np.ndarray:
 
 
 STANDARD_KEYS = ["ndcg10", "hr10", "pop_ndcg10", "pop_hr10", "val_ndcg10", "best_step",
-                 "train_examples", "test_users", "unseen_rule"]
+                 "train_examples", "test_users", "unseen_rule", "unseen_rule_val_ndcg10"]
 COLD_KEYS = ["cold_hr10", "cold_ndcg10", "pop_cold_hr10", "cold_test_events", "cold_rule",
-             "cold_rule_val_hr10", "cold_val_events", "cold_run"]
+             "cold_rule_val_hr10", "cold_rule_val_ndcg10", "cold_val_events", "cold_run"]
 
 
 r4 = functools.partial(round, ndigits=4)
@@ -199,6 +199,7 @@ def run_offline(settings: Settings, catalog: Catalog, interactions: Interactions
         "pop_cold_hr10": r4(pop_cold["hr10"]),
         "cold_test_events": cold["n"], "cold_rule": cold_run.rule,
         "cold_rule_val_hr10": cold_run.rule_val_hr10,
+        "cold_rule_val_ndcg10": cold_run.rule_val_ndcg10,
         "cold_val_events": len(cold_split.val_unseen),
         "cold_run": {"ndcg10": r4(cold_warm["ndcg10"]), "hr10": r4(cold_warm["hr10"]),
                      "pop_ndcg10": r4(cold_pop_warm["ndcg10"]),
@@ -208,6 +209,7 @@ def run_offline(settings: Settings, catalog: Catalog, interactions: Interactions
                      "train_examples": len(cold_split.train),
                      "held_out_items": int(held_out.sum())},
         "unseen_rule": run.rule, "unseen_rule_val_hr10": run.rule_val_hr10,
+        "unseen_rule_val_ndcg10": run.rule_val_ndcg10,
         "val_ndcg10": r4(run.val_ndcg10),
         "best_step": run.best_step, "steps": steps, "batch_size": settings.training.batch_size,
         "epochs": r4(steps * settings.training.batch_size / max(1, len(split.train))),
