@@ -31,7 +31,8 @@ def stack(tmp_path_factory):
     settings = load_settings(env={}, overrides={
         "data_dir": str(data / "data"), "http_port": free_port(), "metrics_port": free_port(),
         "partitions": 2, "num_consumers": 1, "num_shards": 2, "num_replicas": 1,
-        "namespace": "promptrec-user-text-e2e", "user_text": True, "users": str(users)})
+        "namespace": "promptrec-user-text-e2e", "user_text": True, "users": str(users),
+        "train_steps": 8, "train_workers": 1})
     stack = Stack(settings, progress=False).start(fresh=True)
     items = stack.catalog.items
     events = [ClickEvent(f"pro-a-{n}", "pro-a", items[n].item_id, 1_700_000_000 + n, "click")
@@ -98,3 +99,21 @@ def test_a_bad_query_is_a_400_with_a_reason(stack, query):
         assert answer.status_code == 400 and "query" in answer.json()["error"]
     else:  # whitespace is folded, not refused
         assert answer.status_code == 200 and answer.json()["user_text"]["query"]
+
+
+def test_a_round_trains_a_user_text_version_on_the_shards_profiles(stack):
+    """A round builds every row's text from its user's profile in the shards (a
+    user_text version refuses rows without text ids, so a missing piece fails the
+    round), then gates and publishes or rejects the candidate."""
+    items = stack.catalog.items
+    users = [*PROFILES, *(f"plain-{k}" for k in range(6))]
+    events = [ClickEvent(f"{user}-r{n}", user, items[(7 * k + n) % len(items)].item_id,
+                         1_700_000_100 + n, "click")
+              for k, user in enumerate(users) for n in range(14)]
+    producer = make_producer(stack.bootstrap)
+    send_events(producer, stack.settings.streaming.topic_clicks, events)
+    producer.close()
+    assert stack.wait_handled(3 + len(events), timeout_s=120)["handled"] == 3 + len(events)
+    result = stack.runner.run(since_ingest_ts=0.0)
+    assert result.outcome in ("published", "rejected"), result.reason
+    assert result.train_examples >= 64
