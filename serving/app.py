@@ -54,7 +54,6 @@ from serving.swap import ActivePrompt, PromptSwap
 from serving.user_text import UserTextReader
 from serving.warmup import SwapWarmer
 
-# The settings `reconfigure` applies to a running replica (Serve's user_config).
 RUNTIME_KNOBS = ("batch_max_size", "batch_wait_ms", "user_cache_size", "explain_items")
 
 
@@ -99,7 +98,6 @@ class Recommender:
             if part is not None:
                 part.stop()
 
-    # --- user state -----------------------------------------------------
     async def _user_state(self, user_id: str) -> dict | None:
         index = shard_for_user(user_id, self.settings.streaming.num_shards)
         try:
@@ -118,8 +116,8 @@ class Recommender:
                            ) -> tuple[torch.Tensor, bool, ActivePrompt]:
         """([H] user vector for this state_version, cache hit?, the version it is of):
         `active`'s, or with `may_hold` (the serving arm) a version replaced moments ago
-        whose vector of this state is cached while `active` re-encodes (serving.warmup).
-        `slot`: the cache entry, the user's (and their text's: `UserTextReader.slot`)."""
+        whose vector of this state is cached while `active` re-encodes (serving.warmup);
+        `slot`: the cache entry (`UserTextReader.slot`)."""
         key = (state_version, active.version)
         user = self.cache.get(slot, key)
         if user is not None:
@@ -132,7 +130,6 @@ class Recommender:
         self.cache.put(slot, key, user, inputs)
         return user, False, active
 
-    # --- routes -----------------------------------------------------------
     @app.get("/recommend")
     async def recommend(self, request: Request) -> JSONResponse:
         query = parse_recommend_query(request.query_params.multi_items(),
@@ -150,12 +147,12 @@ class Recommender:
         personal = state.get("personal") if use_personal else None
         masked = history + catalog.unavailable + catalog.indices(list(query.exclude))
         allowed = catalog.in_categories(query.categories) if query.categories else None
+        text = self.user_text.of(active.model, state, query.query, route.popularity)
         if route.popularity:  # an experiment's popularity arm: no user vector
             hit = False
             indices, values = rank_scores(self.prompts.popularity.scores(catalog), query.k,
                                           masked, allowed)
         else:
-            text = self.user_text.of(active.model, state, query.query)
             user, hit, served = await self._user_vector(
                 self.user_text.slot(query.user_id, text, state), state_version, history,
                 personal, text.ids, active, may_hold=route.arm == SERVING_ARM)
@@ -164,40 +161,32 @@ class Recommender:
             indices, values = rank(active.model, user, active.items, query.k, masked, allowed)
         version = 0 if route.popularity else active.version
         items = catalog.items
-        ranked = [{"item_id": items[i].item_id, "title": items[i].title,
-                   "score": round(float(v), 4)}
-                  for i, v in zip(indices.tolist(), values.tolist(), strict=True)]
+        ranked = [{"item_id": items[i].item_id, "title": items[i].title, "score": round(
+            float(v), 4)} for i, v in zip(indices.tolist(), values.tolist(), strict=True)]
         if query.explain:
             reasons = explain(catalog.vectors, history, indices.tolist(),
                               self.settings.serving.explain_items)
             for entry, because in zip(ranked, reasons, strict=True):
                 entry["because"] = [{"item_id": items[h].item_id, "title": items[h].title,
                                      "similarity": sim} for h, sim in because]
-            if not route.popularity and text.query_words:
+            if text.query_words:  # the words that raised each item, off the event loop
                 words = await asyncio.get_running_loop().run_in_executor(
                     self.batcher.executor, self.user_text.explain, active, history, personal,
                     text, indices.tolist(), self.settings.serving.explain_items)
                 for entry, because in zip(ranked, words, strict=True):
-                    entry["because_query"] = [{"word": w, "score_added": v} for w, v in because]
+                    entry["because_query"] = because
         request_id = uuid.uuid4().hex
         if self.impressions is not None:
             self.impressions.write({"request_id": request_id, "user_id": query.user_id,
-                                    "items": [entry["item_id"] for entry in ranked],
-                                    "prompt_version": version, "arm": arm,
-                                    "experiment": route.experiment, "ts": time.time()})
-        # Already JSON types: skip FastAPI's recursive jsonable_encoder on every request.
-        return JSONResponse({
-            "user_id": query.user_id,
-            "items": ranked,
-            "request_id": request_id,
-            "prompt_version": version,
-            "arm": arm,
+                                    "items": [e["item_id"] for e in ranked], "arm": arm,
+                                    "prompt_version": version, "experiment": route.experiment,
+                                    "ts": time.time()})
+        return JSONResponse({  # already JSON types: no recursive jsonable_encoder
+            "user_id": query.user_id, "items": ranked, "request_id": request_id,
+            "prompt_version": version, "arm": arm,
             **({"experiment": route.experiment} if route.experiment else {}),
-            "catalog_version": active.catalog_version,
-            "state_version": state_version,
-            "cold_start": not history,
-            "user_text": {"profile": False, "query": False} if route.popularity
-            else text.used,
+            "catalog_version": active.catalog_version, "state_version": state_version,
+            "cold_start": not history, "user_text": text.used,
         }, headers={"X-User-Cache": "hit" if hit else "miss"})
 
     @app.get("/similar")

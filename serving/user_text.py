@@ -45,10 +45,12 @@ class UserTextReader:
             self._tokens[length] = UserTextTokens(self.tokenizer, length)
         return self._tokens[length]
 
-    def of(self, model: PromptRecModel, state: dict | None, query: str | None) -> UserText:
-        """The text `model`'s version reads for this user's shard `state` and `query`."""
+    def of(self, model: PromptRecModel, state: dict | None, query: str | None,
+           no_model: bool = False) -> UserText:
+        """The text `model`'s version reads for this user's shard `state` and `query`
+        (`no_model`: none, e.g. for a popularity arm)."""
         profile = (state or {}).get("profile")
-        if not model.structure.user_text:
+        if no_model or not model.structure.user_text:
             return UserText(None, profile, query)
         tokens = self.tokens(model.structure.user_text_tokens)
         ids = tuple(int(i) for i in tokens.encode([profile], [query])[0])
@@ -63,15 +65,15 @@ class UserTextReader:
         return f"{user_id}\x1f{(state or {}).get('profile_version', 0)}\x1f{text.query or ''}"
 
     def explain(self, active: ActivePrompt, history: list[int], personal: np.ndarray | None,
-                text: UserText, recommended: list[int], per_item: int
-                ) -> list[list[tuple[str, float]]]:
+                text: UserText, recommended: list[int], per_item: int) -> list[list[dict]]:
         """Per recommended item, the query words that raised it most (each left out in
-        turn: `serving.ranking.query_word_effects`)."""
+        turn: `serving.ranking.query_word_effects`) -> [{"word", "score_added"}] each."""
         tokens = self.tokens(active.model.structure.user_text_tokens)
         words = text.query_words
         # The whole (first MAX_EXPLAINED_WORDS words of the) query, then each word left out.
         variants = [" ".join(words)] + [" ".join(words[:i] + words[i + 1:]) or None
                                         for i in range(len(words))]
         rows = [tuple(int(i) for i in tokens.encode([text.profile], [q])[0]) for q in variants]
-        return query_word_effects(active.model, active.items, history, personal, rows, words,
-                                  recommended, per_item)
+        effects = query_word_effects(active.model, active.items, history, personal, rows,
+                                     words, recommended, per_item)
+        return [[{"word": w, "score_added": v} for w, v in item] for item in effects]
