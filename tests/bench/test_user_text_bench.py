@@ -11,8 +11,9 @@ from bench import user_text as bench
 from bench.quality import leave_one_out
 from services.backbone import default_backbone_path, load_backbone
 from services.catalog import Catalog
-from services.data import Interactions, Item
+from services.data import Item
 from services.user_text import TEXT_PAD, UserTextTokens
+from tests.bench.test_quality import _interactions
 from training.examples import PAD
 
 
@@ -20,15 +21,6 @@ def _catalog(n: int) -> Catalog:
     items = [Item(f"i{k}", f"Movie {k}", categories=("Comedy", "War"))
              for k in range(n)]
     return Catalog(items, torch.nn.functional.normalize(torch.randn(n, 384), dim=1))
-
-
-def _interactions(rows):
-    users, items, ts = zip(*rows, strict=True)
-    n = len(rows)
-    return Interactions(np.array(users, dtype=object), np.array(items, dtype=object),
-                        np.array(ts, float), np.ones(n, np.float32),
-                        np.full(n, "rating", object), np.array([f"e{k}" for k in range(n)],
-                                                               object), np.arange(n))
 
 
 def test_about_one_user_in_ten_is_new_and_stably_so():
