@@ -29,6 +29,7 @@ import dataclasses
 import sys
 import time
 import zlib
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -37,7 +38,7 @@ from bench.common import Popularity, result_path, run_stamp, write_result
 from bench.quality import EvalSet, Split, leave_one_out
 from bench.quality_run import personal_rate, score, train_run
 from bench.user_text_queries import query_effects
-from services.backbone import load_backbone, resolve_backbone_path
+from services.backbone import embed_texts, load_backbone, resolve_backbone_path
 from services.catalog import load_catalog
 from services.config import Settings
 from services.config_sources import load_settings
@@ -84,11 +85,13 @@ def with_text(evalset: EvalSet, text: np.ndarray) -> EvalSet:
 
 
 def split_with_text(split: Split, tokens: UserTextTokens, profiles: dict[str, str],
-                    catalog, query_share: float, rng: np.random.Generator) -> Split:
+                    catalog, query_share: float, rng: np.random.Generator,
+                    embed: Callable[[list[str]], torch.Tensor]) -> Split:
     """The split whose every row reads its user's profile (none where there is none).
     `query_share` of the training rows also read a query, "a <genre> movie", the genre
     one of their target's: what a user asking for something now looks like (validation
-    and test rows read none)."""
+    and test rows read none); as tokens and as its sentence vector (`embed`: texts [Q]
+    -> [Q, H]), which a query-gate version scores at the target's row."""
     def text(name: str) -> np.ndarray:
         return tokens.encode([profiles.get(u) for u in split.users[name]])
 
@@ -97,8 +100,14 @@ def split_with_text(split: Split, tokens: UserTextTokens, profiles: dict[str, st
         if genres := catalog.items[split.train.target[r]].categories:
             queries[r] = f"a {str(rng.choice(genres)).lower()} movie"
     train_text = tokens.encode([profiles.get(u) for u in split.users["train"]], queries)
+    asked = sorted({q for q in queries if q})
+    vectors = dict(zip(asked, embed(asked).numpy(), strict=True)) if asked else {}
+    query = np.zeros((len(queries), catalog.vectors.shape[1]), np.float32)
+    for r, q in enumerate(queries):
+        if q:
+            query[r] = vectors[q]
     return dataclasses.replace(
-        split, train=dataclasses.replace(split.train, text=train_text),
+        split, train=dataclasses.replace(split.train, text=train_text, query=query),
         val=with_text(split.val, text("val")), test=with_text(split.test, text("test")),
         val_unseen=with_text(split.val_unseen, text("val_unseen")),
         test_cold=with_text(split.test_cold, text("test_cold")))
@@ -120,7 +129,11 @@ def run(settings: Settings, epochs: float, max_users: int | None, seed: int = 0,
     backbone = resolve_backbone_path(settings.model.backbone_path)
     catalog = load_catalog(dataset, backbone, settings.infra.cache, progress=True)
     interactions = load_interactions(dataset)
-    tokenizer, _ = load_backbone(backbone)
+    tokenizer, encoder = load_backbone(backbone)
+
+    def embed(texts: list[str]) -> torch.Tensor:
+        return embed_texts(tokenizer, encoder, texts)
+
     tokens = UserTextTokens(tokenizer, settings.model.user_text_tokens)
     profiles = {row["user_id"]: row["text"] for row in
                 user_table(dataset).select(["user_id", "text"]).to_pylist()}
@@ -135,7 +148,7 @@ def run(settings: Settings, epochs: float, max_users: int | None, seed: int = 0,
     eval_every = steps_for(1, len(split.train), settings.training.batch_size)
     plain = settings.replace(user_text=False)
     text_split = split_with_text(split, tokens, profiles, catalog, query_share,
-                                 np.random.default_rng(seed))
+                                 np.random.default_rng(seed), embed)
     with_profiles = train_run(settings, catalog, text_split, steps, eval_every, seed, True,
                               "with profiles")
     without = train_run(plain, catalog, split, steps, eval_every, seed, True, "without")
@@ -156,7 +169,7 @@ def run(settings: Settings, epochs: float, max_users: int | None, seed: int = 0,
         name: {part: score(r.model, getattr(s, part), vectors, alpha) for part in ("val", "test")}
         for name, r, s in (("with", with_profiles, text_split), ("without", without, split))}
     queries = query_effects(with_profiles.model, text_split.test, text_split.users["test"],
-                            profiles, tokens, catalog, alpha, queries_users, seed)
+                            profiles, tokens, catalog, alpha, queries_users, embed, seed)
     return {
         "dataset": dataset, "epochs": epochs, "steps": steps,
         "cold_user_hr10": r4(new["profile"]["hr10"]),
@@ -182,6 +195,8 @@ def run(settings: Settings, epochs: float, max_users: int | None, seed: int = 0,
                           "without": round(without.train_seconds, 1)},
         "user_text_tokens": settings.model.user_text_tokens,
         "user_text_dropout": settings.training.user_text_dropout,
+        "query_gate": None if with_profiles.model.query_gate is None
+        else r4(with_profiles.model.query_gate.detach()),
         "query_share": query_share,
         "profile_example": profiles.get(str(first_users[0])) if len(first_users) else None,
         "protocol": "1 user in 10 (by hash) never trained on: their first event ranked over "

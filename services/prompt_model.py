@@ -10,6 +10,11 @@ vector. An item's vector is the frozen backbone's embedding of its text
 a new item is rankable as soon as its text is known.
 
     Score(user, item) = exp(logit_scale) * cos(user, item) [+ item_bias[item]]
+                        [+ query_gate * cos(query, item text)]
+
+The last term is a request's query (user_text versions): its sentence vector, made as
+the items' text vectors are, against each item's text, weighed by a trained gate, so a
+query word reaches the scores whatever the frozen layers do with its tokens.
 
 The version's `PromptStructure` (services/weights.py) decides which weights the module
 has, as nanoGPT's config decides its blocks: `item_bias` and `item_tokens` add per-item
@@ -54,6 +59,7 @@ class PromptRecModel(nn.Module):
         self.item_bias = _param(weights.item_bias)  # [N] or None
         self.item_delta = _param(weights.item_delta)  # [N, H] or None
         self.personal_gate = _param(weights.personal_gate)  # [] or None (causal only)
+        self.query_gate = _param(weights.query_gate)  # [] or None (user_text only)
         # With LoRA the user side runs its own adapted copies of the first layers, so the
         # shared encoder (and every item text vector) stays the pretrained one.
         self.adapted = None
@@ -197,26 +203,42 @@ class PromptRecModel(nn.Module):
             return users
         return F.normalize(users + self.personal_gate * personal.to(users.dtype), dim=-1)
 
-    def logits(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    def logits(self, users: torch.Tensor, items: torch.Tensor,
+               query_scores: torch.Tensor | None = None) -> torch.Tensor:
         """users [B, H] (or [B, L, H]), items [N, H] unit vectors (the whole catalog, in
-        catalog order, when there is an item bias) -> [B, N] (or [B, L, N])."""
+        catalog order, when there is an item bias), query_scores [B, N] (`query_scores`)
+        -> [B, N] (or [B, L, N])."""
         scores = self.logit_scale.exp() * users @ items.T
         if self.item_bias is not None:
             if self.item_bias.shape[0] != items.shape[0]:
                 raise ValueError(f"item_bias has {self.item_bias.shape[0]} items, the catalog "
                                  f"{items.shape[0]}")
             scores = scores + self.item_bias
-        return scores
+        return scores if query_scores is None else scores + query_scores
+
+    def query_scores(self, query: torch.Tensor | None, text_vectors: torch.Tensor
+                     ) -> torch.Tensor | None:
+        """query [B, H] the queries' unit sentence vectors (services.backbone.embed_texts;
+        an all-zero row = no query), text_vectors [N, H] the items' frozen text vectors ->
+        what each query adds to each item's score [B, N]: query_gate x cos; None for a
+        version without the gate or without queries."""
+        if query is None or self.query_gate is None:
+            return None
+        query = query.to(text_vectors.device, text_vectors.dtype)
+        return self.query_gate.to(text_vectors.dtype) * (query @ text_vectors.T)
 
     def forward(self, history_idx: torch.Tensor, history_mask: torch.Tensor,
                 text_vectors: torch.Tensor, personal: torch.Tensor | None = None,
-                text_ids: torch.Tensor | None = None) -> torch.Tensor:
+                text_ids: torch.Tensor | None = None, query: torch.Tensor | None = None
+                ) -> torch.Tensor:
         """The training path: history_idx [B, L] catalog indices (anything where masked),
         history_mask [B, L], text_vectors [N, H] frozen, personal [B, H], text_ids [B, U]
-        (user_text versions) -> logits [B, N];
+        (user_text versions), query [B, H] (`query_scores`) -> logits [B, N];
         for a causal version personal is [B, L, H] (the prompt after each position) and
         the logits [B, L + 1, N]: row 0 (the prompt alone, as a user without history is
         encoded) scores the first history item, row t + 1 the item after history item t.
+        A query is what the user asked for after the whole history, so it scores the
+        target's row only (row L_b, the row after the last real item).
 
         The item table is built inside forward, so under DDP the item tokens' gradient is
         part of the pass that DDP synchronises.
@@ -224,13 +246,22 @@ class PromptRecModel(nn.Module):
         items = self.item_table(text_vectors)
         history = items[history_idx] * history_mask.unsqueeze(-1).to(items.dtype)
         history = F.dropout(history, self.dropout, self.training and self.dropout > 0)
+        asked = self.query_scores(query, text_vectors)
+        if asked is None and self.query_gate is not None:  # DDP needs each weight in the pass
+            asked = 0 * self.query_gate
         if self.causal:
             users = self.encode_prefixes(history, history_mask, with_prompt_only=True,
                                          text_ids=text_ids)
             if personal is not None:  # no personal prompt before the first item
                 personal = torch.cat([torch.zeros_like(personal[:, :1]), personal], dim=1)
-            return self.logits(self.add_personal(users, personal), items)
-        return self.logits(self.encode_users(history, history_mask, personal, text_ids), items)
+            logits = self.logits(self.add_personal(users, personal), items)
+            if asked is not None:
+                rows = torch.arange(logits.shape[0], device=logits.device)
+                last = history_mask.long().sum(1)
+                logits = logits.index_put((rows, last), logits[rows, last] + asked)
+            return logits
+        return self.logits(self.encode_users(history, history_mask, personal, text_ids), items,
+                           asked)
 
     def weights(self) -> PromptWeights:
         """The current weights, detached, on the CPU (a new version to encode or keep)."""
@@ -242,7 +273,7 @@ class PromptRecModel(nn.Module):
                              logit_scale=copy(self.logit_scale),
                              item_bias=copy(self.item_bias), item_delta=copy(self.item_delta),
                              personal_gate=copy(self.personal_gate), lora_a=lora_a,
-                             lora_b=lora_b)
+                             lora_b=lora_b, query_gate=copy(self.query_gate))
 
     def load_weights(self, weights: PromptWeights) -> None:
         """Copy in a version of this model's structure; another structure is refused (build

@@ -1,31 +1,30 @@
 """The prompt weights: what one prompt version is, how it travels, and the rules on it.
 
 A version is a `PromptWeights`: its tensors plus the `PromptStructure` that shaped them
-(the `ModelConfig` fields that decide which tensors exist, and the hidden and catalog
-sizes they fit). The structure decides the tensors, as a PEFT config decides its module;
-nothing is inferred from which keys a blob happens to hold.
+(what decides which tensors exist, and the hidden and catalog sizes they fit), as a PEFT
+config decides its module; nothing is inferred from which keys a blob happens to hold.
 
 Tensors (float32), H = backbone hidden size, N = catalog size:
     soft_prompt    [P, H]  always; initialised from the token embeddings of a task text
     logit_scale    []      always; softmax temperature, log-space
     item_bias      [N]     structure.item_bias: one float per catalog item (zeros at first)
     item_delta     [N, H]  structure.item_tokens: a learned offset per item (zeros at first)
-    personal_gate  []      structure.causal: weight of the personal prompt (0 at first)
+    personal_gate  []      structure.causal: weight of the personal prompt
+    query_gate     []      structure.query_gate: weight of a query's text match (0 at first)
     lora_a         [L, M, r, H]  structure.lora_rank: low-rank adapters of the user side's
     lora_b         [L, M, H, r]  L = user_layers layers, M projections (services/lora.py)
-    item_ids       [B]     uint8, with per-item weights: the JSON list of the N item ids
-                           their rows belong to (rows are keyed by item id, not position)
+    item_ids       [B]     with per-item weights: the rows' N item ids, a JSON list in uint8
 
 On the wire a version is one safetensors blob whose metadata records the structure under
 one key, METADATA_KEY, as a JSON string (metadata values are strings):
     {"causal": true, "format": "promptrec.prompt/1", "hidden_size": 384,
      "item_bias": true, "item_tokens": true, "num_items": 1682, "prompt_len": 16,
-     "lora_rank": 0, "readout": "last", "user_layers": 2, "user_text": false,
-     "user_text_tokens": 0}
-`decode_weights` checks the blob against its metadata and against what the caller
-expects; `decode_version` (services/decoded.py) does that once per process per version.
-A version serves any later catalog: `aligned_to` maps its rows onto the catalog's by item
-id, and items it never knew start from what their text says.
+     "lora_rank": 0, "query_gate": false, "readout": "last", "user_layers": 2,
+     "user_text": false, "user_text_tokens": 0}
+`decode_weights` checks a blob against its metadata and what the caller expects
+(`decode_version`, services/decoded.py, once per process per version). A version
+serves any later catalog: `aligned_to` maps its rows onto the catalog's by item id, and
+items it never knew start from what their text says.
 """
 
 from __future__ import annotations
@@ -50,10 +49,10 @@ CONFIG_FIELDS = ("prompt_len", "item_bias", "item_tokens", "causal", "readout", 
                  "lora_rank", "user_text", "user_text_tokens")
 # Fields added after the first blobs: a blob without them was trained with these values.
 LEGACY_DEFAULTS = {"readout": "mean", "user_layers": 0, "lora_rank": 0, "user_text": False,
-                   "user_text_tokens": 0}
+                   "user_text_tokens": 0, "query_gate": False}
 METADATA_KEY = "promptrec"
 TENSOR_NAMES = ("soft_prompt", "logit_scale", "item_bias", "item_delta", "personal_gate",
-                "lora_a", "lora_b")
+                "lora_a", "lora_b", "query_gate")
 ITEM_IDS = "item_ids"
 
 
@@ -79,10 +78,12 @@ class PromptStructure:
     lora_rank: int = 0  # adapters of that rank on the user side's layers; 0 = none
     user_text: bool = False  # reads the user's own text (services/user_text.py)
     user_text_tokens: int = 0  # how many text positions it reads (0 without user_text)
+    query_gate: bool = False  # scores a query's sentence vector against item texts (user_text)
 
     def __post_init__(self) -> None:
-        if not self.user_text:
-            object.__setattr__(self, "user_text_tokens", 0)  # frozen; as num_items below
+        if not self.user_text:  # frozen, so set through object; as num_items below
+            object.__setattr__(self, "user_text_tokens", 0)
+            object.__setattr__(self, "query_gate", False)
         elif self.user_text_tokens < 2 or not self.causal:
             raise ValueError("user_text needs causal and user_text_tokens >= 2")
         if self.lora_rank < 0 or (self.lora_rank and self.user_layers <= 0):
@@ -98,7 +99,8 @@ class PromptStructure:
                    item_bias=config.item_bias, item_tokens=config.item_tokens,
                    causal=config.causal, readout=config.readout if config.causal else "mean",
                    user_layers=config.user_layers, lora_rank=config.lora_rank,
-                   user_text=config.user_text, user_text_tokens=config.user_text_tokens)
+                   user_text=config.user_text, user_text_tokens=config.user_text_tokens,
+                   query_gate=config.user_text)
 
     @property
     def has_item_weights(self) -> bool:
@@ -113,6 +115,8 @@ class PromptStructure:
             shapes["item_delta"] = (self.num_items, self.hidden_size)
         if self.causal:
             shapes["personal_gate"] = ()
+        if self.query_gate:
+            shapes["query_gate"] = ()
         if self.lora_rank:
             adapted = (self.user_layers, len(LORA_TARGETS))
             shapes["lora_a"] = (*adapted, self.lora_rank, self.hidden_size)
@@ -167,6 +171,7 @@ class PromptWeights:
     personal_gate: torch.Tensor | None = None
     lora_a: torch.Tensor | None = None
     lora_b: torch.Tensor | None = None
+    query_gate: torch.Tensor | None = None
     item_ids: tuple[str, ...] | None = None  # the rows' items (None: the catalog's order)
 
     @classmethod
@@ -291,5 +296,5 @@ def initial_weights(tokenizer, encoder: nn.Module, config: ModelConfig,
         item_bias=torch.zeros(s.num_items) if s.item_bias else None,
         item_delta=torch.zeros(s.num_items, s.hidden_size) if s.item_tokens else None,
         personal_gate=torch.tensor(INITIAL_PERSONAL_GATE) if s.causal else None,
-        lora_a=lora_a, lora_b=lora_b,
+        lora_a=lora_a, lora_b=lora_b, query_gate=torch.tensor(0.0) if s.query_gate else None,
         item_ids=tuple(item_ids) if item_ids is not None and s.has_item_weights else None)

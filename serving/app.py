@@ -9,15 +9,15 @@ once and puts together the pieces, each in a module of its own:
     serving.cache     the user-vector LRU cache
     serving.batching  cache misses of concurrent requests encoded together
     serving.ranking   the tensor work: encode, rank, explain
+    serving.user_text the profile and query a version reads (tokens, query vector)
     serving.impressions  every answer written to Kafka, off the request path
 
 Routes (docs/api.md): GET /recommend, /similar, /healthz, /version; the admin routes
-(rollback, experiments; their work is in serving.admin). Every answer names the prompt
-version and catalog version it came from, its arm (serving, canary, or an experiment's)
-and a request_id that events may quote. Overload (beyond max_ongoing_requests per replica
-plus max_queued_requests) is answered by Ray Serve's proxy with 503 + Retry-After.
-Batch size, batch wait, cache size and explained items are runtime knobs: Serve's
-`user_config`, applied by `reconfigure` without restarting the replica.
+(rollback, experiments: serving.admin). Every answer names the prompt and catalog
+versions it came from, its arm (serving, canary, an experiment's) and a request_id that
+events may quote. Overload (past max_ongoing_requests + max_queued_requests) gets Serve's
+503 + Retry-After. Batch size and wait, cache size and explained items are runtime knobs
+(Serve's `user_config`), applied by `reconfigure` without a restart.
 """
 
 # No `from __future__ import annotations` here: Serve's ingress rebuilds the routes, and
@@ -65,7 +65,6 @@ class Recommender:
         torch.set_num_threads(1)  # replicas share cores; one thread each scales better
         tokenizer, encoder = load_backbone(resolve_backbone_path(
             self.settings.model.backbone_path))
-        self.user_text = UserTextReader(tokenizer)
         infra = self.settings.infra
         self.replica = serve.get_replica_context().replica_id.unique_id
         self._shards: dict[int, object] = {}
@@ -73,6 +72,7 @@ class Recommender:
         serving = self.settings.serving
         self.batcher = EncodeBatcher(serving.batch_max_size, serving.batch_wait_ms,
                                      serving.encode_thread)
+        self.user_text = UserTextReader(tokenizer, encoder, self.batcher.executor)
         self.prompts = PromptSwap(encoder, infra.namespace, self.replica)
         self.warmer = SwapWarmer(self.cache, self.batcher.executor, asyncio.get_running_loop(),
                                  lambda: self.batcher.waiting)
@@ -119,8 +119,7 @@ class Recommender:
         whose vector of this state is cached while `active` re-encodes (serving.warmup);
         `slot`: the cache entry (`UserTextReader.slot`)."""
         key = (state_version, active.version)
-        user = self.cache.get(slot, key)
-        if user is not None:
+        if (user := self.cache.get(slot, key)) is not None:
             return user, True, active
         if may_hold and (held := self.warmer.answer(slot, state_version)) is not None:
             return held[1], True, held[0]
@@ -147,7 +146,7 @@ class Recommender:
         personal = state.get("personal") if use_personal else None
         masked = history + catalog.unavailable + catalog.indices(list(query.exclude))
         allowed = catalog.in_categories(query.categories) if query.categories else None
-        text = self.user_text.of(active.model, state, query.query, route.popularity)
+        text = await self.user_text.of(active.model, state, query.query, route.popularity)
         if route.popularity:  # an experiment's popularity arm: no user vector
             hit = False
             indices, values = rank_scores(self.prompts.popularity.scores(catalog), query.k,
@@ -157,8 +156,9 @@ class Recommender:
                 self.user_text.slot(query.user_id, text, state), state_version, history,
                 personal, text.ids, active, may_hold=route.arm == SERVING_ARM)
             if served is not active:  # a version held over a swap answered
-                active, text = served, self.user_text.of(served.model, state, query.query)
-            indices, values = rank(active.model, user, active.items, query.k, masked, allowed)
+                active, text = served, await self.user_text.of(served.model, state, query.query)
+            indices, values = rank(active.model, user, active.items, query.k, masked, allowed,
+                                   text.asked(active))
         version = 0 if route.popularity else active.version
         items = catalog.items
         ranked = [{"item_id": items[i].item_id, "title": items[i].title, "score": round(

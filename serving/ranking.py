@@ -46,12 +46,14 @@ def encode_histories(model: PromptRecModel, item_vectors: torch.Tensor,
 
 
 def rank(model: PromptRecModel, user: torch.Tensor, item_vectors: torch.Tensor, k: int,
-         seen: list[int], allowed: torch.Tensor | None = None
-         ) -> tuple[torch.Tensor, torch.Tensor]:
+         seen: list[int], allowed: torch.Tensor | None = None,
+         asked: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """user [H], item_vectors [N, H] -> (item indices [k'], scores [k']), `seen` items
-    masked and, given `allowed` [N] bool, only allowed items; k' = k unless fewer are left."""
+    masked and, given `allowed` [N] bool, only allowed items; k' = k unless fewer are left.
+    asked [N]: what the request's query adds to each score (`UserText.asked`)."""
     with torch.inference_mode():
-        scores = model.logits(user[None], item_vectors)[0]  # fresh tensor: mask in place
+        scores = model.logits(user[None], item_vectors,
+                              None if asked is None else asked[None])[0]  # fresh: mask in place
         return _top(scores, k, seen, allowed)
 
 
@@ -101,13 +103,14 @@ def explain(item_vectors: torch.Tensor, history: list[int], recommended: list[in
 
 def query_word_effects(model: PromptRecModel, item_vectors: torch.Tensor, history: list[int],
                        personal: np.ndarray | None, texts: list[tuple[int, ...]],
-                       words: list[str], recommended: list[int], per_item: int
-                       ) -> list[list[tuple[str, float]]]:
+                       words: list[str], recommended: list[int], per_item: int,
+                       asked: torch.Tensor | None = None) -> list[list[tuple[str, float]]]:
     """For each recommended item, the query words that raised its score most.
 
     texts: the user's text ids with the whole query first, then with each of `words` left
-    out in turn (len(words) + 1 rows). A word's effect on an item is how much its score
-    falls without it: one backbone pass for all the variants.
+    out in turn (len(words) + 1 rows); asked [len(words) + 1, N]: what each variant's
+    query vector adds (a version with a query gate). A word's effect on an item is how
+    much its score falls without it: one backbone pass for all the variants.
     -> per recommended item, [(word, score it added)], largest first, positive only.
     """
     if not words or not recommended or per_item < 1:
@@ -115,7 +118,7 @@ def query_word_effects(model: PromptRecModel, item_vectors: torch.Tensor, histor
     users = encode_histories(model, item_vectors, [history] * len(texts),
                              [personal] * len(texts), texts)
     with torch.inference_mode():
-        scores = model.logits(users, item_vectors)[:, recommended]  # [W + 1, k]
+        scores = model.logits(users, item_vectors, asked)[:, recommended]  # [W + 1, k]
     added = (scores[:1] - scores[1:]).T  # [k, W]
     return [[(words[w], round(float(v), 4)) for v, w in sorted(
         ((v, w) for w, v in enumerate(row.tolist()) if v > 0), reverse=True)[:per_item]]

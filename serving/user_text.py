@@ -4,15 +4,22 @@ A version trained with `user_text` reads them as tokens (services/user_text.py);
 without reads neither, whatever the request says. A user's cached vector depends on their
 text, so the cache entry (`slot`) is the user's own only while they have no text, and
 one per (profile version, query) otherwise: a new profile or another query is a miss,
-never a stale hit.
+never a stale hit. A version with a query gate also scores the query's sentence vector
+against the items' texts (`PromptRecModel.query_scores`); that vector is made off the
+event loop, once per distinct query (an LRU), as the items' text vectors are made.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
+from services.backbone import embed_texts
 from services.prompt_model import PromptRecModel
 from services.user_text import UserTextTokens
 from serving.ranking import query_word_effects
@@ -27,6 +34,13 @@ class UserText:
     profile: str | None
     query: str | None
     query_words: list[str] = field(default_factory=list)  # what explain=true weighs
+    query_vector: torch.Tensor | None = None  # [H] for a version with a query gate
+
+    def asked(self, active: ActivePrompt) -> torch.Tensor | None:
+        """What the query adds to each item's score in `active`'s catalog [N], or None."""
+        if self.query_vector is None:
+            return None
+        return active.model.query_scores(self.query_vector[None], active.catalog.vectors)[0]
 
     @property
     def used(self) -> dict[str, bool]:
@@ -36,17 +50,22 @@ class UserText:
 
 
 class UserTextReader:
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer, encoder, executor: Executor):
+        self.tokenizer, self.encoder, self.executor = tokenizer, encoder, executor
         self._tokens: dict[int, UserTextTokens] = {}  # by the version's text length
+        self.query_vector = functools.lru_cache(maxsize=4096)(self._query_vector)
+
+    def _query_vector(self, query: str) -> torch.Tensor:
+        """The query's unit sentence vector [H], made as the items' text vectors are."""
+        return embed_texts(self.tokenizer, self.encoder, [query])[0]
 
     def tokens(self, length: int) -> UserTextTokens:
         if length not in self._tokens:
             self._tokens[length] = UserTextTokens(self.tokenizer, length)
         return self._tokens[length]
 
-    def of(self, model: PromptRecModel, state: dict | None, query: str | None,
-           no_model: bool = False) -> UserText:
+    async def of(self, model: PromptRecModel, state: dict | None, query: str | None,
+                 no_model: bool = False) -> UserText:
         """The text `model`'s version reads for this user's shard `state` and `query`
         (`no_model`: none, e.g. for a popularity arm)."""
         profile = (state or {}).get("profile")
@@ -55,7 +74,11 @@ class UserTextReader:
         tokens = self.tokens(model.structure.user_text_tokens)
         ids = tuple(int(i) for i in tokens.encode([profile], [query])[0])
         words = query.split()[:MAX_EXPLAINED_WORDS] if query else []
-        return UserText(ids, profile, query, words)
+        vector = None
+        if query and model.structure.query_gate:
+            vector = await asyncio.get_running_loop().run_in_executor(
+                self.executor, self.query_vector, query.strip())
+        return UserText(ids, profile, query, words, vector)
 
     @staticmethod
     def slot(user_id: str, text: UserText, state: dict | None) -> str:
@@ -74,6 +97,11 @@ class UserTextReader:
         variants = [" ".join(words)] + [" ".join(words[:i] + words[i + 1:]) or None
                                         for i in range(len(words))]
         rows = [tuple(int(i) for i in tokens.encode([text.profile], [q])[0]) for q in variants]
+        asked = None
+        if text.query_vector is not None:  # each variant's own query vector
+            query = torch.stack([self.query_vector(q) if q else torch.zeros_like(
+                text.query_vector) for q in variants])
+            asked = active.model.query_scores(query, active.catalog.vectors)
         effects = query_word_effects(active.model, active.items, history, personal, rows,
-                                     words, recommended, per_item)
+                                     words, recommended, per_item, asked)
         return [[{"word": w, "score_added": v} for w, v in item] for item in effects]

@@ -32,7 +32,7 @@ def stack(tmp_path_factory):
         "data_dir": str(data / "data"), "http_port": free_port(), "metrics_port": free_port(),
         "partitions": 2, "num_consumers": 1, "num_shards": 2, "num_replicas": 1,
         "namespace": "promptrec-user-text-e2e", "user_text": True, "users": str(users),
-        "train_steps": 8, "train_workers": 1})
+        "train_steps": 8, "train_workers": 2})
     stack = Stack(settings, progress=False).start(fresh=True)
     items = stack.catalog.items
     events = [ClickEvent(f"pro-a-{n}", "pro-a", items[n].item_id, 1_700_000_000 + n, "click")

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 from services.personal import event_weights
 
 PAD = -1
-OPTIONAL_COLUMNS = ("weights", "prompt_target", "text")  # Examples' columns that may be None
+OPTIONAL_COLUMNS = ("weights", "prompt_target", "text", "query")  # columns that may be None
 
 
 @dataclass
@@ -36,6 +36,9 @@ class Examples:
     # [E, U] int32 token ids of the user's own text (services/user_text.py), for versions
     # with user_text; None: no text
     text: np.ndarray | None = None
+    # [E, H] float32 sentence vector of what the user asked for before the target (an
+    # all-zero row: nothing), scored by a query_gate version; None: no query
+    query: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.target)
@@ -45,7 +48,7 @@ class Examples:
             return None if column is None else column[idx]
 
         return Examples(self.history[idx], self.target[idx], rows(self.weights),
-                        rows(self.prompt_target), rows(self.text))
+                        rows(self.prompt_target), rows(self.text), rows(self.query))
 
     def trimmed(self) -> Examples:
         """The same examples without the columns past the longest history (rows are
@@ -53,7 +56,7 @@ class Examples:
         width = max(1, int((self.history != PAD).sum(1).max(initial=0)))
         return Examples(self.history[:, :width], self.target,
                         None if self.weights is None else self.weights[:, :width],
-                        self.prompt_target, self.text)
+                        self.prompt_target, self.text, self.query)
 
     def save(self, path: str) -> None:
         extra = {name: getattr(self, name) for name in OPTIONAL_COLUMNS

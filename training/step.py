@@ -82,8 +82,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Exampl
     under bfloat16 autocast (the matmuls; the loss, weights and Adam stay float32).
     `dropout` > 0 puts the model in train mode: that rate on the history's item vectors,
     the backbone's own rates in its layers (`evaluate` puts it back in eval mode).
-    `text_dropout`: that share of rows (drawn by `rng`) reads no user text, so a
-    user_text version also learns users who have none.
+    `text_dropout`: that share of rows (drawn by `rng`) reads no user text (nor query),
+    so a user_text version also learns users who have none.
     """
     device = item_vectors.device
     batch = batch.trimmed()
@@ -97,12 +97,15 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Exampl
     causal = core.causal
     personal = replay_personal(batch.history, batch.weights, item_vectors, personal_alpha,
                                every_step=causal)
-    text = batch.text
+    text, query = batch.text, batch.query
     if text is not None and text_dropout > 0:
-        text = without_text(text, (rng or np.random.default_rng()).random(len(text)) < text_dropout)
+        dropped = (rng or np.random.default_rng()).random(len(text)) < text_dropout
+        text = without_text(text, dropped)
+        query = None if query is None else np.where(dropped[:, None], 0, query)
     text_ids = None if text is None else torch.as_tensor(text, device=device)
+    query = None if query is None else torch.as_tensor(query, dtype=torch.float32, device=device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        logits = model(idx, mask, item_vectors, personal, text_ids)
+        logits = model(idx, mask, item_vectors, personal, text_ids, query)
     logits = logits.float()
     if logits.ndim == 3:  # a causal model scored the next item after every position
         prompt_target = None if batch.prompt_target is None else \
@@ -179,6 +182,9 @@ def evaluate(model, examples: Examples, item_vectors: torch.Tensor, k: int = 10,
         with torch.autocast(item_vectors.device.type, dtype=torch.bfloat16, enabled=bf16):
             users = model.encode_users(history, mask, personal, text_ids)
         scores = model.logits(users.float(), items)
+        if chunk.query is not None:  # rows with a query (a model with a query gate)
+            asked = model.query_scores(torch.as_tensor(chunk.query), item_vectors)
+            scores = scores if asked is None else scores + asked
         scores = mask_seen(scores, chunk.history if exclude is None else exclude[rows])
         target = torch.as_tensor(chunk.target, dtype=torch.long, device=scores.device)
         target_scores = scores.gather(1, target[:, None])

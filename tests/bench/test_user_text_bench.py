@@ -9,7 +9,7 @@ import torch
 
 from bench import user_text as bench
 from bench.quality import leave_one_out
-from services.backbone import default_backbone_path, load_backbone
+from services.backbone import default_backbone_path, embed_texts, load_backbone
 from services.catalog import Catalog
 from services.data import Item
 from services.user_text import TEXT_PAD, UserTextTokens
@@ -47,14 +47,21 @@ def test_without_users_drops_every_event_of_theirs():
 
 
 def test_every_row_reads_its_own_users_profile_and_some_train_rows_a_query():
-    tokenizer, _ = load_backbone(default_backbone_path())
+    tokenizer, encoder = load_backbone(default_backbone_path())
     tokens = UserTextTokens(tokenizer, 16)
     catalog = _catalog(8)
     rows = [(u, f"i{k}", t) for u in ("a", "b") for t, k in enumerate(range(1, 7))]
     split = leave_one_out(_interactions(rows), catalog, 4, rows="users")
     profiles = {"a": "a woman aged 18-24"}
     text = bench.split_with_text(split, tokens, profiles, catalog, 1.0,
-                                 np.random.default_rng(0))
+                                 np.random.default_rng(0),
+                                 lambda texts: embed_texts(tokenizer, encoder, texts))
+    # Each train row's query also as its sentence vector; held-out rows ask for nothing.
+    asked = [tokenizer.decode([i for i in row if i != TEXT_PAD]).split("[SEP]")[1].strip()
+             for row in text.train.text]
+    assert np.allclose(text.train.query, embed_texts(tokenizer, encoder, asked).numpy(),
+                       atol=1e-5)
+    assert text.val.examples.query is None and text.test.examples.query is None
     for part in ("val", "test"):
         ids = getattr(text, part).examples.text
         for row, user in zip(ids, split.users[part], strict=True):
@@ -75,3 +82,4 @@ def test_the_command_writes_every_key_the_issue_names(tmp_path):
                 "query_genre_share_without"):
         assert 0 <= result[key] <= 1, key
     assert result["cold_users"] > 0 and result["query_users"] == 5
+    assert isinstance(result["query_gate"], float)  # the trained weight of the query match

@@ -1,5 +1,7 @@
 """User text as tokens (services/user_text.py) and the user_text versions that read them."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -8,7 +10,7 @@ from services.backbone import default_backbone_path, load_backbone
 from services.config import ConfigError, ModelConfig
 from services.prompt_model import PromptRecModel
 from services.user_text import TEXT_PAD, UserTextTokens
-from services.weights import PromptStructure, decode_weights, initial_weights
+from services.weights import METADATA_KEY, PromptStructure, decode_weights, initial_weights
 from training.examples import Examples
 from training.step import train_step, without_text
 
@@ -133,3 +135,58 @@ def test_training_with_text_moves_the_prompt_and_drops_text_of_chosen_rows(backb
     loss = train_step(model, optimizer, batch, items, None, text_dropout=0.5,
                       rng=np.random.default_rng(0))
     assert np.isfinite(loss) and not torch.equal(before, model.soft_prompt.detach())
+
+
+def _gated(backbone, gate: float) -> PromptRecModel:
+    model = _model(backbone, user_text=True)
+    with torch.no_grad():
+        model.query_gate.fill_(gate)
+    return model
+
+
+def test_a_query_adds_its_gated_text_match_to_the_target_row_only(backbone, tokens):
+    """Training's forward adds query_gate x cos(query, item text) to the row after the
+    last item (what the user asked for next), and serving's `rank` adds the same."""
+    from services.backbone import embed_texts
+    from serving.ranking import rank
+
+    tokenizer, encoder = backbone
+    model = _gated(backbone, 3.0)
+    assert model.structure.query_gate and model.weights().query_gate == 3.0
+    query = embed_texts(tokenizer, encoder, ["a comedy"])  # [1, H]
+    torch.manual_seed(2)
+    items = torch.nn.functional.normalize(torch.randn(N, H), dim=-1)
+    text = torch.as_tensor(tokens.encode([None], ["a comedy"]))
+    idx, mask = torch.tensor([[2, 4, 0]]), torch.tensor([[1.0, 1.0, 0.0]])  # 2 real items
+    with torch.no_grad():
+        asked = model(idx, mask, items, None, text, query)
+        plain = model(idx, mask, items, None, text)
+    added = 3.0 * query @ items.T  # [1, N]
+    assert torch.allclose(asked[:, 2] - plain[:, 2], added, atol=1e-5)
+    assert torch.equal(asked[:, [0, 1, 3]], plain[:, [0, 1, 3]])
+    user = model.encode_users(items[idx[:, :2]], mask[:, :2], text_ids=text)[0]
+    indices, scores = rank(model, user, items, N, [], None, model.query_scores(query, items)[0])
+    assert torch.allclose(scores, asked[0, 2][indices], atol=1e-4)
+    assert model.query_scores(None, items) is None
+
+
+def test_training_raises_the_gate_when_queries_name_the_targets(backbone, tokens):
+    model = _model(backbone, user_text=True)
+    torch.manual_seed(3)
+    items = torch.nn.functional.normalize(torch.randn(N, H), dim=-1)
+    targets = np.array([3, 4, 5, 1], np.int32)
+    batch = Examples(np.array([[0, 1], [2, -1], [0, -1], [2, 3]], np.int32), targets,
+                     text=tokens.encode([None] * 4), query=items[targets].numpy())
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    for _ in range(5):
+        train_step(model, optimizer, batch, items, None)
+    assert float(model.query_gate.detach()) > 0.1  # a query that names the target is worth trusting
+
+
+def test_a_user_text_version_from_before_the_gate_still_reads_and_serves(backbone):
+    old = PromptStructure.of(ModelConfig(user_text=True, user_text_tokens=U), H, N)
+    meta = json.loads(old.to_metadata()[METADATA_KEY])
+    del meta["query_gate"]
+    legacy = PromptStructure.from_metadata({METADATA_KEY: json.dumps(meta)})
+    assert legacy.user_text and not legacy.query_gate
+    assert "query_gate" not in legacy.tensor_shapes()

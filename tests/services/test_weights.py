@@ -52,7 +52,7 @@ def test_the_structure_travels_in_the_metadata_and_comes_back(tmp_path):
     assert meta == {"format": FORMAT, "prompt_len": 3, "hidden_size": H, "num_items": N,
                     "item_bias": True, "item_tokens": True, "causal": True, "readout": "mean",
                     "user_layers": 0, "lora_rank": 0, "user_text": False,
-                    "user_text_tokens": 0}
+                    "user_text_tokens": 0, "query_gate": False}
 
 
 def test_blobs_from_before_readout_and_user_layers_read_as_the_full_mean_model():
