@@ -41,7 +41,8 @@ def aligned_to(weights: PromptWeights, item_ids: list[str],
 
 def unseen_items_fall_back_to_text(weights: PromptWeights, seen: np.ndarray,
                                    text_vectors: torch.Tensor | None = None,
-                                   neighbours: int = 10) -> PromptWeights:
+                                   neighbours: int = 10, bias_quantile: float | None = None
+                                   ) -> PromptWeights:
     """seen [N] bool: items that appeared in training data -> the version with every unseen
     item's bias and item token replaced by what its text says.
 
@@ -49,7 +50,9 @@ def unseen_items_fall_back_to_text(weights: PromptWeights, seen: np.ndarray,
     so what it learned says nothing about it. Without `text_vectors` [N, H] it gets the
     mean bias of the seen items and a zero token (its text vector alone places it); with
     them it gets the mean bias and token of its `neighbours` seen items nearest in text
-    space (its text says which trained items it resembles, and they moved).
+    space (its text says which trained items it resembles, and they moved). With
+    `bias_quantile` q its bias is instead the q-quantile of the seen items' biases: an
+    item no one has chosen yet starts less popular than the average one.
     """
     seen_t = torch.as_tensor(np.asarray(seen, bool))
     fill = ~seen_t
@@ -64,7 +67,10 @@ def unseen_items_fall_back_to_text(weights: PromptWeights, seen: np.ndarray,
     changes = {}
     if weights.item_bias is not None:
         bias = weights.item_bias.clone()
-        bias[fill] = bias[seen_t].mean() if take is None else bias[take].mean(1)
+        if bias_quantile is not None:
+            bias[fill] = torch.quantile(bias[seen_t], bias_quantile)
+        else:
+            bias[fill] = bias[seen_t].mean() if take is None else bias[take].mean(1)
         changes["item_bias"] = bias
     if weights.item_delta is not None:
         delta = weights.item_delta.clone()

@@ -19,7 +19,6 @@ rebuilds the live catalog, and the cache makes that replay embed nothing again.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections import Counter as Tally
 from pathlib import Path
@@ -33,7 +32,7 @@ from services.config import Settings
 from services.data import Item
 from services.item_records import InvalidItemRecord, ItemDelete, decode_item_record
 from services.vector_cache import TextVectors
-from streaming.kafka_client import PartitionRecords, dead_letter, open_clients, run_restarting
+from streaming.kafka_client import PartitionRecords, RestartingThread, dead_letter, open_clients
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +42,7 @@ log = logging.getLogger(__name__)
 LINGER_S = 0.05
 
 
-class ItemConsumer:
+class ItemConsumer(RestartingThread):
     def __init__(self, settings: Settings, bootstrap: str, backbone_path: str):
         self.settings = settings.validate()
         self.bootstrap = bootstrap
@@ -52,25 +51,13 @@ class ItemConsumer:
         self.seconds = {"embed": 0.0, "apply": 0.0}  # where the time of a batch goes
         self.version = 0  # the catalog version this consumer made last
         self._known: dict[str, Item] | None = None  # live items as this consumer left them
-        self.error: str | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run_forever, daemon=True, name="items")
-        self._thread.start()
+        self._start("items", "item consumer")
 
     def stats(self) -> dict:
         return {"counts": dict(self.counts), "catalog_version": self.version,
                 "seconds": {k: round(v, 2) for k, v in self.seconds.items()},
                 "embedded": self.vectors.embedded, "cache_hits": self.vectors.hits,
-                "alive": self._thread.is_alive(), "error": self.error}
-
-    def stop(self) -> dict:
-        self._stop.set()
-        self._thread.join(timeout=30)
-        return self.stats()
-
-    def _run_forever(self) -> None:
-        run_restarting(self._run, self._stop, "item consumer",
-                       lambda error: setattr(self, "error", error))
+                "alive": self.alive, "error": self.error}
 
     def _run(self) -> None:
         import ray

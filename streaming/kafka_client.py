@@ -76,6 +76,35 @@ def run_restarting(run: Callable[[], None], stop: threading.Event, what: str,
             stop.wait(1.0)
 
 
+class RestartingThread:
+    """Base of a consumer whose work, `_run`, runs on a daemon thread under
+    `run_restarting` until `stop`; `error` is the last failure's traceback. A subclass
+    sets its state, then calls `_start`, and reports `alive` and `error` in `stats`."""
+
+    error: str | None = None
+
+    def _start(self, name: str, what: str) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=run_restarting, daemon=True, name=name, args=(
+            self._run, self._stop, what, lambda error: setattr(self, "error", error)))
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def stats(self) -> dict:
+        raise NotImplementedError
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        return self.stats()
+
+
 def dead_letter(dlq: DeadLetterProducer, topic: str, key: bytes | None, value: bytes | None,
                 reason: str, detail: str, source: str) -> None:
     """Send a refused record to `topic` as it came, with why and whence in headers."""

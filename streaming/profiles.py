@@ -25,7 +25,6 @@ shards cover, so a fresh shard (no snapshot) gets every profile the topic still 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections import Counter as Tally
 
@@ -35,7 +34,7 @@ from services import metrics
 from services.config import Settings
 from services.naming import shard_actor, shard_for_user
 from services.user_records import InvalidUserRecord, ProfileDelete, decode_user_record
-from streaming.kafka_client import PartitionRecords, dead_letter, open_clients, run_restarting
+from streaming.kafka_client import PartitionRecords, RestartingThread, dead_letter, open_clients
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +43,7 @@ log = logging.getLogger(__name__)
 PROBE_S = 1.0
 
 
-class ProfileConsumer:
+class ProfileConsumer(RestartingThread):
     def __init__(self, settings: Settings, bootstrap: str):
         self.settings = settings.validate()
         self.bootstrap = bootstrap
@@ -53,27 +52,15 @@ class ProfileConsumer:
                        for i in range(settings.streaming.num_shards)]
         self.counts: Tally[str] = Tally()
         self.lag: dict[int, int] = {}
-        self.error: str | None = None
         self.epoch = ""  # the topic id seen last
         self.rewinds = self.syncs = 0
         self._handled: dict[int, int] = {}  # partition -> end of what was counted
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run_forever, daemon=True, name="profiles")
-        self._thread.start()
+        self._start("profiles", "profile consumer")
 
     def stats(self) -> dict:
         return {"counts": dict(self.counts), "lag": dict(self.lag), "epoch": self.epoch,
                 "rewinds": self.rewinds, "syncs": self.syncs,
-                "alive": self._thread.is_alive(), "error": self.error}
-
-    def stop(self) -> dict:
-        self._stop.set()
-        self._thread.join(timeout=30)
-        return self.stats()
-
-    def _run_forever(self) -> None:
-        run_restarting(self._run, self._stop, "profile consumer",
-                       lambda error: setattr(self, "error", error))
+                "alive": self.alive, "error": self.error}
 
     def _run(self) -> None:
         from services.embedded import ensure_topics

@@ -147,6 +147,26 @@ def test_unseen_items_can_take_the_weights_of_their_nearest_seen_items_by_text()
     assert out.item_delta[2:].tolist() == [[1.0, 1.0], [2.0, 2.0]]
 
 
+def test_unseen_items_may_start_at_a_low_quantile_of_the_seen_biases():
+    import numpy as np
+    import torch
+
+    from services.item_weights import unseen_items_fall_back_to_text
+    from services.weights import PromptStructure, PromptWeights
+
+    structure = PromptStructure(prompt_len=1, hidden_size=2, num_items=6, item_bias=True,
+                                item_tokens=True)
+    weights = PromptWeights(structure, soft_prompt=torch.ones(1, 2),
+                            logit_scale=torch.tensor(1.0),
+                            item_bias=torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0, -9.0]),
+                            item_delta=torch.ones(6, 2))
+    seen = np.array([True] * 5 + [False])
+    assert unseen_items_fall_back_to_text(weights, seen, bias_quantile=0.25).item_bias[5] == 1.0
+    low = unseen_items_fall_back_to_text(weights, seen, torch.eye(2)[[0, 1, 0, 1, 0, 0]],
+                                         neighbours=1, bias_quantile=0.0)
+    assert low.item_bias[5] == 0.0 and low.item_delta[5].tolist() == [1.0, 1.0]
+
+
 def test_user_rows_are_one_per_user_ending_at_its_last_training_item():
     catalog = _catalog(40)
     rows, (a, b, c, d, cold) = _rows(40)
