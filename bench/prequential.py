@@ -29,7 +29,10 @@ Arms, all answering over the same replay in the same run:
   input is not);
 - `online`: the main app: follows every published version, personal prompts on;
 - optional ablations: `rounds_only` (follows rounds, no personal prompts) and
-  `personal_only` (initial prompt, personal prompts on).
+  `personal_only` (initial prompt, personal prompts on);
+- with `--user-text` (a run whose versions read the users' profiles, published before
+  the replay): `no_profiles`, the main app's versions reading no profile, so the
+  `new_users` segment shows what a profile is worth before a user's first click.
 
 Training rounds run between windows, paused replay, on the event-count trigger
 (`train_every_events`; `train_every_s` means nothing for a replay faster than real
@@ -63,10 +66,23 @@ MODEL_ARMS: dict[str, dict | None] = {
     "online": None,
     "rounds_only": {"personal_prompts": False},
     "personal_only": {"pin_version": True},
+    # With --user-text: the main app's versions, every user read as if without a profile.
+    "no_profiles": {"profiles": False},
 }
+PROFILE_ARMS = ("no_profiles",)  # need a user_text run (--user-text), with profiles
 BASELINE_ARMS = (PopularityArm.name, RecentPopularityArm.name)  # answered by the evaluator
 ALL_ARMS = (*BASELINE_ARMS, *MODEL_ARMS)
 DEFAULT_ARMS = (*BASELINE_ARMS, "static", "online")
+
+
+def check_arms(arms: Sequence[str], user_text: bool) -> None:
+    """Raise ValueError, naming them, for arms that do not exist or cannot run here."""
+    unknown = [a for a in arms if a not in ALL_ARMS]
+    if unknown or not arms:
+        raise ValueError(f"unknown arms {unknown}; choose from {list(ALL_ARMS)}")
+    if not user_text and any(a in PROFILE_ARMS for a in arms):
+        raise ValueError(f"arms {list(PROFILE_ARMS)} compare reading profiles or not: they "
+                         "need a run whose versions read them (--user-text)")
 
 
 class Arm(Protocol):
@@ -149,6 +165,7 @@ class Evaluation:
     segments: dict[str, dict[str, Tally]] = field(default_factory=dict)  # arm -> segment
     windows: list[dict] = field(default_factory=list)
     seconds: Counter = field(default_factory=Counter)  # "test:<arm>" and "learn"
+    profile_reads: Counter = field(default_factory=Counter)  # arm -> answers that read one
 
 
 def run_windows(events: Sequence[ClickEvent], arms: Sequence[Arm],
@@ -195,6 +212,7 @@ def run_windows(events: Sequence[ClickEvent], arms: Sequence[Arm],
                     evaluation.segments[arm.name][segment].add(*scores)
                 for user in users:
                     leaks[arm.name].check(answers[user].state_version, learned[user])
+                    evaluation.profile_reads[arm.name] += answers[user].read_profile
                 totals[arm.name].merge(tally)
                 versions = sorted({a.prompt_version for a in answers.values()
                                    if a.prompt_version is not None})
@@ -243,7 +261,8 @@ class ServiceArm:
                         body = response.json()
                         return user, Answer([i["item_id"] for i in body["items"]],
                                             body["state_version"], body["prompt_version"],
-                                            body.get("request_id", ""))
+                                            body.get("request_id", ""),
+                                            body.get("user_text", {}).get("profile", False))
                 raise RuntimeError(f"{self.name}: no answer for {user!r} in {self.attempts} tries")
 
             return dict(await asyncio.gather(*(one(u) for u in users)))

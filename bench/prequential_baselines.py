@@ -27,6 +27,7 @@ class Answer:
     state_version: int  # events of this user the arm had learned when it answered
     prompt_version: int | None = None
     request_id: str = ""  # a Serve app's answer id (events may quote it: live metrics)
+    read_profile: bool = False  # the answer read the user's profile text
 
 
 class CountingArm:

@@ -17,6 +17,8 @@ def build_result(evaluation: Evaluation, **meta) -> dict:
                          for name, segs in evaluation.segments.items()},
             "blocks": block_wins(evaluation.windows, meta.get("rounds", [])),
             "leak_check": {name: c.to_dict() for name, c in evaluation.leaks.items()},
+            # answers (one per user and window) that read the user's profile text
+            "profile_reads": {name: evaluation.profile_reads[name] for name in evaluation.totals},
             "phase_seconds": {name: round(v, 1) for name, v in evaluation.seconds.items()},
             "windows": evaluation.windows}
 

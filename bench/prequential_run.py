@@ -16,11 +16,11 @@ from pathlib import Path
 
 from bench.common import run_stamp, write_result
 from bench.prequential import (
-    ALL_ARMS,
     DEFAULT_ARMS,
     MODEL_ARMS,
     SampleRule,
     ServiceArm,
+    check_arms,
     run_windows,
 )
 from bench.prequential_baselines import (
@@ -42,7 +42,7 @@ CANARY_SETTLE_S = 60.0  # a canary running at the end of the replay waits this f
 RECORDED_SETTINGS = ("train_every_events", "first_round_events", "train_steps",
                      "round_max_epochs", "train_workers", "batch_size", "learning_rate",
                      "item_token_lr", "item_bias_lr", "bf16", "train_rows", "user_layers",
-                     "readout", "gate_margin",
+                     "readout", "gate_margin", "user_text",
                      "val_users", "history_len",
                      "personal_alpha", "num_replicas", "num_shards", "num_consumers",
                      "partitions")
@@ -63,9 +63,7 @@ def run_prequential(settings: Settings, out: Path, window: int = 1000,
     from streaming.replay import make_producer, send_events
     from training.scheduler import RoundScheduler
 
-    unknown = [a for a in arms if a not in ALL_ARMS]
-    if unknown:
-        raise ValueError(f"unknown arms {unknown}; choose from {list(ALL_ARMS)}")
+    check_arms(arms, settings.model.user_text)
     if recent_window < 1:
         raise ValueError(f"recent_window must be >= 1 event, not {recent_window}")
     sample = sample or SampleRule()
@@ -77,6 +75,11 @@ def run_prequential(settings: Settings, out: Path, window: int = 1000,
     stack = Stack(settings, progress=progress)
     try:
         stack.start(fresh=True)
+        profiles = 0
+        if settings.model.user_text:  # every profile in the shards before the first test
+            profiles = stack.publish_dataset_profiles()
+            stats = stack.wait_profiles(profiles, timeout_s=300)
+            log.info("profiles before the replay: %s", stats["counts"])
         initial = ray.get(stack.registry.serving_version.remote())
         item_ids = [item.item_id for item in stack.catalog.items]
         history_len = settings.streaming.history_len
@@ -155,6 +158,7 @@ def run_prequential(settings: Settings, out: Path, window: int = 1000,
             arm_apps=arm_apps,
             rounds=rounds,
             rounds_published=sum(r["outcome"] == "published" for r in rounds),
+            profiles_published=profiles,
             settings={name: settings.value(name) for name in RECORDED_SETTINGS},
             protocol=("test-then-learn per window: every arm answers the sampled events of a "
                       "window from state built on the events before it; then the window is "
@@ -223,7 +227,7 @@ def _app_version(base_url: str) -> dict:
     import httpx
 
     body = httpx.get(f"{base_url}/version", timeout=30).raise_for_status().json()
-    return {k: body[k] for k in ("prompt_version", "pinned", "personal_prompts")}
+    return {k: body[k] for k in ("prompt_version", "pinned", "personal_prompts", "profiles")}
 
 
 def _wait_logged(settings: Settings, expected: int, timeout_s: float = 60) -> None:

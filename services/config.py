@@ -185,6 +185,9 @@ class ServingSettings:
     personal_prompts: bool = _opt(True, "feed each user's personal prompt (updated online by "
                                   "the shards) to the backbone; off: shared prompt + history "
                                   "only")
+    profiles: bool = _opt(True, "read the user's profile text (a user_text version); off: "
+                          "every user is read as if they had none (e.g. the prequential "
+                          "evaluation's no_profiles arm)")
 
     def check(self) -> None:
         if self.max_queued_requests < 1 and self.max_queued_requests != -1:

@@ -72,7 +72,7 @@ class Recommender:
         serving = self.settings.serving
         self.batcher = EncodeBatcher(serving.batch_max_size, serving.batch_wait_ms,
                                      serving.encode_thread)
-        self.user_text = UserTextReader(tokenizer, encoder, self.batcher.executor)
+        self.user_text = UserTextReader(tokenizer, encoder, self.batcher.executor, serving.profiles)
         self.prompts = PromptSwap(encoder, infra.namespace, self.replica)
         self.warmer = SwapWarmer(self.cache, self.batcher.executor, asyncio.get_running_loop(),
                                  lambda: self.batcher.waiting)

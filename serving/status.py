@@ -24,6 +24,7 @@ def replica_status(replica) -> dict:
             "swap_ms": active.swap_ms if active else None,
             "pinned": bool(replica.settings.serving.pin_version),
             "personal_prompts": replica.settings.serving.personal_prompts,
+            "profiles": replica.settings.serving.profiles,
             "user_cache": {**replica.cache.counts, "size": len(replica.cache)},
             "encoded": dict(replica.batcher.counts),
             "swap_warmup": replica.warmer.status(),

@@ -50,8 +50,10 @@ class UserText:
 
 
 class UserTextReader:
-    def __init__(self, tokenizer, encoder, executor: Executor):
+    def __init__(self, tokenizer, encoder, executor: Executor, read_profiles: bool = True):
+        """`read_profiles` off: every user is read as if they had no profile."""
         self.tokenizer, self.encoder, self.executor = tokenizer, encoder, executor
+        self.read_profiles = read_profiles
         self._tokens: dict[int, UserTextTokens] = {}  # by the version's text length
         self.query_vector = functools.lru_cache(maxsize=4096)(self._query_vector)
 
@@ -68,7 +70,7 @@ class UserTextReader:
                  no_model: bool = False) -> UserText:
         """The text `model`'s version reads for this user's shard `state` and `query`
         (`no_model`: none, e.g. for a popularity arm)."""
-        profile = (state or {}).get("profile")
+        profile = (state or {}).get("profile") if self.read_profiles else None
         if no_model or not model.structure.user_text:
             return UserText(None, profile, query)
         tokens = self.tokens(model.structure.user_text_tokens)

@@ -23,18 +23,12 @@ BAD_PROFILES = [  # shown in the demo: each lands in the profile dead-letter top
 def _publish_profiles(stack, settings: Settings, users: list[str]) -> None:
     """The data set's MovieLens profiles (unless a --users file was published at start)
     and two malformed records, through the profile topic into the shards."""
-    from services.data import is_movielens
     from services.naming import shard_for_user
-    from services.user_records import load_profiles
     from streaming.replay import make_producer
 
-    source = settings.infra.events_source
-    published = 0
-    if not settings.infra.users and is_movielens(source):
-        published = stack.publish_profiles(load_profiles(source))
-    elif settings.infra.users:
-        published = len(load_profiles(settings.infra.users))
-    print(f"\n== user profiles: {published:,} {settings.infra.users or source} profiles "
+    published = stack.publish_dataset_profiles()
+    source = settings.infra.users or settings.infra.events_source
+    print(f"\n== user profiles: {published:,} {source} profiles "
           f"into Kafka (+{len(BAD_PROFILES)} malformed ones)")
     producer = make_producer(stack.bootstrap)
     for key, value in BAD_PROFILES:

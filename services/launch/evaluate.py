@@ -37,7 +37,7 @@ def run_offline_eval(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def run_prequential_eval(settings: Settings, args: argparse.Namespace, argv: list[str]) -> int:
-    from bench.prequential import SampleRule
+    from bench.prequential import SampleRule, check_arms
     from bench.prequential_report import markdown_table
     from bench.prequential_run import run_prequential
 
@@ -49,11 +49,18 @@ def run_prequential_eval(settings: Settings, args: argparse.Namespace, argv: lis
         print(f"promptrec: --recent-window must be >= 1 (events), not {args.recent_window}",
               file=sys.stderr)
         return 2
-    out = Path(args.out) if args.out else result_path(
-        f"prequential_{settings.infra.dataset}.json")
+    arms = [a for a in args.arms.split(",") if a]
+    try:
+        check_arms(arms, settings.model.user_text)
+    except ValueError as e:
+        print(f"promptrec: --arms: {e}", file=sys.stderr)
+        return 2
+    # A run that reads profiles is its own result, beside the headline replay.
+    name = "prequential_profiles" if settings.model.user_text else "prequential"
+    out = Path(args.out) if args.out else result_path(f"{name}_{settings.infra.dataset}.json")
     result = run_prequential(
         settings, out, window=args.window, sample=SampleRule(args.sample_every, args.warmup),
-        arms=[a for a in args.arms.split(",") if a], max_events=args.max_events,
+        arms=arms, max_events=args.max_events,
         concurrency=args.concurrency, recent_window=args.recent_window,
         command="promptrec " + " ".join(argv))
     print(json.dumps({k: result[k] for k in ("arms", "leak_check", "rounds_published",

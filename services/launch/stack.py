@@ -43,6 +43,7 @@ class Stack:
     catalogs: CatalogFollower | None = None  # the live catalog, as this driver sees it
     streaming: object = None
     runner: object = None
+    profiles_at_start: int = 0  # the `users` file's profiles, published by start()
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -86,6 +87,7 @@ class Stack:
                                        s.live.topic_impressions: s.streaming.partitions},
                       security=s.kafka.kafka_python())
         self._step(f"kafka ready ({self.bootstrap})", t)
+        self.profiles_at_start = len(profiles)
         if profiles:  # through the topic, so that the one consumer path brings them in
             self.publish_profiles(profiles)
 
@@ -140,6 +142,16 @@ class Stack:
                                 list(deletes), security=self.settings.kafka.kafka_python())
         self._step(f"{sent} profiles published", t)
         return sent
+
+    def publish_dataset_profiles(self) -> int:
+        """The profiles a run reads: the `users` file's (published at start) or, for a
+        MovieLens data set without one, the data set's own -> how many were published."""
+        from services.data import is_movielens
+
+        source = self.settings.infra.events_source
+        if self.settings.infra.users:
+            return self.profiles_at_start
+        return self.publish_profiles(load_profiles(source)) if is_movielens(source) else 0
 
     def wait_profiles(self, expected: int, timeout_s: float = 120) -> dict:
         """Block until the profile consumer has handled `expected` records for the first

@@ -12,10 +12,12 @@ import pytest
 from bench.prequential import (
     ALL_ARMS,
     DEFAULT_ARMS,
+    MODEL_ARMS,
     Answer,
     PopularityArm,
     RecentPopularityArm,
     SampleRule,
+    check_arms,
     run_windows,
 )
 from bench.prequential_report import block_wins, build_result, markdown_table, plot, smoothed_hr
@@ -295,6 +297,51 @@ def test_a_recent_window_below_one_event_exits_2(value, capsys):
 
     assert main(["eval", "prequential", "--recent-window", value]) == 2
     assert f"--recent-window must be >= 1 (events), not {value}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("arms", "user_text", "named"), [
+    ("popularity,nonsense", False, "unknown arms ['nonsense']"),
+    (",", False, "unknown arms []"),
+    ("popularity,no_profiles", False, "need a run whose versions read them (--user-text)"),
+])
+def test_arms_that_do_not_exist_or_cannot_run_exit_2_naming_them(arms, user_text, named,
+                                                                    capsys):
+    from services.launch.cli import main
+
+    flags = ["--user-text"] if user_text else []
+    assert main(["eval", "prequential", "--arms", arms, *flags]) == 2
+    assert named in capsys.readouterr().err
+
+
+def test_the_no_profiles_arm_runs_with_user_text_only():
+    check_arms(["popularity", "online", "no_profiles"], user_text=True)
+    with pytest.raises(ValueError, match="no_profiles"):
+        check_arms(["online", "no_profiles"], user_text=False)
+    assert MODEL_ARMS["no_profiles"] == {"profiles": False}  # the main app's versions
+
+
+class ProfileArm:
+    """Answers from nothing, reading the profile of the users in `described`."""
+
+    name = "profiled"
+
+    def __init__(self, described: set[str], system: RememberingSystem):
+        self.described, self.system = described, system
+
+    def recommend(self, users, k):
+        return {u: Answer([], len(self.system.history.get(u, [])), read_profile=u in self.described)
+                for u in users}
+
+
+def test_answers_that_read_a_profile_are_counted_per_arm():
+    """One count per (user, window) answer: u is asked in windows 0 and 1, v in window 1."""
+    events = [_event(0, "u", "a"), _event(1, "u", "b"), _event(2, "u", "c"),
+              _event(3, "v", "d")]
+    system = RememberingSystem()
+    arms = [ProfileArm({"u", "v"}, system), LastItemArm(system)]
+    result = build_result(run_windows(events, arms, system.learn, 2, SampleRule(1, 0.0)),
+                          rounds=[])
+    assert result["profile_reads"] == {"profiled": 3, "last_item": 0}
 
 
 def _window(first: int, evaluated: int, online: float, pop: float) -> dict:

@@ -52,9 +52,10 @@ def test_prequential_on_an_ml100k_slice(tmp_path):
     # Each arm ran the app it claims: static pinned without personal prompts.
     apps = result["arm_apps"]
     assert apps["static"] == {"route": "/static", "prompt_version": 1, "pinned": True,
-                              "personal_prompts": False}
+                              "personal_prompts": False, "profiles": True}
     assert apps["online"] == {"route": "/", "prompt_version": 1, "pinned": False,
-                              "personal_prompts": True}
+                              "personal_prompts": True, "profiles": True}
+    assert result["profiles_published"] == 0 and set(result["profile_reads"].values()) == {0}
 
     # No leak: every answer used exactly the user's events before its window, none of it.
     for arm, check in result["leak_check"].items():
@@ -70,6 +71,36 @@ def test_prequential_on_an_ml100k_slice(tmp_path):
             assert w["arms"]["static"]["prompt_versions"] == [1]
             online = w["arms"]["online"]["prompt_versions"]
             assert online == ([version] if w["first_event"] >= 1000 else [1]), w
+
+
+def test_a_profile_run_publishes_the_profiles_first_and_one_arm_reads_none(tmp_path):
+    """With user_text, the data set's 943 profiles are in the shards before the first
+    window: every online answer reads one, the no_profiles arm (same versions) never."""
+    settings = load_settings(env={}, overrides={
+        "data_dir": str(tmp_path / "promptrec"), "http_port": free_port(),
+        "metrics_port": free_port(), "partitions": 2, "num_consumers": 1, "num_shards": 1,
+        "num_replicas": 1, "train_workers": 1, "train_steps": 2, "batch_size": 8,
+        "val_users": 20, "gate_margin": 1.0, "train_every_events": 1000, "log_flush_s": 0.2,
+        "namespace": "promptrec-prequential-profiles", "cache_dir": str(TEST_CACHE),
+        "user_text": True})
+    arms = ("popularity", "online", "no_profiles")
+    result = run_prequential(settings, tmp_path / "p.json", window=WINDOW, sample=SAMPLE,
+                             max_events=EVENTS, progress=False, command="pytest", arms=arms)
+    assert result["profiles_published"] == 943 and result["settings"]["user_text"] is True
+    answers = {arm: check["answers"] for arm, check in result["leak_check"].items()}
+    assert answers["online"] > 0
+    assert result["profile_reads"] == {"popularity": 0, "online": answers["online"],
+                                       "no_profiles": 0}
+    assert result["arm_apps"]["no_profiles"]["profiles"] is False
+    assert result["arm_apps"]["online"]["profiles"] is True
+    # Both follow the rounds: the comparison is of reading profiles, on the same versions.
+    version = result["rounds"][0]["version"]
+    assert result["rounds"][0]["outcome"] == "published", result["rounds"]
+    assert set(result["rounds"][0]["publish_to_live_ms"]) == {"/", "/no_profiles"}
+    last = result["windows"][-1]["arms"]
+    assert last["online"]["prompt_versions"] == last["no_profiles"]["prompt_versions"] == \
+        [version]
+    assert result["segments"]["online"]["new_users"]["events_evaluated"] > 0
 
 
 def test_the_prequential_replay_drives_the_canary(tmp_path):

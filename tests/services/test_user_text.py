@@ -190,3 +190,27 @@ def test_a_user_text_version_from_before_the_gate_still_reads_and_serves(backbon
     legacy = PromptStructure.from_metadata({METADATA_KEY: json.dumps(meta)})
     assert legacy.user_text and not legacy.query_gate
     assert "query_gate" not in legacy.tensor_shapes()
+
+
+def test_a_reader_told_not_to_read_profiles_reads_a_user_as_one_without(backbone):
+    """The prequential evaluation's no_profiles arm: the same version, the profile unread,
+    so the text (and the cache slot) is exactly that of a user who has none."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serving.user_text import UserTextReader
+
+    model = _model(backbone, user_text=True)
+    state = {"profile": "a 25-year-old writer", "profile_version": 3}
+    with ThreadPoolExecutor(1) as executor:
+        reading = UserTextReader(*backbone, executor)
+        blind = UserTextReader(*backbone, executor, read_profiles=False)
+        read = asyncio.run(reading.of(model, state, None))
+        unread = asyncio.run(blind.of(model, state, None))
+        nobody = asyncio.run(reading.of(model, {"profile": None}, None))
+        asked = asyncio.run(blind.of(model, state, "a comedy"))
+    assert read.used == {"profile": True, "query": False}
+    assert unread.used == {"profile": False, "query": False}
+    assert unread.ids == nobody.ids != read.ids
+    assert UserTextReader.slot("u", unread, state) == "u" != UserTextReader.slot("u", read, state)
+    assert asked.used == {"profile": False, "query": True}  # a query is still read
