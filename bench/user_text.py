@@ -44,7 +44,7 @@ from services.config import Settings
 from services.config_sources import load_settings
 from services.data import Interactions, load_interactions
 from services.movielens import user_table
-from services.user_text import UserTextTokens
+from services.user_text import UserTextTokens, query_vectors
 from training.examples import PAD, Examples, steps_for
 
 NEW_USER_SHARE = 10  # 1 user in 10 is new: never trained on
@@ -100,12 +100,7 @@ def split_with_text(split: Split, tokens: UserTextTokens, profiles: dict[str, st
         if genres := catalog.items[split.train.target[r]].categories:
             queries[r] = f"a {str(rng.choice(genres)).lower()} movie"
     train_text = tokens.encode([profiles.get(u) for u in split.users["train"]], queries)
-    asked = sorted({q for q in queries if q})
-    vectors = dict(zip(asked, embed(asked).numpy(), strict=True)) if asked else {}
-    query = np.zeros((len(queries), catalog.vectors.shape[1]), np.float32)
-    for r, q in enumerate(queries):
-        if q:
-            query[r] = vectors[q]
+    query = query_vectors(queries, embed, catalog.vectors.shape[1])
     return dataclasses.replace(
         split, train=dataclasses.replace(split.train, text=train_text, query=query),
         val=with_text(split.val, text("val")), test=with_text(split.test, text("test")),

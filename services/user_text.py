@@ -16,11 +16,25 @@ are the backbone's frozen word embeddings; nothing here trains.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 TEXT_PAD = -1  # a padding id; the model masks it as a key and embeds it as token 0
+
+
+def query_vectors(queries: Sequence[str | None], embed: Callable[[list[str]], object],
+                  hidden: int) -> np.ndarray:
+    """Row queries [E] (None or "": none) -> [E, H] float32, each row its query's sentence
+    vector (`embed(texts)` -> [Q, H], as the items' text vectors are made), a zero row where
+    there is none (`Examples.query`); each distinct query is embedded once."""
+    asked = sorted({q for q in queries if q})
+    found = dict(zip(asked, np.asarray(embed(asked), np.float32), strict=True)) if asked else {}
+    out = np.zeros((len(queries), hidden), np.float32)
+    for row, query in enumerate(queries):
+        if query:
+            out[row] = found[query]
+    return out
 
 
 class UserTextTokens:

@@ -180,7 +180,7 @@ class Recommender:
             self.impressions.write({"request_id": request_id, "user_id": query.user_id,
                                     "items": [e["item_id"] for e in ranked], "arm": arm,
                                     "prompt_version": version, "experiment": route.experiment,
-                                    "ts": time.time()})
+                                    "ts": time.time(), "query": query.query})
         return JSONResponse({  # already JSON types: no recursive jsonable_encoder
             "user_id": query.user_id, "items": ranked, "request_id": request_id,
             "prompt_version": version, "arm": arm,

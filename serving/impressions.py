@@ -6,7 +6,8 @@ writer thread sends the queue to Kafka (kafka-python batches them, linger 20 ms)
 queue, a broker that is down or a failed send drop impressions and count them
 (`promptrec_impressions_total{result}`); they never fail or slow a request. Record: key
 = user_id, value = JSON {request_id, user_id, items (ids, ranked), prompt_version, arm,
-ts (epoch s)}; `streaming.live_metrics` reads them.
+experiment, ts (epoch s), query (the request's, or null)}; `streaming.live_metrics` reads
+them.
 """
 
 from __future__ import annotations

@@ -20,7 +20,9 @@ happens while it runs; a restart starts the counts again):
    `promptrec_canary_total{outcome}`.
 4. **experiments**: events on an experiment's impressions are also counted per
    (experiment, arm) for `GET /admin/experiments/{id}`; and every click counts for its
-   item in the popularity arm's counts (`popular`), which start from the event log.
+   item in the popularity arm's counts (`popular`), which start from the event log;
+5. **queries**: an attributed event whose impression answered a query remembers it
+   (`asked_queries`): a round trains the query gate on "asked q, then clicked i".
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ log = logging.getLogger(__name__)
 HOLD_S = 1.0  # an event waits this long for the impression it answers
 USERS_KEPT = 200_000  # latest impression per user, least recently served dropped first
 REQUESTS_KEPT = 200_000  # impressions findable by request_id
+QUERIES_KEPT = 200_000  # attributed clicks whose impression answered a query (for rounds)
 JUDGE_EVERY_S = 0.5
 CLOCK_SLACK_S = 1.0  # an event may carry a time this much before its impression's
 
@@ -62,6 +65,8 @@ class LiveMetrics:
         self._latest: OrderedDict[str, Impression] = OrderedDict()  # by user
         self._by_request: OrderedDict[str, Impression] = OrderedDict()
         self._pending: deque[tuple[float, bytes | None, bytes]] = deque()
+        self._asked: OrderedDict[str, str] = OrderedDict()  # event_id -> query it followed
+        self._asked_lock = threading.Lock()  # written by the loop, copied by a round's call
         self.tallies: dict[tuple[int, str], Tally] = {}
         self.experiment_tallies: dict[tuple[str, str], Tally] = {}
         self.item_clicks: Counter[str] = Counter()
@@ -91,6 +96,12 @@ class LiveMetrics:
     def popular(self, limit: int) -> list[tuple[str, int]]:
         """The `limit` most clicked items (the event log at start, then live) and counts."""
         return self.item_clicks.most_common(limit)
+
+    def asked_queries(self) -> dict[str, str]:
+        """event_id -> the query its click followed, for the last `QUERIES_KEPT` clicks
+        credited to an answer that read one (a round trains the query gate on them)."""
+        with self._asked_lock:
+            return dict(self._asked)
 
     def experiment_arms(self, experiment_id: str) -> dict[str, dict]:
         """Per arm of one experiment: events, hits, ndcg sum and sum of squares."""
@@ -204,6 +215,11 @@ class LiveMetrics:
             self.counts["unattributed"] += 1
             return None
         self.counts["attributed"] += 1
+        if impression.query:
+            with self._asked_lock:
+                self._asked[event.event_id] = impression.query
+                if len(self._asked) > QUERIES_KEPT:
+                    self._asked.popitem(last=False)
         top = impression.items[:self.settings.live.live_k]
         position = top.index(event.item_id) if event.item_id in top else None
         cell = (impression.version, impression.arm)

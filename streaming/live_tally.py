@@ -17,6 +17,7 @@ class Impression:
     arm: str
     ts: float
     experiment: str = ""  # the experiment the arm belongs to ("": none)
+    query: str = ""  # what the request asked for ("": nothing)
 
 
 def read_impression(value: bytes) -> Impression | None:
@@ -25,7 +26,8 @@ def read_impression(value: bytes) -> Impression | None:
         body = json.loads(value)
         return Impression(str(body["request_id"]), str(body["user_id"]),
                           tuple(str(i) for i in body["items"]), int(body["prompt_version"]),
-                          str(body["arm"]), float(body["ts"]), str(body.get("experiment", "")))
+                          str(body["arm"]), float(body["ts"]), str(body.get("experiment", "")),
+                          str(body.get("query") or ""))
     except (ValueError, TypeError, KeyError, RecursionError):
         return None
 

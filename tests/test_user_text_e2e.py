@@ -32,7 +32,7 @@ def stack(tmp_path_factory):
         "data_dir": str(data / "data"), "http_port": free_port(), "metrics_port": free_port(),
         "partitions": 2, "num_consumers": 1, "num_shards": 2, "num_replicas": 1,
         "namespace": "promptrec-user-text-e2e", "user_text": True, "users": str(users),
-        "train_steps": 8, "train_workers": 2})
+        "train_steps": 8, "train_workers": 2, "gate_margin": 1.0})
     stack = Stack(settings, progress=False).start(fresh=True)
     items = stack.catalog.items
     events = [ClickEvent(f"pro-a-{n}", "pro-a", items[n].item_id, 1_700_000_000 + n, "click")
@@ -117,3 +117,45 @@ def test_a_round_trains_a_user_text_version_on_the_shards_profiles(stack):
     result = stack.runner.run(since_ingest_ts=0.0)
     assert result.outcome in ("published", "rejected"), result.reason
     assert result.train_examples >= 64
+
+
+def test_clicks_after_a_query_train_the_query_gate_in_a_round(stack):
+    """Live rounds learn what queries mean: an answer to `query=` is logged with its
+    query, the clicks that quote it are credited to it by the live metrics, and the next
+    round's rows for those clicks read the query, so the gate (0 at first) moves."""
+    from services.eventlog import read_event_log
+    from services.naming import LIVE_METRICS_ACTOR
+    from services.weights import decode_weights
+
+    before = decode_weights(ray.get(stack.registry.serving.remote())["blob"])
+    asked = _get(stack, user_id="pro-b", query="a funny comedy", k=10).json()
+    clicks = [ClickEvent(f"pro-b-q{n}", "pro-b", item["item_id"], 1_700_000_300 + n, "click")
+              for n, item in enumerate(asked["items"][:3])]
+    items = stack.catalog.items  # and enough other rows for a round (>= 64), no query
+    others = [ClickEvent(f"q-{k}-{n}", f"q-plain-{k}", items[(5 * k + n) % len(items)].item_id,
+                         1_700_000_200 + n, "click") for k in range(6) for n in range(14)]
+    producer = make_producer(stack.bootstrap)
+    send_events(producer, stack.settings.streaming.topic_clicks, others + clicks,
+                {c.event_id: asked["request_id"] for c in clicks})
+    producer.close()
+    live = ray.get_actor(LIVE_METRICS_ACTOR, namespace=stack.settings.infra.namespace)
+    ids = {c.event_id for c in clicks}
+    everything = ids | {e.event_id for e in others}
+
+    def credited() -> dict | None:
+        found = {e: q for e, q in ray.get(live.asked_queries.remote()).items() if e in ids}
+        return found if len(found) == len(ids) else None
+
+    def logged() -> bool:
+        column = read_event_log(str(stack.settings.infra.root / "eventlog"))["event_id"]
+        return everything <= set(column.to_pylist())
+
+    assert set(wait_until(credited, 60, "the clicks credited to the answer").values()) == \
+        {"a funny comedy"}
+    wait_until(logged, 60, "the clicks in the event log", 0.2)
+    result = stack.runner.run(since_ingest_ts=0.0)
+    assert result.outcome == "published", result.reason
+    # pro-b's first click has no history to be a row of, its last is its validation row
+    assert result.query_rows == 1
+    after = decode_weights(ray.get(stack.registry.serving.remote())["blob"])
+    assert after.structure.query_gate and float(after.query_gate) != float(before.query_gate)

@@ -78,7 +78,8 @@ def _is_validation_user(user_id: str, fraction_per_mille: int) -> bool:
 def build_examples(log: pa.Table, item_index: dict[str, int], history_len: int,
                    since_ingest_ts: float = 0.0, val_users: int = 200,
                    rows: str = "targets", prompt_alone_events: int = 0,
-                   user_text: Callable[[list[str]], np.ndarray] | None = None
+                   user_text: Callable[[list[str], list[str]], tuple[np.ndarray, np.ndarray
+                                                                     | None]] | None = None
                    ) -> tuple[Examples, Examples]:
     """(train, validation) examples from a logged events table.
 
@@ -89,8 +90,9 @@ def build_examples(log: pa.Table, item_index: dict[str, int], history_len: int,
     `prompt_alone_events` > 0 (with "targets" rows): the prompt alone learns each user's
     first that many items, each once (the row of target `pos` teaches item `pos - 1`),
     instead of the first item of every row's window (TrainingSettings.prompt_alone_events).
-    `user_text`: row users [E] -> their text ids [E, U] (user_text versions), set as the
-    examples' `text`.
+    `user_text`: (row users [E], the rows' target event ids [E]) -> (text ids [E, U],
+    query vectors [E, H] or None) (user_text versions), set as the examples' `text` and
+    `query`.
     """
     if log.num_rows == 0:
         return _pack([], [], [], history_len), _pack([], [], [], history_len)
@@ -101,6 +103,7 @@ def build_examples(log: pa.Table, item_index: dict[str, int], history_len: int,
                                   ("event_id", "ascending")])
     log = log.take(order)
     users = log["user_id"].to_numpy(zero_copy_only=False)
+    event_ids = log["event_id"].to_numpy(zero_copy_only=False)
     items = np.array([item_index.get(i, PAD) for i in log["item_id"].to_pylist()], np.int32)
     weights = event_weights(log["type"].to_pylist())
     ingest = log["ingest_ts"].to_numpy()
@@ -112,6 +115,8 @@ def build_examples(log: pa.Table, item_index: dict[str, int], history_len: int,
     train_h, train_w, train_t, train_p, val_h, val_w, val_t = [], [], [], [], [], [], []
     train_u: list[str] = []
     val_u: list[str] = []
+    train_e: list[str] = []  # each row's target event
+    val_e: list[str] = []
     for start, end in zip(starts, ends, strict=True):
         seq, seq_w = items[start:end], weights[start:end]
         is_val = _is_validation_user(users[start], per_mille)
@@ -132,12 +137,14 @@ def build_examples(log: pa.Table, item_index: dict[str, int], history_len: int,
                 val_w.append(row_w)
                 val_t.append(seq[pos])
                 val_u.append(users[start])
+                val_e.append(event_ids[start + pos])
             elif ingest[start + pos] > since_ingest_ts:
                 train_h.append(row)
                 train_w.append(row_w)
                 train_t.append(seq[pos])
                 train_p.append(seq[pos - 1] if pos - 1 < prompt_alone_events else PAD)
                 train_u.append(users[start])
+                train_e.append(event_ids[start + pos])
                 if rows == "users":
                     break
     train, val = _pack(train_h, train_w, train_t, history_len), _pack(val_h, val_w, val_t,
@@ -145,7 +152,8 @@ def build_examples(log: pa.Table, item_index: dict[str, int], history_len: int,
     if prompt_alone_events > 0 and rows == "targets":
         train.prompt_target = np.array(train_p, np.int32)
     if user_text is not None:
-        train.text, val.text = user_text(train_u), user_text(val_u)
+        train.text, train.query = user_text(train_u, train_e)
+        val.text, val.query = user_text(val_u, val_e)
     return train, val
 
 

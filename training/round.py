@@ -19,15 +19,15 @@ import pyarrow.compute as pc
 import ray
 
 from services import metrics
-from services.backbone import load_backbone, resolve_backbone_path
+from services.backbone import embed_texts, load_backbone, resolve_backbone_path
 from services.catalog import Catalog
 from services.config import Settings
 from services.decoded import decode_version
 from services.eventlog import read_event_log
 from services.item_weights import aligned_to, unseen_items_fall_back_to_text
-from services.naming import shard_actor
+from services.naming import LIVE_METRICS_ACTOR, shard_actor
 from services.prompt_model import PromptRecModel
-from services.user_text import UserTextTokens
+from services.user_text import UserTextTokens, query_vectors
 from services.weights import BadPromptWeights, PromptWeights, decode_weights
 from training.examples import Examples, build_examples
 from training.step import evaluate
@@ -56,6 +56,7 @@ class RoundResult:
     train_seconds: float  # of which in training steps
     started_run: bool  # this round started the Ray Train run (pays its start-up)
     seconds: float
+    query_rows: int = 0  # training rows that read the query their click followed
 
     @property
     def overhead_share(self) -> float | None:
@@ -80,27 +81,50 @@ class RoundRunner:
         self.last_ingest_ts = 0.0
         self._backbone_path = str(resolve_backbone_path(settings.model.backbone_path))
         self._gate_model: PromptRecModel | None = None
+        self._backbone: tuple | None = None  # (tokenizer, encoder), loaded when first needed
         self._tokens: UserTextTokens | None = None
         self.trainer = LongLivedTrainer(settings)
 
-    def _user_text(self) -> Callable[[list[str]], np.ndarray]:
-        """Row users -> their profiles' text ids, the profiles read from the shards now."""
+    def _loaded_backbone(self) -> tuple:
+        if self._backbone is None:
+            self._backbone = load_backbone(self._backbone_path)
+        return self._backbone
+
+    def _user_text(self) -> Callable[[list[str], list[str]], tuple]:
+        """(row users, their target event ids) -> (text ids [E, U], query vectors [E, H] or
+        None when no row has one):
+        each user's profile as the shards have it now, and the query the row's click
+        followed, as the live metrics credited it (none when they do not answer)."""
+        tokenizer, encoder = self._loaded_backbone()
         if self._tokens is None:
-            tokenizer, _ = load_backbone(self._backbone_path)
             self._tokens = UserTextTokens(tokenizer, self.settings.model.user_text_tokens)
+        namespace = self.settings.infra.namespace
         profiles: dict[str, str] = {}
         for index in range(self.settings.streaming.num_shards):
             try:
-                shard = ray.get_actor(shard_actor(index), namespace=self.settings.infra.namespace)
+                shard = ray.get_actor(shard_actor(index), namespace=namespace)
                 profiles.update(ray.get(shard.profiles.remote()))
             except (ValueError, ray.exceptions.RayActorError):
                 log.warning("shard %d unavailable: its users train without profiles", index)
-        tokens = self._tokens
-        return lambda users: tokens.encode([profiles.get(u) for u in users])
+        asked: dict[str, str] = {}  # event_id -> query
+        try:
+            live = ray.get_actor(LIVE_METRICS_ACTOR, namespace=namespace)
+            asked = ray.get(live.asked_queries.remote(), timeout=60)
+        except (ValueError, ray.exceptions.RayError, TimeoutError):
+            log.warning("live metrics unavailable: rows train without their queries")
+        tokens, hidden = self._tokens, self.catalog.vectors.shape[1]
+
+        def rows(users: list[str], event_ids: list[str]) -> tuple[np.ndarray,
+                                                                  np.ndarray | None]:
+            queries = [asked.get(e) for e in event_ids]
+            vectors = query_vectors(queries, lambda texts: embed_texts(
+                tokenizer, encoder, texts), hidden) if any(queries) else None  # [E, H]
+            return tokens.encode([profiles.get(u) for u in users], queries), vectors
+        return rows
 
     def _evaluate(self, weights: PromptWeights, examples: Examples) -> dict[str, float]:
         if self._gate_model is None:
-            _, encoder = load_backbone(self._backbone_path)
+            _, encoder = self._loaded_backbone()
             self._gate_model = PromptRecModel(encoder, weights)
         elif weights.structure != self._gate_model.structure:
             self._gate_model = PromptRecModel(self._gate_model.encoder, weights)
@@ -128,7 +152,9 @@ class RoundRunner:
                              train_examples=len(train), val_examples=len(val), loss=None,
                              candidate_ndcg10=None, serving_ndcg10=None, candidate_hr10=None,
                              serving_hr10=None, fit_seconds=0.0, train_seconds=0.0,
-                             started_run=False, seconds=0.0)
+                             started_run=False, seconds=0.0,
+                             query_rows=0 if train.query is None else int(
+                                 np.count_nonzero(train.query.any(axis=1))))
         try:
             if len(train) < MIN_TRAIN_EXAMPLES or not serving:
                 result.reason = (f"{len(train)} training examples < {MIN_TRAIN_EXAMPLES}"

@@ -142,7 +142,7 @@ def rounds_loop_per_worker(config: dict) -> None:
             core.load_weights(warm)  # every rank loads the same weights: in sync
         items = torch.as_tensor(inputs["item_vectors"]).to(device)
         train = Examples(inputs["history"], inputs["target"], inputs["weights"],
-                         inputs["prompt_target"], inputs.get("text"))
+                         inputs["prompt_target"], inputs.get("text"), inputs.get("query"))
         mine = np.arange(rank, len(train), world)  # disjoint slice per worker
         rng = np.random.default_rng(payload["seed"] + rank)
         optimizer = make_optimizer(core, s.training)
@@ -245,7 +245,7 @@ class LongLivedTrainer:
         # The driver owns the inputs until the round is over.
         inputs = ray.put({"history": train.history, "target": train.target,
                           "weights": train.weights, "prompt_target": train.prompt_target,
-                          "text": train.text,
+                          "text": train.text, "query": train.query,
                           "item_vectors": item_vectors,
                           "prompt_blob": warm_blob, "prompt_version": warm_version})
         round_no, started_run = self._post({"inputs": inputs, "seed": seed})

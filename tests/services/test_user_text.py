@@ -214,3 +214,20 @@ def test_a_reader_told_not_to_read_profiles_reads_a_user_as_one_without(backbone
     assert unread.ids == nobody.ids != read.ids
     assert UserTextReader.slot("u", unread, state) == "u" != UserTextReader.slot("u", read, state)
     assert asked.used == {"profile": False, "query": True}  # a query is still read
+
+
+def test_query_vectors_embed_each_distinct_query_once_and_leave_the_rest_zero():
+    from services.user_text import query_vectors
+
+    asked = []
+
+    def embed(texts):
+        asked.append(list(texts))
+        return np.array([[len(t), 1.0] for t in texts])
+
+    out = query_vectors(["a war film", None, "", "a war film", "comedy"], embed, 2)
+    assert asked == [["a war film", "comedy"]]
+    assert out.dtype == np.float32 and out.tolist() == [[10, 1], [0, 0], [0, 0], [10, 1],
+                                                        [6, 1]]
+    assert query_vectors([None, ""], embed, 2).tolist() == [[0, 0], [0, 0]]
+    assert len(asked) == 1  # nothing asked: nothing embedded

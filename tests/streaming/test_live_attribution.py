@@ -39,6 +39,27 @@ def test_events_are_credited_to_the_quoted_or_the_latest_impression():
     assert v2["ndcg"] == round(1 / 1.584962500721156, 4)
 
 
+def test_clicks_credited_to_an_answer_that_read_a_query_remember_it():
+    """A round trains the query gate on "asked q, then clicked i": the query of the
+    impression a click is credited to, by its request_id or as the user's latest."""
+    live = _metrics()
+    live._impression(json.dumps({"request_id": "r1", "user_id": "ann", "items": ["a"],
+                                 "prompt_version": 1, "arm": "serving", "ts": time.time(),
+                                 "query": "a comedy"}).encode())
+    _impression(live, "r2", "bob", ["b"])  # written before the field existed: no query
+    events = {}
+    for name, user, request_id in (("quoted", "ann", "r1"), ("latest", "ann", None),
+                                   ("plain", "bob", "r2"), ("stranger", "cat", "r1")):
+        body = {"event_id": name, "user_id": user, "item_id": "a", "ts": time.time(),
+                "type": "click", **({"request_id": request_id} if request_id else {})}
+        events[name] = live._attribute(user.encode(), json.dumps(body).encode())
+    assert events["stranger"] is None  # someone else's request: not credited, not kept
+    assert live.asked_queries() == {"quoted": "a comedy", "latest": "a comedy"}
+    assert read_impression(json.dumps({"request_id": "r", "user_id": "u", "items": [],
+                                       "prompt_version": 1, "arm": "serving", "ts": 1,
+                                       "query": None}).encode()).query == ""
+
+
 def test_events_with_nothing_to_credit_are_counted_not_guessed():
     live = _metrics(attribution_window_s=60)
     _impression(live, "r1", "ann", ["a"], ts=time.time() - 600)

@@ -92,3 +92,24 @@ def test_examples_save_and_load_keep_the_prompt_targets(tmp_path):
     ex.save(str(tmp_path / "x.npz"))
     back = Examples.load(str(tmp_path / "x.npz"))
     assert back.prompt_target.tolist() == [PAD] and back.weights.shape == (1, 2)
+
+
+def test_user_text_reads_each_row_s_user_and_target_event():
+    """A round's text for a row: its user's profile, and the query its target click
+    followed (found by the target's event id)."""
+    rows = [_ev("a1", "u", "a", 1.0), _ev("a2", "u", "b", 2.0), _ev("a3", "u", "c", 3.0),
+            _ev("b1", "v", "a", 1.0), _ev("b2", "v", "d", 2.0)]
+    seen = {}
+
+    def user_text(users, event_ids):
+        seen.setdefault("calls", []).append((list(users), list(event_ids)))
+        query = np.array([[float(e == "a3")] for e in event_ids], np.float32)
+        return np.zeros((len(users), 2), np.int32), query
+
+    train, _ = build_examples(_log(rows), INDEX, history_len=2, val_users=0,
+                              user_text=user_text)
+    assert seen["calls"][0] == (["u", "u", "v"], ["a2", "a3", "b2"])  # row order
+    assert train.target.tolist() == [1, 2, 3] and train.query[:, 0].tolist() == [0, 1, 0]
+    newest, _ = build_examples(_log(rows), INDEX, history_len=2, val_users=0, rows="users",
+                               user_text=user_text)
+    assert seen["calls"][2] == (["u", "v"], ["a3", "b2"])  # a user's row ends at its newest
