@@ -73,16 +73,21 @@ def test_prequential_on_an_ml100k_slice(tmp_path):
             assert online == ([version] if w["first_event"] >= 1000 else [1]), w
 
 
-def test_a_profile_run_publishes_the_profiles_first_and_one_arm_reads_none(tmp_path):
-    """With user_text, the data set's 943 profiles are in the shards before the first
-    window: every online answer reads one, the no_profiles arm (same versions) never."""
-    settings = load_settings(env={}, overrides={
+def _one_shard_settings(tmp_path, namespace: str, **changes):
+    """A one-shard, one-replica stack whose rounds (2 steps) always publish."""
+    return load_settings(env={}, overrides={
         "data_dir": str(tmp_path / "promptrec"), "http_port": free_port(),
         "metrics_port": free_port(), "partitions": 2, "num_consumers": 1, "num_shards": 1,
         "num_replicas": 1, "train_workers": 1, "train_steps": 2, "batch_size": 8,
         "val_users": 20, "gate_margin": 1.0, "train_every_events": 1000, "log_flush_s": 0.2,
-        "namespace": "promptrec-prequential-profiles", "cache_dir": str(TEST_CACHE),
-        "user_text": True})
+        "namespace": namespace, "cache_dir": str(TEST_CACHE), **changes})
+
+
+def test_a_profile_run_publishes_the_profiles_first_and_one_arm_reads_none(tmp_path):
+    """With user_text, the data set's 943 profiles are in the shards before the first
+    window: every online answer reads one, the no_profiles arm (same versions) never."""
+    settings = _one_shard_settings(tmp_path, "promptrec-prequential-profiles",
+                                   user_text=True)
     arms = ("popularity", "online", "no_profiles")
     result = run_prequential(settings, tmp_path / "p.json", window=WINDOW, sample=SAMPLE,
                              max_events=EVENTS, progress=False, command="pytest", arms=arms)
@@ -107,13 +112,8 @@ def test_the_prequential_replay_drives_the_canary(tmp_path):
     """A round's version is first a canary; the replay's sampled events quote the answer
     they tested, so the live metrics credit them, and the judge decides during the replay
     (a margin of 1: any canary with enough events is promoted)."""
-    settings = load_settings(env={}, overrides={
-        "data_dir": str(tmp_path / "promptrec"), "http_port": free_port(),
-        "metrics_port": free_port(), "partitions": 2, "num_consumers": 1, "num_shards": 1,
-        "num_replicas": 1, "train_workers": 1, "train_steps": 2, "batch_size": 8,
-        "val_users": 20, "gate_margin": 1.0, "train_every_events": 1000, "log_flush_s": 0.2,
-        "namespace": "promptrec-prequential-canary", "cache_dir": str(TEST_CACHE),
-        "canary_share": 0.5, "canary_min_events": 30, "canary_margin": 1.0})
+    settings = _one_shard_settings(tmp_path, "promptrec-prequential-canary",
+                                   canary_share=0.5, canary_min_events=30, canary_margin=1.0)
     result = run_prequential(settings, tmp_path / "p.json", window=WINDOW, sample=SAMPLE,
                              max_events=EVENTS, progress=False, command="pytest",
                              arms=("popularity", "online"))
