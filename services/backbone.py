@@ -61,8 +61,12 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def embed_texts(tokenizer, encoder: nn.Module, texts: list[str], batch_size: int = 64,
-                progress: bool = False) -> torch.Tensor:
-    """Sentence embeddings as all-MiniLM-L6-v2 defines them -> [N, H], unit norm."""
+                progress: bool = False, bf16: bool = False) -> torch.Tensor:
+    """Sentence embeddings as all-MiniLM-L6-v2 defines them -> [N, H] float32, unit norm.
+
+    bf16: the encoder under bfloat16 autocast, 1.3-1.7x the items/s of float32 on this
+    CPU (avx512_bf16), cosine to the float32 vector > 0.9999 (python -m bench.embedding).
+    """
     chunks = range(0, len(texts), batch_size)
     if progress:
         from tqdm import tqdm
@@ -72,6 +76,7 @@ def embed_texts(tokenizer, encoder: nn.Module, texts: list[str], batch_size: int
     for start in chunks:
         batch = tokenizer(texts[start:start + batch_size], padding=True, truncation=True,
                           max_length=64, return_tensors="pt")
-        hidden = encoder(**batch).last_hidden_state
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            hidden = encoder(**batch).last_hidden_state.float()
         out.append(F.normalize(mean_pool(hidden, batch["attention_mask"]), dim=-1))
     return torch.cat(out) if out else torch.zeros(0, encoder.config.hidden_size)

@@ -44,8 +44,8 @@ class TextVectors:
     texts are all cached never loads it for embedding.
     """
 
-    def __init__(self, backbone_path: Path, cache_dir: Path):
-        self.backbone_path = Path(backbone_path)
+    def __init__(self, backbone_path: Path, cache_dir: Path, bf16: bool = False):
+        self.backbone_path, self.bf16 = Path(backbone_path), bf16
         self.root = Path(cache_dir) / "vectors" / backbone_fingerprint(backbone_path)
         self._rows: dict[bytes, torch.Tensor] = {}
         self._read_parts: set[str] = set()
@@ -90,7 +90,7 @@ class TextVectors:
         """Load the backbone and run it once now, so the first live item does not wait
         for it (~5 s here)."""
         tokenizer, encoder = self._backbone()
-        embed_texts(tokenizer, encoder, ["warm up"])
+        embed_texts(tokenizer, encoder, ["warm up"], bf16=self.bf16)
 
     def _backbone(self):
         if self._model is None:
@@ -100,7 +100,7 @@ class TextVectors:
     def _embed(self, texts: list[str], progress: bool) -> torch.Tensor:
         tokenizer, encoder = self._backbone()
         self.embedded += len(texts)
-        return embed_texts(tokenizer, encoder, texts, progress=progress)
+        return embed_texts(tokenizer, encoder, texts, progress=progress, bf16=self.bf16)
 
     def _add(self, texts: list[str], vectors: torch.Tensor) -> None:
         keys = np.frombuffer(b"".join(text_key(t) for t in texts), np.uint8)

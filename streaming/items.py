@@ -46,7 +46,8 @@ class ItemConsumer(RestartingThread):
     def __init__(self, settings: Settings, bootstrap: str, backbone_path: str):
         self.settings = settings.validate()
         self.bootstrap = bootstrap
-        self.vectors = TextVectors(Path(backbone_path), settings.infra.cache)
+        self.vectors = TextVectors(Path(backbone_path), settings.infra.cache,
+                                   bf16=settings.items.item_embed_bf16)
         self.counts: Tally[str] = Tally()
         self.seconds = {"embed": 0.0, "apply": 0.0}  # where the time of a batch goes
         self.version = 0  # the catalog version this consumer made last

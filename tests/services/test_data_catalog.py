@@ -66,3 +66,14 @@ def test_a_catalog_change_appends_new_items_replaces_changed_ones_and_keeps_rows
     again = after.changed([Item("c", "C", available=False), Item("b", "B")], _vectors(2, 2),
                           [], 8)
     assert again.index == {"a": 0, "c": 2, "b": 3} and sorted(again.unavailable) == [1, 2]
+
+
+def test_bf16_embedding_keeps_float32_vectors_within_rounding_of_the_float32_ones(tmp_path):
+    texts = ["Alien (1979). Genres: Horror Sci-Fi.", "New lamp 3. A tent made for map users.",
+             "Babe (1995). A pig."]
+    exact = TextVectors(default_backbone_path(), tmp_path / "f32").embed(texts)
+    rounded = TextVectors(default_backbone_path(), tmp_path / "bf16", bf16=True).embed(texts)
+    assert rounded.dtype == torch.float32 and rounded.shape == (3, 384)
+    assert not torch.equal(rounded, exact)  # the autocast did run
+    assert float((rounded * exact).sum(-1).min()) > 0.999
+    assert torch.allclose(rounded.norm(dim=1), torch.ones(3), atol=1e-4)

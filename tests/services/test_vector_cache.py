@@ -29,7 +29,7 @@ def fake_backbone(tmp_path, monkeypatch):
     (path / "config.json").write_text(json.dumps({"hidden_size": H}))
     calls: list[list[str]] = []
 
-    def embed(_tokenizer, _encoder, texts, progress=False):
+    def embed(_tokenizer, _encoder, texts, progress=False, bf16=False):
         calls.append(list(texts))
         rows = [torch.tensor(list(hashlib.sha256(t.encode()).digest()[:H]), dtype=torch.float32)
                 + 1.0 for t in texts]
