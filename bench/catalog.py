@@ -149,9 +149,12 @@ def measure(stack: Stack, args, rates: list[float], tag: str) -> dict:
     """Everything measured on one running stack."""
     items = stack.settings.items
     time.sleep(SETTLE_S)
+    before = stack.streaming.stats()["items"]
     live = sweep(stack.base_url, stack.bootstrap, items.topic_items, args.rate, rates,
                  args.rate_seconds, args.probes_per_s, args.target_ms,
                  f"{tag[0]}{run_tag()}", log)
+    live["item_consumer"] = consumer_work(before, stack.streaming.stats()["items"])
+    log(f"{tag}: item consumer {live['item_consumer']}")
     versions = replicas_version(stack)
     replica_live = {r: v["item_live_ms"] for r, v in versions.items()}
     latency = request_latency(stack, args.latency_seconds, args.concurrency)
@@ -163,6 +166,16 @@ def measure(stack: Stack, args, rates: list[float], tag: str) -> dict:
             "live_items": live, "replica_item_live_ms": replica_live,
             "recommend": latency, "swap": swaps,
             "replica_memory_mb": max(v["rss_mb"] for v in versions.values())}
+
+
+def consumer_work(before: dict, after: dict) -> dict:
+    """Where the item consumer's time went over the live runs (its stats() twice)."""
+    embedded = after["embedded"] - before["embedded"]
+    embed_s = after["seconds"]["embed"] - before["seconds"]["embed"]
+    return {"embedded": embedded, "embed_s": round(embed_s, 2),
+            "apply_s": round(after["seconds"]["apply"] - before["seconds"]["apply"], 2),
+            "catalog_versions": after["catalog_version"] - before["catalog_version"],
+            "items_per_embed_s": round(embedded / embed_s, 1) if embed_s else None}
 
 
 def run_stack(settings: Settings, args, rates: list[float], tag: str) -> dict:
