@@ -32,7 +32,7 @@ prometheus:
 test-quick: setup
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-bench-serve: setup  # writes bench/results/serve.json (~5 min); ARGS="--help" for options
+bench-serve: setup  # writes bench/results/serve.json (~10 min); ARGS="--help" for options
 	$(PY) -m bench.serve $(ARGS)
 
 lint: setup

@@ -1,6 +1,6 @@
 """Serving benchmark: latency next to a no-op Serve deployment, throughput, hot swaps.
 
-    make bench-serve            # = .venv/bin/python -m bench.serve [--rps 50 --swaps 40 ...]
+    make bench-serve            # = .venv/bin/python -m bench.serve [--rps 50 --swaps 12 ...]
 
 Starts the real stack (embedded broker, local Ray, registry, shards, Serve), replays
 MovieLens-100K so users have histories, and deploys beside the recommender, on the same
@@ -16,9 +16,12 @@ Phases, one client (httpx, asyncio) for all of them (bench.serve_phases):
      in rounds so machine noise hits them alike; users drawn from a pool whose vectors
      the recommender has cached (steady state; the hit rate is reported);
   2. throughput, closed loop, per app;
-  3. hot swaps under the same open-loop load: publish a new prompt version, wait until
-     every replica serves it, repeat. Every recommend answer of phases 1 and 3 is then
-     recomputed from the weights of the version it names (bench.check).
+  3. hot swaps under the same open-loop load, the side apps taken down first: publish a
+     new prompt version, wait until every replica serves it, keep the load on it for
+     `--dwell` s, repeat; then a stress run of `--stress-swaps` publishes
+     `--stress-dwell` s apart, faster than a replica re-encodes its cached users.
+     Every recommend answer of phases 1 and 3 is then recomputed from the weights of
+     the version it names (bench.check).
 
 Writes bench/results/serve.json (bench.serve_report). Numbers are from whatever machine
 runs it; the JSON records its CPU count and load average, since a shared machine shifts
@@ -32,6 +35,8 @@ import os
 import sys
 import time
 from pathlib import Path
+
+from ray import serve
 
 from bench import serve_phases as phases
 from bench.encoder_only import encoder_only
@@ -52,9 +57,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0,
                         help="seconds per app per latency round")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved latency rounds")
-    parser.add_argument("--swaps", type=int, default=40, help="prompt versions published")
-    parser.add_argument("--dwell", type=float, default=1.0,
-                        help="seconds of load on each version once all replicas serve it")
+    parser.add_argument("--swaps", type=int, default=12, help="prompt versions published")
+    parser.add_argument("--dwell", type=float, default=10.0,
+                        help="seconds of load on each version once all replicas serve it "
+                             "(a later training round takes ~66 s here: bench/results/"
+                             "rounds.json)")
+    parser.add_argument("--stress-swaps", type=int, default=40,
+                        help="then this many publishes --stress-dwell apart (0: none)")
+    parser.add_argument("--stress-dwell", type=float, default=1.0,
+                        help="seconds between the stress publishes (faster than a warm-up)")
     parser.add_argument("--user-pool", type=int, default=200, help="user pool size")
     parser.add_argument("--num-events", type=int, default=100_000,
                         help="events replayed")
@@ -113,25 +124,44 @@ def _run_latency_throughput(stack: Stack, settings: Settings, args) -> dict:
     return out
 
 
+def _stress_report(stress: dict, args, steady_p99_ms: float) -> dict:
+    """The publishes faster than a warm-up finishes: each version held is let go sooner."""
+    over = summary(stress["results"])
+    failed = sum(1 for r in stress["results"] if r.status != 200)
+    return {**over, "swaps": len(stress["swap_ms"]), "dwell_s": args.stress_dwell,
+            "p99_over_steady_p99": round(over["p99_ms"] / steady_p99_ms, 2),
+            "failed_requests": failed, "cache_hit_rate": stress["cache_hit_rate"],
+            "publish_to_all_replicas_p99_ms": round(percentile(stress["swap_ms"], 99), 1)}
+
+
 def _run(stack: Stack, settings: Settings, args) -> dict:
     base = stack.base_url
     replicas = settings.serving.num_replicas
     scenario = prepare(stack, settings, args, SIDE_APPS)
     phase, recommend_hit_rate = phases.latency(base, scenario.make, args, replicas)
     throughput = phases.throughput(base, scenario.make, args)
-    swapped = phases.swaps(stack, scenario.make, args)
-    swap_results, swap_ms = swapped["results"], swapped["swap_ms"]
-    client_seen_ms = swapped["client_seen_ms"]
-    answered, mixed = phases.check_answers(stack, scenario, phase["recommend"] + swap_results)
-
     batch_users = batch_sizes(base, {"recommend": "", "nocache": "/nocache",
                                      "before": "/before", "inline": "/inline"}, replicas)
-    # The ceiling of /nocache: the same encoder and batch sizes alone, in this process.
+    # The ceiling of /nocache: the same encoder and batch sizes alone, in this process,
+    # right after /nocache's closed loop (the same apps deployed, idle).
     batch = max(1, round(batch_users["nocache"] or 1))
     alone = encoder_only(stack, scenario.pool, replicas, batch, args.throughput_seconds)
+    # The swaps meet the recommender alone, as deployed: an idle side app with a cache
+    # (/inline) would re-encode its cached users at every publish too (~7 s of a replica
+    # per publish here), on the same two cores.
+    for name, _, _ in SIDE_APPS:
+        serve.delete(name)
+    swapped = phases.swaps(stack, scenario.make, args.rps, args.swaps, args.dwell)
+    swap_results, swap_ms = swapped["results"], swapped["swap_ms"]
+    client_seen_ms = swapped["client_seen_ms"]
+    stress = phases.swaps(stack, scenario.make, args.rps, args.stress_swaps, args.stress_dwell,
+                          first_seed=args.swaps) if args.stress_swaps else None
+    answered, mixed = phases.check_answers(
+        stack, scenario, phase["recommend"] + swap_results + (stress or {}).get("results", []))
     nocache_rps = throughput["nocache"]["ok_per_s"]
     summaries = {name: summary(results) for name, results in phase.items()}
-    failed = sum(1 for r in phase["recommend"] + swap_results if r.status != 200)
+    failed = sum(1 for r in phase["recommend"] + swap_results
+                 + (stress or {}).get("results", []) if r.status != 200)
     noop, rec, before = summaries["noop"], summaries["recommend"], summaries["before"]
     return {
         "noop_p50_ms": noop["p50_ms"], "noop_p99_ms": noop["p99_ms"],
@@ -182,6 +212,7 @@ def _run(stack: Stack, settings: Settings, args) -> dict:
                                percentile(client_seen_ms, 50), 1),
                            "client_observed_all_replicas_p99_ms": round(
                                percentile(client_seen_ms, 99), 1)},
+            "swap_stress": stress and _stress_report(stress, args, rec["p99_ms"]),
             "answers_checked": len(answered),
             "mixed_examples": mixed[:5],
             "settings": {k: settings.value(k) for k in (

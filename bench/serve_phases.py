@@ -58,29 +58,31 @@ def throughput(base: str, make: Callable[[int], Request], args,
     return out
 
 
-def swaps(stack: Stack, make: Callable[[int], Request], args) -> dict:
-    """Publish args.swaps versions under load -> {"results", "swap_ms" (publish -> every
-    replica live, as the replicas measured it), "client_seen_ms", "cache_hit_rate"}."""
+def swaps(stack: Stack, make: Callable[[int], Request], rps: float, count: int,
+          dwell_s: float, first_seed: int = 0) -> dict:
+    """Publish `count` versions under `rps` of load, `dwell_s` apart -> {"results",
+    "swap_ms" (publish -> every replica live, as the replicas measured it),
+    "client_seen_ms", "cache_hit_rate"}."""
     base, replicas = stack.base_url, stack.settings.serving.num_replicas
     base_prompt = decode_weights(ray.get(stack.registry.serving.remote())["blob"])
     cache_start = cache_counts(base, replicas)
-    load = Background(base, make, args.rps, max_requests=10**6, max_seconds=1800)
+    load = Background(base, make, rps, max_requests=10**6, max_seconds=1800)
     swap_ms, client_seen_ms = [], []
     try:
-        time.sleep(args.dwell)
-        for seed in range(args.swaps):
+        time.sleep(dwell_s)
+        for seed in range(first_seed, first_seed + count):
             blob = perturbed_prompt(base_prompt, seed).to_bytes()
             t0 = time.perf_counter()
             version = ray.get(stack.registry.publish.remote(blob, {"source": "bench.serve"}))
             live = stack.wait_all_replicas(version, timeout_s=60, poll_s=0.02)
             client_seen_ms.append((time.perf_counter() - t0) * 1000)
             swap_ms.append(max(live.values()))
-            if (seed + 1) % 10 == 0:
+            if (seed + 1 - first_seed) % 10 == 0:
                 done = list(load.results)
-                log(f"swap {seed + 1}/{args.swaps}: {len(done)} answers so far, "
+                log(f"swap {seed + 1 - first_seed}/{count}: {len(done)} answers so far, "
                     f"{sum(r.status != 200 for r in done)} not 200, last publish -> all "
                     f"replicas {swap_ms[-1]:.0f} ms")
-            time.sleep(args.dwell)
+            time.sleep(dwell_s)
     finally:
         results = load.stop()
     return {"results": results, "swap_ms": swap_ms, "client_seen_ms": client_seen_ms,
