@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="bench/results/serve.json")
     add_settings_flags(parser)
     args = parser.parse_args(argv)
+    if args.swaps < 1 or args.stress_swaps < 0 or args.dwell <= 0 or args.stress_dwell <= 0:
+        parser.error("--swaps must be >= 1, --stress-swaps >= 0, --dwell and --stress-dwell > 0")
     started = time.time()
     load_before = os.getloadavg()
 
@@ -129,7 +131,8 @@ def _stress_report(stress: dict, args, steady_p99_ms: float) -> dict:
     over = summary(stress["results"])
     failed = sum(1 for r in stress["results"] if r.status != 200)
     return {**over, "swaps": len(stress["swap_ms"]), "dwell_s": args.stress_dwell,
-            "p99_over_steady_p99": round(over["p99_ms"] / steady_p99_ms, 2),
+            "p99_over_steady_p99": round(over["p99_ms"] / steady_p99_ms, 2)
+            if "p99_ms" in over else None,  # None: not one answer came back
             "failed_requests": failed, "cache_hit_rate": stress["cache_hit_rate"],
             "publish_to_all_replicas_p99_ms": round(percentile(stress["swap_ms"], 99), 1)}
 
