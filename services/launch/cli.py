@@ -14,8 +14,11 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
+import os
 import sys
+import threading
 
 from services.config import ConfigError
 from services.config_sources import add_settings_flags, settings_from_flags
@@ -239,5 +242,21 @@ def main(argv: list[str] | None = None) -> int:
     return 1
 
 
+def run() -> None:
+    """The command's entry point: `main()`'s exit code, without the interpreter's native
+    teardown. A pyarrow file read leaves Arrow's thread pools running, and their teardown
+    at process exit can abort (std::terminate on a joinable worker: apache/arrow#34314,
+    #39862), turning exit code 2 into SIGABRT (seen in the suite under load). The first
+    steps of the interpreter's own exit still run, in its order: non-daemon threads are
+    joined (executors told to stop first), then the exit handlers (Ray's shutdown,
+    logging); only the native finalisation after them is skipped."""
+    code = main()
+    threading._shutdown()  # what Py_FinalizeEx does first (private, CPython 3.11+)
+    atexit._run_exitfuncs()  # then this; then, here, no native finalisation
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
