@@ -159,12 +159,11 @@ def _run(stack: Stack, settings: Settings, args) -> dict:
     client_seen_ms = swapped["client_seen_ms"]
     stress = phases.swaps(stack, scenario.make, args.rps, args.stress_swaps, args.stress_dwell,
                           first_seed=args.swaps) if args.stress_swaps else None
-    answered, mixed = phases.check_answers(
-        stack, scenario, phase["recommend"] + swap_results + (stress or {}).get("results", []))
+    answers = phase["recommend"] + swap_results + (stress["results"] if stress else [])
+    answered, mixed = phases.check_answers(stack, scenario, answers)
     nocache_rps = throughput["nocache"]["ok_per_s"]
     summaries = {name: summary(results) for name, results in phase.items()}
-    failed = sum(1 for r in phase["recommend"] + swap_results
-                 + (stress or {}).get("results", []) if r.status != 200)
+    failed = sum(1 for r in answers if r.status != 200)
     noop, rec, before = summaries["noop"], summaries["recommend"], summaries["before"]
     return {
         "noop_p50_ms": noop["p50_ms"], "noop_p99_ms": noop["p99_ms"],

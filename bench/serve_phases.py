@@ -70,16 +70,16 @@ def swaps(stack: Stack, make: Callable[[int], Request], rps: float, count: int,
     swap_ms, client_seen_ms = [], []
     try:
         time.sleep(dwell_s)
-        for seed in range(first_seed, first_seed + count):
+        for published, seed in enumerate(range(first_seed, first_seed + count), 1):
             blob = perturbed_prompt(base_prompt, seed).to_bytes()
             t0 = time.perf_counter()
             version = ray.get(stack.registry.publish.remote(blob, {"source": "bench.serve"}))
             live = stack.wait_all_replicas(version, timeout_s=60, poll_s=0.02)
             client_seen_ms.append((time.perf_counter() - t0) * 1000)
             swap_ms.append(max(live.values()))
-            if (seed + 1 - first_seed) % 10 == 0:
+            if published % 10 == 0:
                 done = list(load.results)
-                log(f"swap {seed + 1 - first_seed}/{count}: {len(done)} answers so far, "
+                log(f"swap {published}/{count}: {len(done)} answers so far, "
                     f"{sum(r.status != 200 for r in done)} not 200, last publish -> all "
                     f"replicas {swap_ms[-1]:.0f} ms")
             time.sleep(dwell_s)
