@@ -139,6 +139,10 @@ class TrainingSettings:
     user_text_dropout: float = _opt(0.1, "share of training rows that read no user text "
                                     "(user_text versions), so users without one are learned "
                                     "too", "share")
+    replay_share: float = _opt(0.0, "a round also trains on this many rows per new one, "
+                               "drawn from events before its window (at most all of them), "
+                               "so warm-started rounds do not forget; 0: new events only",
+                               ">=0")
     val_users: int = _opt(200, "held-out users for the validation gate", ">=1")
     gate_margin: float = _opt(0.005, "publish only if held-out NDCG@10 >= serving NDCG@10 - "
                               "margin", ">=0")

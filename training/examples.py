@@ -79,8 +79,8 @@ def build_examples(log: pa.Table, item_index: dict[str, int], history_len: int,
                    since_ingest_ts: float = 0.0, val_users: int = 200,
                    rows: str = "targets", prompt_alone_events: int = 0,
                    user_text: Callable[[list[str], list[str]], tuple[np.ndarray, np.ndarray
-                                                                     | None]] | None = None
-                   ) -> tuple[Examples, Examples]:
+                                                                     | None]] | None = None,
+                   replay_share: float = 0.0, seed: int = 0) -> tuple[Examples, Examples]:
     """(train, validation) examples from a logged events table.
 
     Targets of training examples are events ingested after `since_ingest_ts`
@@ -92,7 +92,9 @@ def build_examples(log: pa.Table, item_index: dict[str, int], history_len: int,
     instead of the first item of every row's window (TrainingSettings.prompt_alone_events).
     `user_text`: (row users [E], the rows' target event ids [E]) -> (text ids [E, U],
     query vectors [E, H] or None) (user_text versions), set as the examples' `text` and
-    `query`.
+    `query`. `replay_share` > 0 adds that many training rows per new one (at most all of
+    them), drawn by `seed` from targets before the window, so that a warm-started round
+    does not learn the newest events alone (TrainingSettings.replay_share).
     """
     if log.num_rows == 0:
         return _pack([], [], [], history_len), _pack([], [], [], history_len)
@@ -112,19 +114,40 @@ def build_examples(log: pa.Table, item_index: dict[str, int], history_len: int,
     per_mille = max(1, min(1000, round(1000 * val_users / max(n_users, 1))))
     starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
     ends = np.r_[starts[1:], len(users)]
-    train_h, train_w, train_t, train_p, val_h, val_w, val_t = [], [], [], [], [], [], []
-    train_u: list[str] = []
-    val_u: list[str] = []
-    train_e: list[str] = []  # each row's target event
-    val_e: list[str] = []
+    fresh: list[tuple[int, int, int]] = []  # (row start, row end, target position)
+    older: list[tuple[int, int, int]] = []  # training targets from before the window
+    val_at: list[tuple[int, int, int]] = []
     for start, end in zip(starts, ends, strict=True):
-        seq, seq_w = items[start:end], weights[start:end]
+        seq = items[start:end]
         is_val = _is_validation_user(users[start], per_mille)
         # "users": newest first, and the first training row ends the user.
         positions = range(1, len(seq)) if rows == "targets" else range(len(seq) - 1, 0, -1)
+        user_older: list[tuple[int, int, int]] = []
         for pos in positions:
             if seq[pos] == PAD:
                 continue
+            if is_val and pos == len(seq) - 1:
+                val_at.append((start, end, pos))
+            elif ingest[start + pos] > since_ingest_ts:
+                fresh.append((start, end, pos))
+                if rows == "users":
+                    user_older = []
+                    break
+            else:
+                user_older.append((start, end, pos))
+        # a "users" row replays the user's newest older row, a "targets" row any of them
+        older += user_older[:1] if rows == "users" else user_older
+    n_replay = min(len(older), round(replay_share * len(fresh)))
+    if n_replay:
+        picked = np.sort(np.random.default_rng(seed).choice(len(older), n_replay, replace=False))
+        fresh += [older[i] for i in picked]
+
+    def rows_at(at: list[tuple[int, int, int]]) -> tuple[Examples, list[str], list[str], list]:
+        """The examples whose targets sit at `at` -> (examples, users, event ids,
+        prompt-alone targets)."""
+        hist_rows, weight_rows, targets, prompt_targets = [], [], [], []
+        for start, end, pos in at:
+            seq, seq_w = items[start:end], weights[start:end]
             window = slice(max(0, pos - history_len), pos)
             known = seq[window] != PAD
             hist, hist_w = seq[window][known], seq_w[window][known]
@@ -132,23 +155,17 @@ def build_examples(log: pa.Table, item_index: dict[str, int], history_len: int,
             row[: len(hist)] = hist
             row_w = np.ones(history_len, np.float32)
             row_w[: len(hist)] = hist_w
-            if is_val and pos == len(seq) - 1:
-                val_h.append(row)
-                val_w.append(row_w)
-                val_t.append(seq[pos])
-                val_u.append(users[start])
-                val_e.append(event_ids[start + pos])
-            elif ingest[start + pos] > since_ingest_ts:
-                train_h.append(row)
-                train_w.append(row_w)
-                train_t.append(seq[pos])
-                train_p.append(seq[pos - 1] if pos - 1 < prompt_alone_events else PAD)
-                train_u.append(users[start])
-                train_e.append(event_ids[start + pos])
-                if rows == "users":
-                    break
-    train, val = _pack(train_h, train_w, train_t, history_len), _pack(val_h, val_w, val_t,
-                                                                      history_len)
+            hist_rows.append(row)
+            weight_rows.append(row_w)
+            targets.append(seq[pos])
+            prompt_targets.append(seq[pos - 1] if pos - 1 < prompt_alone_events else PAD)
+        return (_pack(hist_rows, weight_rows, targets, history_len),
+                [users[first] for first, _, _ in at],
+                [event_ids[first + pos] for first, _, pos in at],
+                prompt_targets)
+
+    train, train_u, train_e, train_p = rows_at(fresh)
+    val, val_u, val_e, _ = rows_at(val_at)
     if prompt_alone_events > 0 and rows == "targets":
         train.prompt_target = np.array(train_p, np.int32)
     if user_text is not None:

@@ -146,7 +146,8 @@ class RoundRunner:
                                     since_ingest_ts=since, val_users=s.training.val_users,
                                     rows=s.training.train_rows,
                                     prompt_alone_events=s.training.prompt_alone_events,
-                                    user_text=self._user_text() if s.model.user_text else None)
+                                    user_text=self._user_text() if s.model.user_text else None,
+                                    replay_share=s.training.replay_share, seed=self.round)
         result = RoundResult(round=self.round, outcome="skipped", reason="", version=None,
                              serving_version=serving.get("version", 0),
                              train_examples=len(train), val_examples=len(val), loss=None,

@@ -113,3 +113,44 @@ def test_user_text_reads_each_row_s_user_and_target_event():
     newest, _ = build_examples(_log(rows), INDEX, history_len=2, val_users=0, rows="users",
                                user_text=user_text)
     assert seen["calls"][2] == (["u", "v"], ["a3", "b2"])  # a user's row ends at its newest
+
+
+def _older_and_newer(n_old: int, n_new: int) -> list[dict]:
+    """One user per event pair: each user's first event ingested at 10 (before the round's
+    window), the second at 20 (in it); the first n_old users only have the old one."""
+    rows = [_ev(f"o{u}", f"user{u}", "a", 1.0, ingest=10) for u in range(n_old)]
+    rows += [_ev(f"o{u}b", f"user{u}", "b", 2.0, ingest=10) for u in range(n_old)]
+    rows += [_ev(f"n{u}", f"user{u}", "c", 3.0, ingest=20) for u in range(n_new)]
+    return rows
+
+
+def test_replay_adds_older_targets_in_proportion_to_the_new_ones():
+    log = _log(_older_and_newer(n_old=40, n_new=10))
+    new_only, _ = build_examples(log, INDEX, history_len=3, since_ingest_ts=15, val_users=0)
+    assert new_only.target.tolist() == [2] * 10
+    replayed, _ = build_examples(log, INDEX, history_len=3, since_ingest_ts=15, val_users=0,
+                                 replay_share=2.0, seed=1)
+    targets = replayed.target.tolist()
+    assert targets.count(2) == 10 and targets.count(1) == 20  # 2 older rows per new one
+    old_rows = replayed.history[replayed.target == 1]
+    assert (old_rows == [0, PAD, PAD]).all()  # each older row reads only its own past
+    # capped at every older target, and the draw depends on the seed only
+    everything, _ = build_examples(log, INDEX, history_len=3, since_ingest_ts=15,
+                                   val_users=0, replay_share=100.0)
+    assert everything.target.tolist().count(1) == 40
+    again, _ = build_examples(log, INDEX, history_len=3, since_ingest_ts=15, val_users=0,
+                              replay_share=0.5, seed=3)
+    same, _ = build_examples(log, INDEX, history_len=3, since_ingest_ts=15, val_users=0,
+                             replay_share=0.5, seed=3)
+    assert (again.history == same.history).all() and len(again) == 15
+
+
+def test_replay_with_user_rows_takes_the_newest_older_row_of_users_without_new_events():
+    rows = [_ev("1", "u", "a", 1.0, ingest=10), _ev("2", "u", "b", 2.0, ingest=10),
+            _ev("3", "u", "c", 3.0, ingest=10), _ev("4", "v", "a", 1.0, ingest=20),
+            _ev("5", "v", "d", 2.0, ingest=20)]
+    train, _ = build_examples(_log(rows), INDEX, history_len=3, since_ingest_ts=15,
+                              val_users=0, rows="users", replay_share=1.0)
+    # v: its new row a -> d; u has nothing new: its newest row (a, b -> c) is replayed.
+    assert sorted(train.target.tolist()) == [2, 3]
+    assert train.history[train.target == 2].tolist() == [[0, 1, PAD]]
