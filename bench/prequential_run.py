@@ -40,7 +40,8 @@ CANARY_SETTLE_S = 60.0  # a canary running at the end of the replay waits this f
 
 # The settings a result records (what shaped the run).
 RECORDED_SETTINGS = ("train_every_events", "first_round_events", "train_steps",
-                     "round_max_epochs", "train_workers", "batch_size", "learning_rate",
+                     "round_max_epochs", "replay_share", "train_workers", "batch_size",
+                     "learning_rate",
                      "item_token_lr", "item_bias_lr", "bf16", "train_rows", "user_layers",
                      "readout", "gate_margin", "user_text",
                      "val_users", "history_len",
