@@ -75,3 +75,26 @@ def test_a_round_decodes_its_candidate_once_and_the_serving_version_once(monkeyp
     assert not torch.equal(sent.item_bias[4:], version(2).item_bias[4:])
     assert torch.equal(sent.item_bias[:4], version(2).item_bias[:4])
     assert sent.item_ids == tuple(runner.catalog.item_ids)  # rows keyed by item id
+
+
+def test_a_round_builds_its_rows_with_the_replay_share_and_its_own_seed(monkeypatch):
+    """The setting reaches the rows a round trains on, drawn anew each round."""
+    calls = []
+
+    def building(log, index, history_len, **kwargs):
+        calls.append(kwargs)
+        empty = Examples(np.zeros((0, history_len), np.int32), np.zeros(0, np.int32))
+        return empty, empty
+
+    monkeypatch.setattr(training.round, "build_examples", building)
+    monkeypatch.setattr(training.round, "read_event_log", lambda path: None)
+    monkeypatch.setattr(training.round, "ray", SimpleNamespace(get=lambda value: value))
+    runner = RoundRunner.__new__(RoundRunner)  # no trainer, no Ray: the round is skipped
+    runner.settings = Settings().replace(replay_share=1.5)
+    catalog = SimpleNamespace(index={})
+    runner._catalog_now, runner.catalog = (lambda: catalog), catalog
+    runner.registry = SimpleNamespace(serving=SimpleNamespace(remote=lambda: {"version": 1}))
+    runner.round, runner.last_ingest_ts = 0, 0.0
+    first, second = runner.run(), runner.run()
+    assert first.outcome == second.outcome == "skipped"
+    assert [(c["replay_share"], c["seed"]) for c in calls] == [(1.5, 1), (1.5, 2)]
