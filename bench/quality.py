@@ -193,6 +193,7 @@ def run_offline(settings: Settings, catalog: Catalog, interactions: Interactions
         "user_layers": model_config.user_layers or model.encoder.config.num_hidden_layers,
         "history_len": history_len, "train_rows": rows, "bf16": settings.training.bf16,
         "personal_prompts": settings.serving.personal_prompts,
+        "lora_rank": model_config.lora_rank, "dropout": settings.training.dropout,
         "ndcg10": r4(test["ndcg10"]), "hr10": r4(test["hr10"]),
         "pop_ndcg10": r4(pop_test["ndcg10"]), "pop_hr10": r4(pop_test["hr10"]),
         "cold_hr10": r4(cold["hr10"]), "cold_ndcg10": r4(cold["ndcg10"]),

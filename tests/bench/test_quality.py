@@ -100,6 +100,7 @@ def test_offline_eval_writes_the_result_contract(tmp_path):
     assert 0 < result["pop_hr10"] <= 1  # popularity finds some test items among 60 users
     # The default model: soft prompt, item bias, item tokens, causal + personal gate.
     assert result["item_tokens"] and result["causal"] and result["item_bias"]
+    assert result["lora_rank"] == 0 and result["dropout"] == 0.0  # the recipe is recorded
     assert result["trainable_params"] == 16 * 384 + 2 + len(catalog) * (1 + 384)
     assert result["trainable_params"] < 0.10 * result["backbone_params"]
     assert result["cold_rule"] in result["cold_rule_val_hr10"]
