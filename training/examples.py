@@ -122,7 +122,7 @@ def build_examples(log: pa.Table, item_index: dict[str, int], history_len: int,
         is_val = _is_validation_user(users[start], per_mille)
         # "users": newest first, and the first training row ends the user.
         positions = range(1, len(seq)) if rows == "targets" else range(len(seq) - 1, 0, -1)
-        user_older: list[tuple[int, int, int]] = []
+        newest_older = None  # "users": the row a user with nothing new may replay
         for pos in positions:
             if seq[pos] == PAD:
                 continue
@@ -131,12 +131,14 @@ def build_examples(log: pa.Table, item_index: dict[str, int], history_len: int,
             elif ingest[start + pos] > since_ingest_ts:
                 fresh.append((start, end, pos))
                 if rows == "users":
-                    user_older = []
+                    newest_older = None
                     break
-            else:
-                user_older.append((start, end, pos))
-        # a "users" row replays the user's newest older row, a "targets" row any of them
-        older += user_older[:1] if rows == "users" else user_older
+            elif replay_share and rows == "targets":
+                older.append((start, end, pos))
+            elif replay_share and newest_older is None:
+                newest_older = (start, end, pos)
+        if newest_older is not None:
+            older.append(newest_older)
     n_replay = min(len(older), round(replay_share * len(fresh)))
     if n_replay:
         picked = np.sort(np.random.default_rng(seed).choice(len(older), n_replay, replace=False))
