@@ -139,7 +139,7 @@ class TrainingSettings:
     user_text_dropout: float = _opt(0.1, "share of training rows that read no user text "
                                     "(user_text versions), so users without one are learned "
                                     "too", "share")
-    replay_share: float = _opt(0.0, "a round also trains on this many rows per new one, "
+    replay_share: float = _opt(1.0, "a round also trains on this many rows per new one, "
                                "drawn from events before its window (at most all of them), "
                                "so warm-started rounds do not forget; 0: new events only",
                                ">=0")
