@@ -44,7 +44,7 @@ RECORDED_SETTINGS = ("train_every_events", "first_round_events", "train_steps",
                      "learning_rate",
                      "item_token_lr", "item_bias_lr", "bf16", "train_rows", "user_layers",
                      "readout", "gate_margin", "user_text",
-                     "val_users", "history_len",
+                     "val_users", "val_events", "history_len",
                      "personal_alpha", "num_replicas", "num_shards", "num_consumers",
                      "partitions")
 

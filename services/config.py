@@ -144,6 +144,8 @@ class TrainingSettings:
                                "so warm-started rounds do not forget; 0: new events only",
                                ">=0")
     val_users: int = _opt(200, "held-out users for the validation gate", ">=1")
+    val_events: int = _opt(1, "the gate tests each held-out user's last this many events "
+                           "(none of them trained on): more events, a less noisy gate", ">=1")
     gate_margin: float = _opt(0.005, "publish only if held-out NDCG@10 >= serving NDCG@10 - "
                               "margin", ">=0")
     train_every_events: int = _opt(50_000, "start a training round after this many new events "

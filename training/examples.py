@@ -80,7 +80,8 @@ def build_examples(log: pa.Table, item_index: dict[str, int], history_len: int,
                    rows: str = "targets", prompt_alone_events: int = 0,
                    user_text: Callable[[list[str], list[str]], tuple[np.ndarray, np.ndarray
                                                                      | None]] | None = None,
-                   replay_share: float = 0.0, seed: int = 0) -> tuple[Examples, Examples]:
+                   replay_share: float = 0.0, seed: int = 0,
+                   val_events: int = 1) -> tuple[Examples, Examples]:
     """(train, validation) examples from a logged events table.
 
     Targets of training examples are events ingested after `since_ingest_ts`
@@ -94,7 +95,8 @@ def build_examples(log: pa.Table, item_index: dict[str, int], history_len: int,
     query vectors [E, H] or None) (user_text versions), set as the examples' `text` and
     `query`. `replay_share` > 0 adds that many training rows per new one (at most all of
     them), drawn by `seed` from targets before the window, so that a warm-started round
-    does not learn the newest events alone (TrainingSettings.replay_share).
+    does not learn the newest events alone (TrainingSettings.replay_share). A validation
+    user's last `val_events` events are held out (TrainingSettings.val_events).
     """
     if log.num_rows == 0:
         return _pack([], [], [], history_len), _pack([], [], [], history_len)
@@ -126,7 +128,7 @@ def build_examples(log: pa.Table, item_index: dict[str, int], history_len: int,
         for pos in positions:
             if seq[pos] == PAD:
                 continue
-            if is_val and pos == len(seq) - 1:
+            if is_val and pos >= len(seq) - val_events:
                 val_at.append((start, end, pos))
             elif ingest[start + pos] > since_ingest_ts:
                 fresh.append((start, end, pos))

@@ -147,7 +147,8 @@ class RoundRunner:
                                     rows=s.training.train_rows,
                                     prompt_alone_events=s.training.prompt_alone_events,
                                     user_text=self._user_text() if s.model.user_text else None,
-                                    replay_share=s.training.replay_share, seed=self.round)
+                                    replay_share=s.training.replay_share, seed=self.round,
+                                    val_events=s.training.val_events)
         result = RoundResult(round=self.round, outcome="skipped", reason="", version=None,
                              serving_version=serving.get("version", 0),
                              train_examples=len(train), val_examples=len(val), loss=None,
@@ -231,4 +232,4 @@ class RoundRunner:
             candidate, meta, self.settings.live.canary_share))
         result.outcome = "published"
         result.reason = (f"held-out NDCG@10 {cand['ndcg10']:.4f} vs serving "
-                         f"{base['ndcg10']:.4f} on {len(val)} users")
+                         f"{base['ndcg10']:.4f} on {len(val)} held-out events")

@@ -35,6 +35,20 @@ def test_validation_users_hold_out_their_last_event():
     assert len(train) + len(val) == 50 * 3
 
 
+def test_validation_users_hold_out_their_last_val_events_events_and_train_on_none():
+    rows = [_ev(f"{u}-{i}", f"user{u}", "abcd"[i], float(i)) for u in range(50) for i in range(4)]
+    one, val_one = build_examples(_log(rows), INDEX, history_len=3, val_users=10)
+    train, val = build_examples(_log(rows), INDEX, history_len=3, val_users=10, val_events=2)
+    held_users = len(val_one)
+    assert len(val) == 2 * held_users  # the same users, two events each
+    assert sorted(val.target.tolist()) == [2] * held_users + [3] * held_users
+    # the item before the held-out pair ends the history of the first of them
+    firsts = val.history[val.target == 2]
+    assert {tuple(h) for h in firsts.tolist()} == {(0, 1, PAD)}
+    # what the gate tests is not trained on: every other user's three targets, one each
+    assert len(train) == len(one) - held_users == 50 * 3 - 2 * held_users
+
+
 def test_window_filters_targets_but_keeps_history():
     rows = [_ev("1", "u", "a", 1.0, ingest=10), _ev("2", "u", "b", 2.0, ingest=10),
             _ev("3", "u", "c", 3.0, ingest=20)]
