@@ -40,6 +40,11 @@ from streaming.delivery import DeliveryGuard, Ranges
 from streaming.latency import LatencySampler
 from streaming.snapshot import Captured, SnapshotStore, capture
 
+# The consumer releases a held event once its own catalog follower has the item; this
+# shard's follower is a separate long-poll that may be a moment behind. Wait this long
+# at most for it, so that the release moves the personal prompt by the item's vector.
+CATALOG_CATCH_UP_S = 5.0
+
 log = logging.getLogger(__name__)
 
 
@@ -110,6 +115,7 @@ class UserStateShard:
     def apply_held(self, events: EventBatch, expired: dict[int, list[int]]) -> dict:
         """Held events released late (their item arrived), and held offsets dead-lettered
         (`expired`): fill their holes. -> {"applied", "duplicates"}."""
+        self._await_items(set(events.item_id))
         rows = self.guard.admit_late(events)
         apply_rows(self.users, events, rows, self.history_len, self.items)
         self.latency.record(events, rows)
@@ -117,6 +123,13 @@ class UserStateShard:
         self.applied += len(rows)
         self.duplicates += len(events) - len(rows)
         return {"applied": len(rows), "duplicates": len(events) - len(rows)}
+
+    def _await_items(self, item_ids: set[str]) -> None:
+        """Wait (bounded) until this shard's catalog has `item_ids`, where it follows one."""
+        deadline = time.monotonic() + CATALOG_CATCH_UP_S
+        while (self.catalogs is not None and self.items is not None
+               and not item_ids.issubset(self.items.index) and time.monotonic() < deadline):
+            time.sleep(0.02)  # the follower thread replaces self.items meanwhile
 
     def apply_profiles(self, records: list[ProfileRecord], ranges: Ranges) -> dict:
         """Set or delete profiles: this shard's records of one profile-consumer batch (in

@@ -259,3 +259,21 @@ def test_holes_survive_a_snapshot_and_a_restore(tmp_path):
     assert restored.guard.holes == {2: {0, 3}}
     assert restored.apply_held(_the_held_event(), {2: [0, 3]})["duplicates"] == 1
     assert restored.guard.holes == {}
+
+
+def test_a_released_event_waits_for_the_shards_own_catalog_to_have_its_item():
+    """The consumer releases an event once its catalog follower has the item; the shard's
+    follower may lag a moment: the shard waits for it, so the personal prompt moves by
+    the item's vector (a CI run once applied it before, leaving no personal prompt)."""
+    import threading
+
+    config = StreamingSettings(history_len=20, dedupe_window=1000, snapshot_every_s=3600)
+    shard = UserStateShard(0, config, VECTORS[:3], ITEMS[:3])  # "d" not known yet
+    shard.catalogs = object()  # stands in for a follower: the shard follows a catalog
+    _first_batch(shard)
+    late = threading.Timer(0.3, shard.set_items, (VECTORS, ITEMS))  # the follower catches up
+    late.start()
+    assert shard.apply_held(_the_held_event(), {})["applied"] == 1
+    late.join()
+    personal = np.asarray(shard.get_user("u")["personal"])
+    assert personal[ITEMS.index("d")] > 0  # moved by d's vector
