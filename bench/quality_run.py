@@ -18,7 +18,7 @@ from services.item_weights import unseen_items_fall_back_to_text
 from services.prompt_model import PromptRecModel
 from services.weights import PromptWeights, initial_weights
 from training.examples import batches
-from training.step import evaluate, make_optimizer, train_step
+from training.step import evaluate, make_optimizer, make_schedule, train_step
 
 if TYPE_CHECKING:
     from bench.quality import EvalSet, Split
@@ -98,6 +98,7 @@ def train_run(settings: Settings, catalog: Catalog, split: Split, steps: int, ev
     model = PromptRecModel(encoder, initial_weights(tokenizer, encoder, settings.model,
                                                     num_items=len(catalog)))
     optimizer = make_optimizer(model, settings.training)
+    schedule = make_schedule(optimizer, settings.training, steps)
     rng = np.random.default_rng(seed)
     bf16 = settings.training.bf16  # the checkpoints' users too; test scores are float32
     best = (score(model, split.val, vectors, alpha, bf16)["ndcg10"], model.weights(), 0)
@@ -113,6 +114,7 @@ def train_run(settings: Settings, catalog: Catalog, split: Split, steps: int, ev
         losses.append(train_step(model, optimizer, split.train.subset(rows), vectors, alpha,
                                  bf16=bf16, dropout=settings.training.dropout,
                                  text_dropout=settings.training.user_text_dropout, rng=rng))
+        schedule.step()
         if (eval_every and step % eval_every == 0) or step == steps:
             val = score(model, split.val, vectors, alpha, bf16)["ndcg10"]
             curve.append((step, round(val, 4)))

@@ -126,6 +126,8 @@ class TrainingSettings:
     item_bias_lr: float = _opt(0.0, "Adam learning rate of the item bias (0: learning_rate)",
                                ">=0")
     lora_lr: float = _opt(0.001, "Adam learning rate of the LoRA adapters (lora_rank)", ">0")
+    lr_schedule: str = _opt("constant", "every rate over a run's steps: 'constant', or "
+                            "'cosine' (decays to 0 by the last step)", "in:constant,cosine")
     bf16: bool = _opt(False, "training forward passes under bfloat16 autocast (CPUs with "
                       "avx512_bf16/AMX, GPUs: ~2x faster); weights and Adam stay float32")
     train_rows: str = _opt("targets", "'users': one row per user, its last history_len + 1 "

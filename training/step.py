@@ -6,6 +6,8 @@ or on a lent GPU box directly.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -69,6 +71,20 @@ def make_optimizer(model: nn.Module, training: TrainingSettings) -> torch.optim.
     if adapters:
         groups.append({"params": adapters, "lr": training.lora_lr})
     return torch.optim.Adam(groups, lr=training.learning_rate)
+
+
+def make_schedule(optimizer: torch.optim.Optimizer, training: TrainingSettings,
+                  steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Each group's rate over a run of `steps` steps, stepped once per optimizer step:
+    `lr_schedule` 'constant' keeps it; 'cosine' multiplies it by (1 + cos(pi * t / steps)) / 2
+    after step t, so a budget in epochs ends at small steps instead of at full rate."""
+    if training.lr_schedule == "cosine":
+        def factor(t: int) -> float:
+            return 0.5 * (1.0 + math.cos(math.pi * min(t, steps) / max(1, steps)))
+    else:
+        def factor(t: int) -> float:
+            return 1.0
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Examples,

@@ -32,7 +32,7 @@ from services.config import Settings
 from services.decoded import decode_version
 from services.prompt_model import PromptRecModel
 from training.examples import Examples, round_steps
-from training.step import make_optimizer, train_step
+from training.step import make_optimizer, make_schedule, train_step
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +148,7 @@ def rounds_loop_per_worker(config: dict) -> None:
         optimizer = make_optimizer(core, s.training)
         steps = round_steps(s.training.train_steps, s.training.round_max_epochs, len(train),
                             s.training.batch_size, world)
+        schedule = make_schedule(optimizer, s.training, steps)
         losses = []
         started = time.perf_counter()
         for step in range(steps):
@@ -157,6 +158,7 @@ def rounds_loop_per_worker(config: dict) -> None:
                                      s.streaming.personal_alpha, bf16=s.training.bf16,
                                      dropout=s.training.dropout,
                                      text_dropout=s.training.user_text_dropout, rng=rng))
+            schedule.step()
             if rank == 0 and (step + 1) % max(1, steps // 4) == 0:
                 print(f"[train round {round_no}] step {step + 1}/{steps} "
                       f"loss {np.mean(losses[-10:]):.3f}", flush=True)

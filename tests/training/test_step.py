@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from services.backbone import default_backbone_path, load_backbone
-from services.config import TrainingSettings
+from services.config import ConfigError, Settings, TrainingSettings
 from services.prompt_model import PromptRecModel
 from services.weights import initial_weights
 from tests.model_configs import plain_config
@@ -198,3 +198,31 @@ def test_the_optimiser_gives_item_tokens_and_bias_their_own_rates():
     assert shared["item_delta"] == 0.003
     own = rates(learning_rate=0.001, item_token_lr=0.003, item_bias_lr=0.05)
     assert own["item_bias"] == 0.05 and own["soft_prompt"] == 0.001
+
+
+def test_the_cosine_schedule_decays_every_rate_to_zero_by_the_last_step():
+    from training.step import make_optimizer, make_schedule
+
+    tokenizer, encoder = load_backbone(default_backbone_path())
+    model = PromptRecModel(encoder, initial_weights(
+        tokenizer, encoder, plain_config(4, item_bias=True, item_tokens=True, causal=True),
+        num_items=8))
+
+    def rates_after(schedule_name: str, steps: int, taken: int) -> list[float]:
+        training = TrainingSettings(learning_rate=0.01, item_token_lr=0.003,
+                                    lr_schedule=schedule_name)
+        optimizer = make_optimizer(model, training)
+        schedule = make_schedule(optimizer, training, steps)
+        for _ in range(taken):
+            optimizer.step()
+            schedule.step()
+        return [g["lr"] for g in optimizer.param_groups]
+
+    full = rates_after("constant", 10, 0)
+    assert sorted(full) == [0.003, 0.01]
+    assert rates_after("constant", 10, 10) == full
+    assert rates_after("cosine", 10, 0) == full
+    assert rates_after("cosine", 10, 5) == pytest.approx([r / 2 for r in full])
+    assert rates_after("cosine", 10, 10) == pytest.approx([0.0, 0.0])
+    with pytest.raises(ConfigError, match="lr_schedule"):
+        Settings().replace(lr_schedule="linear")
