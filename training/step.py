@@ -78,13 +78,9 @@ def make_schedule(optimizer: torch.optim.Optimizer, training: TrainingSettings,
     """Each group's rate over a run of `steps` steps, stepped once per optimizer step:
     `lr_schedule` 'constant' keeps it; 'cosine' multiplies it by (1 + cos(pi * t / steps)) / 2
     after step t, so a budget in epochs ends at small steps instead of at full rate."""
-    if training.lr_schedule == "cosine":
-        def factor(t: int) -> float:
-            return 0.5 * (1.0 + math.cos(math.pi * min(t, steps) / max(1, steps)))
-    else:
-        def factor(t: int) -> float:
-            return 1.0
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    cosine = training.lr_schedule == "cosine"
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 0.5 * (
+        1.0 + math.cos(math.pi * min(t, steps) / max(1, steps))) if cosine else 1.0)
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Examples,
