@@ -5,7 +5,11 @@
 For each Kafka client of the consumers (`--clients`: kafka-python, the default and the
 file's top-level figures, then confluent-kafka under `clients` when it is installed):
 
-1. Pre-produce `--num-events` MovieLens-100K events into a fresh topic.
+1. Pre-produce `--num-events` events of `--dataset` (the first 400,000 of MovieLens-1M by
+   default) into a fresh topic. The stream is long enough for every drain to run
+   seconds in the steady state: on a 50,000-event topic a raw drain took ~0.2 s, and
+   its first fetch (up to 1 MiB a partition, about half the topic) was already in memory
+   when its clock started, so the figure swung from 146,000 to 251,000 records/s.
 2. raw: one plain consumer of that client drains the topic (records/s; median of three
    drains, each from the start).
 3. pipeline: the real plane (IngestConsumer + UserStateShard actors, a new consumer
@@ -60,12 +64,14 @@ def _rate(got: int, first: tuple[float, int] | None) -> float:
     return (got - first[1]) / (time.perf_counter() - first[0])
 
 
-def drain_raw(bootstrap: str, topic: str, partitions: int, expected: int) -> float:
-    """A plain kafka-python consumer reading every partition from the start -> records/s."""
+def drain_raw(bootstrap: str, topic: str, partitions: int, expected: int,
+              max_records: int) -> float:
+    """A plain kafka-python consumer reading every partition from the start, `max_records`
+    a poll (the plane's `poll_max_records`) -> records/s."""
     from kafka import KafkaConsumer, TopicPartition
 
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                             auto_offset_reset="earliest", max_poll_records=2000)
+                             auto_offset_reset="earliest", max_poll_records=max_records)
     consumer.assign([TopicPartition(topic, p) for p in range(partitions)])
     got, started, first = 0, time.perf_counter(), None
     while got < expected and time.perf_counter() - started < 300:
@@ -75,8 +81,12 @@ def drain_raw(bootstrap: str, topic: str, partitions: int, expected: int) -> flo
     return _rate(got, first)
 
 
-def drain_raw_confluent(bootstrap: str, topic: str, partitions: int, expected: int) -> float:
-    """The same drain with a plain confluent-kafka consumer -> records/s."""
+def drain_raw_confluent(bootstrap: str, topic: str, partitions: int, expected: int,
+                        max_records: int) -> float:
+    """The same drain with a plain confluent-kafka consumer -> records/s. `consume(n, t)`
+    waits for n messages up to t: at most 2,000 a call, as librdkafka has about that many
+    queued at once here (asking for 10,000 made the drain wait out its timeouts: 1/7 of
+    the rate)."""
     from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"raw-{uuid.uuid4()}",
@@ -84,7 +94,8 @@ def drain_raw_confluent(bootstrap: str, topic: str, partitions: int, expected: i
     consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(partitions)])
     got, started, first = 0, time.perf_counter(), None
     while got < expected and time.perf_counter() - started < 300:
-        n = sum(1 for m in consumer.consume(2000, 0.2) if m.error() is None)
+        n = sum(1 for m in consumer.consume(min(max_records, 2000), 0.2)
+                if m.error() is None)
         got, first = _clock(got, n, first)
     consumer.close()
     return _rate(got, first)
@@ -132,7 +143,8 @@ def measure_client(client: str, args, run: str, bulk: list, paced: list, catalog
     # take the median of three.
     streaming = settings.streaming
     raw_runs = [round(RAW_DRAINS[client](bootstrap, streaming.topic_clicks, streaming.partitions,
-                                         len(bulk)), 1) for _ in range(3)]
+                                         len(bulk), streaming.poll_max_records), 1)
+                for _ in range(3)]
     raw_eps = float(np.median(raw_runs))
     print(f"[{client}] raw consumer: {raw_eps:,.0f} events/s (median of {raw_runs})")
 
@@ -190,8 +202,11 @@ def measure_client(client: str, args, run: str, bulk: list, paced: list, catalog
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num-events", type=int, default=50_000,
-                        help="pre-produced events")
+    parser.add_argument("--dataset", default="ml-1m", choices=["ml-100k", "ml-1m"],
+                        help="the events (and catalog) to stream")
+    parser.add_argument("--num-events", type=int, default=400_000,
+                        help="pre-produced events (at most the data set's size less "
+                             "--latency-events)")
     parser.add_argument("--rate", type=float, default=2000, help="offered rate for latency")
     parser.add_argument("--latency-events", type=int, default=20_000)
     parser.add_argument("--partitions", type=int, default=4)
@@ -209,7 +224,10 @@ def main(argv: list[str] | None = None) -> dict:
                      "top-level keys hold)")
 
     run = uuid.uuid4().hex[:8]
-    interactions = load_interactions("ml-100k", args.num_events + args.latency_events)
+    interactions = load_interactions(args.dataset, args.num_events + args.latency_events)
+    if len(interactions) < args.num_events + args.latency_events:
+        parser.error(f"--num-events + --latency-events: {args.dataset} has only "
+                     f"{len(interactions):,} events")
     events = [interactions.event(i) for i in range(len(interactions))]
     bulk, paced = events[:args.num_events], events[args.num_events:]
 
@@ -218,7 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         start_ray(load_settings(overrides={"metrics_port": free_port(),
                                                    "namespace": f"bench-{run}"}))
-        catalog = load_catalog("ml-100k", resolve_backbone_path(""),
+        catalog = load_catalog(args.dataset, resolve_backbone_path(""),
                                Path(".promptrec/cache").resolve())
         for client in clients:
             by_client[client] = measure_client(
@@ -231,8 +249,8 @@ def main(argv: list[str] | None = None) -> dict:
     default = by_client["kafka-python"]
     result = {
         **default, "offered_rate_eps": args.rate,
-        "events": len(bulk), "partitions": args.partitions, "consumers": args.consumers,
-        "shards": args.shards, "client": "kafka-python",
+        "dataset": args.dataset, "events": len(bulk), "partitions": args.partitions,
+        "consumers": args.consumers, "shards": args.shards, "client": "kafka-python",
         "clients": by_client,
         **run_stamp("python -m bench.ingest", load=True),
     }

@@ -53,7 +53,8 @@ class StreamingSettings:
                                  "the item (EMA rate)", "rate")
     snapshot_every_s: float = _opt(10.0, "seconds between shard snapshots (parquet, with the "
                                    "offsets they cover)", ">0")
-    poll_max_records: int = _opt(2000, "records per consumer poll", ">=1")
+    poll_max_records: int = _opt(10_000, "records per consumer poll (one Ray call per shard "
+                                 "for each: larger polls, fewer calls)", ">=1")
     log_flush_s: float = _opt(1.0, "seconds between event-log flushes (offsets are committed "
                               "after each flush); a consumer that has caught up flushes after a "
                               "fifth of it", ">0")

@@ -34,6 +34,7 @@ import numpy as np
 from services.batch import EventBatch
 from services.catalog_registry import follow_if_running
 from services.config import StreamingSettings
+from services.gc_policy import freeze_and_relax
 from services.personal import EventRates
 from streaming.apply import ItemSpace, ProfileRecord, UserState, apply_profiles, apply_rows
 from streaming.delivery import DeliveryGuard, Ranges
@@ -88,7 +89,7 @@ class UserStateShard:
                                f"{namespace!r}")
         if self.catalogs is not None:  # the catalog may have moved since we were handed it
             self.set_items(self.catalogs.catalog.vectors.numpy(), self.catalogs.catalog.item_ids)
-        gc.freeze()  # see _housekeeping
+        freeze_and_relax()  # see _housekeeping and services.gc_policy
 
     # --- applying events -------------------------------------------------
     def apply(self, events: EventBatch | Sequence[tuple], ranges: Ranges,
