@@ -44,7 +44,7 @@ docs: setup  # regenerates docs/configuration.md from services/config.py (tests/
 clean:
 	rm -rf .promptrec build *.egg-info
 
-bench-ingest: setup  # writes bench/results/ingest.json (~2 min: both Kafka clients)
+bench-ingest: setup  # writes bench/results/ingest.json (~2 min: both Kafka clients; more on first use, building the ML-1M catalog)
 	$(PY) -m bench.ingest $(ARGS)
 
 bench-catalog: setup  # writes bench/results/catalog.json (~20 min: ML-1M and 100,000 items)
